@@ -1,0 +1,422 @@
+"""Assemble the kernel's multi-line OOM reports into one ``OomKill`` per kill.
+
+Pure: records in, ``OomKill`` out. Every format of DESIGN.md is understood and none
+is chosen by kernel version; a line is recognised by its own shape:
+
+- ``<comm> invoked oom-killer: gfp_mask=…, order=…, oom_score_adj=…`` opens a report;
+- ``CPU: n [UID: u ]PID: p Comm: c …`` gives the trigger's pid;
+- ``memory: usage …kB, limit …kB`` and the ``Tasks state`` table belong to the open report;
+- ``oom-kill:constraint=…,task_memcg=…,task=…,pid=…,uid=…`` (4.19+/5.x) names the victim;
+- ``Task in /a killed as a result of limit of /b`` and ``… Kill process N (c) score S or
+  sacrifice child`` are the pre-5.0 forms;
+- ``[Memory cgroup out of memory: |Out of memory: ]Killed process N (c) total-vm:…`` ends it;
+- ``Tasks in /g are going to be killed due to memory.oom.group set`` turns the kill just
+  ended into a group kill; the ``Killed process`` lines after it are its members.
+
+A finished kill is held back until the next OOM line shows it is not a group kill, or
+until the caller flushes (end of input, or the live reader found the log idle).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from collectors.records import KernelRecord
+
+MAX_OPEN_REPORTS = 8
+MAX_TASK_ROWS = 20_000
+MAX_GROUP_VICTIMS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class OomVictim:
+    """A process the kernel killed, with the figures of its ``Killed process`` line."""
+
+    pid: int
+    comm: str
+    uid: int | None = None
+    total_vm_kb: int | None = None
+    anon_rss_kb: int | None = None
+    file_rss_kb: int | None = None
+    shmem_rss_kb: int | None = None
+    oom_score_adj: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    """One row of the report's ``Tasks state`` table (the tasks of the OOM memcg)."""
+
+    pid: int
+    name: str
+    tgid: int | None = None
+    uid: int | None = None
+    rss_pages: int | None = None
+    oom_score_adj: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OomKill:
+    """One OOM kill (or one ``memory.oom.group`` kill) as the kernel reported it."""
+
+    victim: OomVictim
+    time: datetime | None
+    uptime: float | None
+    position: str | None
+    constraint: str | None
+    is_global: bool
+    oom_memcg: str | None
+    task_memcg: str | None
+    trigger_comm: str | None = None
+    trigger_pid: int | None = None
+    gfp_mask: str | None = None
+    order: int | None = None
+    memcg_usage_kb: int | None = None
+    memcg_limit_kb: int | None = None
+    tasks: tuple[TaskRow, ...] | None = None
+    group_memcg: str | None = None
+    group_victims: tuple[OomVictim, ...] = ()
+    complete: bool = True
+
+    @property
+    def is_group(self) -> bool:
+        return self.group_memcg is not None
+
+
+_TRIGGER = re.compile(
+    r"(?P<comm>.*?) invoked oom-killer: gfp_mask=(?P<gfp>0x[0-9a-fA-F]+)"
+    r"(?:\([^)]*\))?,(?: nodemask=\S+,)? order=(?P<order>-?\d+), oom_score_adj=(?P<adj>-?\d+)"
+)
+_CPU_LINE = re.compile(r"^CPU: \d+ (?:UID: \d+ )?PID: (?P<pid>\d+) Comm: ")
+_MEMCG_USAGE = re.compile(r"^memory: usage (?P<usage>\d+)kB, limit (?P<limit>\d+)kB")
+_SUMMARY_HEAD = re.compile(r"oom-kill:constraint=(?P<constraint>[A-Z_]+),")
+# Parsed from the end: cpuset, mems_allowed and cgroup paths may hold commas.
+_SUMMARY_TAIL = re.compile(
+    r",(?:oom_memcg=(?P<oom_memcg>.*?)|(?P<global>global_oom)),task_memcg=(?P<task_memcg>.*),"
+    r"task=(?P<task>.*),pid=(?P<pid>\d+),uid=(?P<uid>\d+)\s*$"
+)
+_KILLED = re.compile(
+    r"(?:(?P<prefix>[^:]*[Oo]ut of memory[^:]*): )?Killed process (?P<pid>\d+) \((?P<comm>.*)\)"
+    r"(?P<tail>[^()]*)$"
+)
+_TAIL_FIELD = re.compile(r"(?P<key>[A-Za-z_-]+):(?P<value>-?\d+)(?:kB)?")
+_LEGACY_TASK_IN = re.compile(
+    r"^Task in (?P<task>/.*) killed as a result of limit of (?P<limit>/.*)$"
+)
+_LEGACY_CHOICE = re.compile(
+    r"(?P<prefix>[^:]*[Oo]ut of memory[^:]*): Kill process (?P<pid>\d+) \((?P<comm>.*)\) score"
+)
+_GROUP = re.compile(
+    r"Tasks in (?P<memcg>/.*?) are going to be killed due to memory\.oom\.group set"
+)
+_TABLE_TITLE = "Tasks state (memory values in pages):"
+_TABLE_HEADER = re.compile(r"^\[\s*pid\s*\](?P<columns>.*)$")
+_TABLE_ROW = re.compile(r"^\[\s*(?P<pid>\d+)\]\s+(?P<rest>.*)$")
+
+
+@dataclass(slots=True)
+class _Report:
+    """An OOM report still being read."""
+
+    time: datetime | None = None
+    uptime: float | None = None
+    trigger_comm: str | None = None
+    trigger_pid: int | None = None
+    gfp_mask: str | None = None
+    order: int | None = None
+    constraint: str | None = None
+    is_global: bool | None = None
+    oom_memcg: str | None = None
+    task_memcg: str | None = None
+    summary_victim: OomVictim | None = None
+    memcg_usage_kb: int | None = None
+    memcg_limit_kb: int | None = None
+    table_columns: list[str] | None = None
+    tasks: list[TaskRow] | None = None
+    has_summary: bool = False
+    position: str | None = None
+
+    def finish(self, victim: OomVictim | None, record: KernelRecord | None) -> OomKill | None:
+        chosen = _merge_victims(self.summary_victim, victim)
+        if chosen is None:
+            return None
+        return OomKill(
+            victim=chosen,
+            time=record.time if record and record.time else self.time,
+            uptime=record.uptime if record and record.uptime is not None else self.uptime,
+            position=record.position if record else self.position,
+            constraint=self.constraint,
+            is_global=bool(self.is_global),
+            oom_memcg=self.oom_memcg,
+            task_memcg=self.task_memcg,
+            trigger_comm=self.trigger_comm,
+            trigger_pid=self.trigger_pid,
+            gfp_mask=self.gfp_mask,
+            order=self.order,
+            memcg_usage_kb=self.memcg_usage_kb,
+            memcg_limit_kb=self.memcg_limit_kb,
+            tasks=tuple(self.tasks) if self.tasks is not None else None,
+            complete=victim is not None,
+        )
+
+
+def _merge_victims(summary: OomVictim | None, killed: OomVictim | None) -> OomVictim | None:
+    if killed is None:
+        return summary
+    if summary is None or summary.pid != killed.pid:
+        return killed
+    return replace(killed, uid=killed.uid if killed.uid is not None else summary.uid)
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def parse_killed_line(message: str) -> tuple[OomVictim, bool | None] | None:
+    """Parse a ``Killed process`` line: the victim and whether the kill was global.
+
+    The second item is ``None`` when the line has no ``…out of memory:`` prefix
+    (pre-5.0 kernels), so the line alone cannot tell.
+    """
+    match = _KILLED.search(message)
+    if match is None:
+        return None
+    fields = {m["key"]: int(m["value"]) for m in _TAIL_FIELD.finditer(match["tail"])}
+    victim = OomVictim(
+        pid=int(match["pid"]),
+        comm=match["comm"],
+        uid=fields.get("UID"),
+        total_vm_kb=fields.get("total-vm"),
+        anon_rss_kb=fields.get("anon-rss"),
+        file_rss_kb=fields.get("file-rss"),
+        shmem_rss_kb=fields.get("shmem-rss"),
+        oom_score_adj=fields.get("oom_score_adj"),
+    )
+    prefix = match["prefix"]
+    is_global = None if prefix is None else not prefix.startswith("Memory cgroup")
+    return victim, is_global
+
+
+@dataclass(slots=True)
+class _Group:
+    memcg: str
+    kill: OomKill | None = None
+    victims: list[OomVictim] = field(default_factory=list)
+
+    def add(self, victim: OomVictim, record: KernelRecord) -> None:
+        if self.kill is None:
+            self.kill = _Report(time=record.time, uptime=record.uptime).finish(victim, record)
+        if len(self.victims) < MAX_GROUP_VICTIMS and all(v.pid != victim.pid for v in self.victims):
+            self.victims.append(victim)
+
+    def build(self) -> OomKill | None:
+        if self.kill is None:
+            return None
+        return replace(self.kill, group_memcg=self.memcg, group_victims=tuple(self.victims))
+
+
+class OomAssembler:
+    """Feed kernel records in order; collect the ``OomKill`` objects they complete.
+
+    ``idle`` is true when no report is open and no kill is held back: a position
+    persisted then is a safe place to resume reading from.
+    """
+
+    def __init__(self) -> None:
+        self._open: deque[_Report] = deque()
+        self._held: OomKill | None = None
+        self._group: _Group | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not self._open and self._held is None and self._group is None
+
+    def feed(self, record: KernelRecord) -> list[OomKill]:
+        message = record.message
+        # Fast path for the bulk of the log: with nothing open, only a line that can
+        # start or end a report matters ("oom" covers trigger, summary and group lines).
+        if self.idle and "oom" not in message and "ill process" not in message:
+            return []
+        done: list[OomKill] = []
+        if "Killed process" in message:
+            self._on_killed(record, done)
+        elif "are going to be killed due to memory.oom.group" in message:
+            self._on_group(record, done)
+        elif "invoked oom-killer:" in message:
+            self._release(done)
+            self._on_trigger(record, done)
+        elif "oom-kill:constraint=" in message:
+            self._release(done)
+            self._on_summary(record, done)
+        else:
+            self._on_report_line(record)
+        return done
+
+    def flush(self, *, final: bool = False) -> list[OomKill]:
+        """Emit held kills; with ``final`` (end of input) also cut-off reports naming a victim."""
+        done: list[OomKill] = []
+        self._release(done)
+        if final:
+            while self._open:
+                kill = self._open.popleft().finish(None, None)
+                if kill is not None:
+                    done.append(kill)
+        return done
+
+    def _release(self, done: list[OomKill]) -> None:
+        if self._group is not None:
+            group_kill = self._group.build()
+            if group_kill is not None:
+                done.append(group_kill)
+            self._group = None
+        if self._held is not None:
+            done.append(self._held)
+            self._held = None
+
+    def _open_report(self, record: KernelRecord, done: list[OomKill]) -> _Report:
+        report = _Report(time=record.time, uptime=record.uptime, position=record.position)
+        self._open.append(report)
+        if len(self._open) > MAX_OPEN_REPORTS:
+            stale = self._open.popleft().finish(None, None)
+            if stale is not None:
+                done.append(stale)
+        return report
+
+    def _on_trigger(self, record: KernelRecord, done: list[OomKill]) -> None:
+        match = _TRIGGER.search(record.message)
+        if match is None:
+            return
+        report = self._open_report(record, done)
+        report.trigger_comm = match["comm"].strip() or None
+        report.gfp_mask = match["gfp"]
+        report.order = int(match["order"])
+
+    def _on_summary(self, record: KernelRecord, done: list[OomKill]) -> None:
+        head = _SUMMARY_HEAD.search(record.message)
+        tail = _SUMMARY_TAIL.search(record.message)
+        if head is None or tail is None:
+            return
+        report = next((r for r in self._open if not r.has_summary), None)
+        if report is None:
+            report = self._open_report(record, done)
+        report.has_summary = True
+        report.constraint = head["constraint"]
+        report.is_global = tail["global"] is not None or head["constraint"] != "CONSTRAINT_MEMCG"
+        report.oom_memcg = tail["oom_memcg"]
+        report.task_memcg = tail["task_memcg"]
+        report.summary_victim = OomVictim(
+            pid=int(tail["pid"]), comm=tail["task"], uid=_int_or_none(tail["uid"])
+        )
+
+    def _on_report_line(self, record: KernelRecord) -> None:
+        message = record.message
+        legacy = _LEGACY_CHOICE.search(message)
+        if legacy is not None:
+            self._on_legacy_choice(legacy)
+            return
+        report = self._open[-1] if self._open else None
+        if report is None:
+            return
+        if (cpu := _CPU_LINE.search(message)) is not None:
+            if report.trigger_pid is None:
+                report.trigger_pid = int(cpu["pid"])
+        elif (usage := _MEMCG_USAGE.search(message)) is not None:
+            report.memcg_usage_kb = int(usage["usage"])
+            report.memcg_limit_kb = int(usage["limit"])
+        elif (task_in := _LEGACY_TASK_IN.search(message)) is not None:
+            report.task_memcg = task_in["task"]
+            report.oom_memcg = task_in["limit"]
+            report.constraint = report.constraint or "CONSTRAINT_MEMCG"
+            report.is_global = False
+        elif message.startswith(_TABLE_TITLE):
+            report.tasks = []
+        else:
+            self._on_table_line(report, message)
+
+    def _on_legacy_choice(self, match: re.Match[str]) -> None:
+        report = next((r for r in self._open if not r.has_summary), None)
+        if report is None:
+            return
+        is_global = not match["prefix"].startswith("Memory cgroup")
+        if report.is_global is None:
+            report.is_global = is_global
+        if report.constraint is None:
+            report.constraint = "CONSTRAINT_NONE" if is_global else "CONSTRAINT_MEMCG"
+
+    def _on_table_line(self, report: _Report, message: str) -> None:
+        header = _TABLE_HEADER.match(message)
+        if header is not None:
+            report.table_columns = header["columns"].split()
+            if report.tasks is None:
+                report.tasks = []
+            return
+        row = _TABLE_ROW.match(message)
+        if row is None or report.table_columns is None or report.tasks is None:
+            return
+        if len(report.tasks) < MAX_TASK_ROWS:
+            parsed = _parse_task_row(report.table_columns, int(row["pid"]), row["rest"])
+            if parsed is not None:
+                report.tasks.append(parsed)
+
+    def _on_killed(self, record: KernelRecord, done: list[OomKill]) -> None:
+        parsed = parse_killed_line(record.message)
+        if parsed is None:
+            return
+        victim, line_is_global = parsed
+        report = self._report_for_victim(victim.pid)
+        if report is None and self._group is not None:
+            self._group.add(victim, record)
+            return
+        self._release(done)
+        if report is None:
+            report = _Report(time=record.time, uptime=record.uptime, position=record.position)
+        if report.is_global is None and line_is_global is not None:
+            report.is_global = line_is_global
+            report.constraint = "CONSTRAINT_NONE" if line_is_global else "CONSTRAINT_MEMCG"
+        self._held = report.finish(victim, record)
+
+    def _report_for_victim(self, pid: int) -> _Report | None:
+        """The open report this victim ends: the one whose summary names it, else the oldest
+        without a summary victim (pre-5.0 reports, where a child may be sacrificed)."""
+        chosen = next(
+            (r for r in self._open if r.summary_victim and r.summary_victim.pid == pid), None
+        )
+        if chosen is None:
+            chosen = next((r for r in self._open if r.summary_victim is None), None)
+        if chosen is not None:
+            self._open.remove(chosen)
+        return chosen
+
+    def _on_group(self, record: KernelRecord, done: list[OomKill]) -> None:
+        match = _GROUP.search(record.message)
+        if match is None:
+            return
+        held = self._held
+        self._held = None
+        self._release(done)
+        # Without a held kill (already flushed, or never seen) the first member starts it.
+        self._group = _Group(memcg=match["memcg"])
+        if held is not None:
+            self._group.kill = held
+            self._group.victims.append(held.victim)
+
+
+def _parse_task_row(columns: list[str], pid: int, rest: str) -> TaskRow | None:
+    """Parse a task table row by its header (the column set differs between kernels)."""
+    values = rest.split(None, len(columns) - 1)
+    if len(values) != len(columns) or columns[-1] != "name":
+        return None
+    by_name = dict(zip(columns, values, strict=True))
+    return TaskRow(
+        pid=pid,
+        name=by_name["name"],
+        tgid=_int_or_none(by_name.get("tgid")),
+        uid=_int_or_none(by_name.get("uid")),
+        rss_pages=_int_or_none(by_name.get("rss")),
+        oom_score_adj=_int_or_none(by_name.get("oom_score_adj")),
+    )
