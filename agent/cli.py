@@ -1,0 +1,234 @@
+"""The ``nodediag`` command line: run, scan, analyze (and pid, later)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.settings import DEFAULT_CONTAINERD_SOCKETS, Settings, parse_duration, parse_listen
+from collectors.kernel_log import KernelLogError
+
+log = logging.getLogger("nodediag")
+
+EXIT_FAILED = 2
+
+
+def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Wrap a parser so argparse names the flag and the bad value in its error."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+
+    return convert
+
+
+def _env(flag: str) -> str | None:
+    return os.environ.get("NODEDIAG_" + flag.upper().replace("-", "_"))
+
+
+def _env_list(flag: str) -> list[str] | None:
+    value = _env(flag)
+    return [item for item in value.split(",") if item] if value else None
+
+
+def _env_bool(flag: str) -> bool:
+    return (_env(flag) or "").lower() in ("1", "true", "yes", "on")
+
+
+def _common_flags(*, kernel_log_source: bool = True) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    add = common.add_argument
+    add("--kubeconfig", type=Path, default=_env("kubeconfig"), help="kubeconfig file")
+    add(
+        "--no-kube",
+        action="store_true",
+        default=_env_bool("no-kube"),
+        help="do not talk to the Kubernetes API",
+    )
+    add(
+        "--fix-vxlan-offload",
+        action="store_true",
+        default=_env_bool("fix-vxlan-offload"),
+        help="turn off tx-checksum offload on VXLAN links at risk (opt-in)",
+    )
+    add("--node-name", default=_env("node-name"), help="this node's name ($NODE_NAME, hostname)")
+    add(
+        "--listen",
+        type=_typed(parse_listen),
+        default=_env("listen") or "0.0.0.0:9102",
+        help="host:port for /metrics, /healthz, /readyz (default 0.0.0.0:9102)",
+    )
+    add(
+        "--state-dir",
+        type=Path,
+        default=_env("state-dir") or "/var/lib/nodediag",
+        help="where the kernel log position is kept (default /var/lib/nodediag)",
+    )
+    if kernel_log_source:  # `analyze --kernel-log FILE` gives a file instead
+        add(
+            "--kernel-log",
+            choices=("auto", "journal", "kmsg"),
+            default=_env("kernel-log") or "auto",
+            help="kernel log source (default auto: journald if it has kernel entries, else kmsg)",
+        )
+    add(
+        "--journal-path",
+        type=Path,
+        default=_env("journal-path"),
+        help="journal directory or file to read (default: the host's journal)",
+    )
+    add(
+        "--containerd-socket",
+        action="append",
+        default=_env_list("containerd-socket"),
+        help="containerd socket (repeatable)",
+    )
+    add(
+        "--cluster-dns",
+        action="append",
+        default=_env_list("cluster-dns"),
+        help="cluster DNS server IP (repeatable; default discovered)",
+    )
+    add(
+        "--host-root",
+        type=Path,
+        default=_env("host-root") or "/",
+        help="where the host's / is mounted (default /; /host in the DaemonSet)",
+    )
+    add("-v", "--verbose", action="store_true", help="debug logging")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_flags()
+    parser = argparse.ArgumentParser(
+        prog="nodediag",
+        description="Find the node faults Kubernetes does not show: invisible OOM kills, "
+        "DNS dropped by the node's own firewall, VXLAN checksum offload.",
+    )
+    parser.add_argument("--version", action="version", version=f"nodediag {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", parents=[common], help="the daemon: follow, serve /metrics, report")
+    scan = commands.add_parser("scan", parents=[common], help="one-shot diagnosis of this node")
+    scan.add_argument("--json", action="store_true", help="JSON lines instead of a report")
+    scan.add_argument(
+        "--since",
+        type=_typed(parse_duration),
+        default=None,
+        help="only the kernel log of the last DURATION (90s, 10m, 2h); default: since boot",
+    )
+    offline = _common_flags(kernel_log_source=False)
+    analyze = commands.add_parser(
+        "analyze", parents=[offline], help="offline diagnosis of a support bundle's files"
+    )
+    analyze.add_argument(
+        "--kernel-log",
+        dest="kernel_log_file",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="dmesg, dmesg -T, journalctl -k or /dev/kmsg text",
+    )
+    analyze.add_argument("--json", action="store_true", help="JSON lines instead of a report")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    defaults = Settings()
+    kernel_log = getattr(args, "kernel_log", "auto")
+    return Settings(
+        node_name=args.node_name or defaults.node_name,
+        host_root=Path(args.host_root),
+        state_dir=Path(args.state_dir),
+        kernel_log=kernel_log,  # type: ignore[arg-type]
+        journal_path=Path(args.journal_path) if args.journal_path else None,
+        listen=args.listen if isinstance(args.listen, tuple) else parse_listen(args.listen),
+        kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+        no_kube=args.no_kube,
+        fix_vxlan_offload=args.fix_vxlan_offload,
+        containerd_sockets=tuple(args.containerd_socket or DEFAULT_CONTAINERD_SOCKETS),
+        cluster_dns=tuple(args.cluster_dns or ()),
+    )
+
+
+def _print_findings(args: argparse.Namespace, findings: Sequence[Any], title: str) -> int:
+    from agent.report import exit_code, write_json_lines, write_report
+
+    if args.json:
+        write_json_lines(findings, sys.stdout)
+    else:
+        write_report(findings, sys.stdout, title=title)
+    return exit_code(findings)
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.daemon import run
+
+    return run(settings)
+
+
+def _scan(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.diagnose import scan
+    from agent.kernel_watch import open_source
+
+    since: datetime | None = None
+    if isinstance(args.since, timedelta):
+        since = datetime.now(UTC) - args.since
+    source = open_source(settings)
+    try:
+        findings = scan(settings, source, since)
+    finally:
+        source.close()
+    return _print_findings(args, findings, f"nodediag scan of node {settings.node_name}")
+
+
+def _analyze(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.diagnose import analyze
+
+    path: Path = args.kernel_log_file
+    if not path.is_file():
+        raise KernelLogError(f"--kernel-log {path}: no such file")
+    findings = analyze(settings, path)
+    return _print_findings(args, findings, f"nodediag analysis of {path}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "run": _run,
+    "scan": _scan,
+    "analyze": _analyze,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return COMMANDS[args.command](args, settings_from(args))
+    except KernelLogError as error:
+        log.error("%s", error)
+    except PermissionError as error:
+        log.error(
+            "permission denied: %s (nodediag needs root or the capabilities in the DaemonSet)",
+            error.filename or error,
+        )
+    except OSError as error:
+        log.error("%s", error)
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

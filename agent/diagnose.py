@@ -1,0 +1,56 @@
+"""One-shot diagnosis: ``scan`` (this node, live) and ``analyze`` (a support bundle, offline)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+
+from agent.oom_findings import LiveEvidence, OomFindings
+from agent.settings import Settings
+from collectors.finding import Finding
+from collectors.kernel_log import KernelLogSource
+from collectors.logfile import read_kernel_log_file
+from collectors.memcg import MemcgProbe
+from collectors.oom import OomAssembler, OomKill
+from collectors.records import KernelRecord
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 5.0
+
+
+def assemble(records: Iterable[KernelRecord], what: str) -> list[OomKill]:
+    """All kills in ``records`` (cut-off reports included), logging progress on long input."""
+    assembler = OomAssembler()
+    kills: list[OomKill] = []
+    count = 0
+    next_progress = time.monotonic() + PROGRESS_EVERY
+    for record in records:
+        count += 1
+        kills.extend(assembler.feed(record))
+        if count % 10_000 == 0 and time.monotonic() >= next_progress:
+            log.info("%s: %d records read, %d OOM kills so far", what, count, len(kills))
+            next_progress = time.monotonic() + PROGRESS_EVERY
+    kills.extend(assembler.flush(final=True))
+    log.info("%s: %d records read, %d OOM kills", what, count, len(kills))
+    return kills
+
+
+def oom_findings(kills: list[OomKill], builder: OomFindings) -> list[Finding]:
+    # Each kill may be judged by the reports after it (a later kill in the same container).
+    return [builder.finding(kill, later=kills[i + 1 :]) for i, kill in enumerate(kills)]
+
+
+def scan(settings: Settings, source: KernelLogSource, since: datetime | None) -> list[Finding]:
+    source.start(since=since)
+    kills = assemble(source.records(), f"{source.name} kernel log")
+    live = LiveEvidence(MemcgProbe(settings.host_root), settings.live_evidence_window)
+    return oom_findings(kills, OomFindings(settings.node_name, live))
+
+
+def analyze(settings: Settings, kernel_log: Path) -> list[Finding]:
+    kills = assemble(read_kernel_log_file(kernel_log), str(kernel_log))
+    return oom_findings(kills, OomFindings(settings.node_name, live=None))

@@ -1,0 +1,166 @@
+"""Drive a kernel log source through the OOM assembler into findings, resuming exactly.
+
+The resume position is saved only where the assembler is idle (no report half read,
+no kill held back), so a restart re-reads a cut report from its start: nothing is
+skipped, and a kill reported before the save is not reported again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.metrics import Metrics
+from agent.oom_findings import OomFindings
+from agent.settings import Settings
+from agent.state import StateFile
+from collectors.finding import Finding
+from collectors.journal import JournalSource, find_journal, has_kernel_entries
+from collectors.kernel_log import KernelLogError, KernelLogSource
+from collectors.kmsg import KmsgSource
+from collectors.oom import OomAssembler, OomKill
+
+log = logging.getLogger(__name__)
+
+SAVE_INTERVAL = 1.0
+Sink = Callable[[Finding], None]
+STATE_FILE = "kernel-log.json"
+
+
+def open_source(settings: Settings) -> JournalSource | KmsgSource:
+    """The kernel log ``--kernel-log`` asks for; ``auto`` prefers a journal with kernel entries."""
+    choice = settings.kernel_log
+    if choice in ("auto", "journal"):
+        path = find_journal(settings.host_root, settings.journal_path)
+        usable = path is not None or (settings.host_root == Path("/") and has_kernel_entries(None))
+        if choice == "journal" or usable:
+            if not usable:
+                raise KernelLogError(
+                    f"--kernel-log journal: no journal with kernel entries under "
+                    f"{settings.journal_path or settings.host_root} (is journald running?)"
+                )
+            source = JournalSource(path)
+            log.info("reading the kernel log from the journal %s", path or "(local)")
+            return source
+    log.info("reading the kernel log from %s", settings.kmsg_path)
+    return KmsgSource(
+        settings.kmsg_path, boot_id_path=settings.resolve("/proc/sys/kernel/random/boot_id")
+    )
+
+
+@dataclass
+class ResumePoint:
+    """What the state file says: the source it was written for and where to resume."""
+
+    source: str
+    position: str
+
+    @classmethod
+    def load(cls, state: StateFile, source: str) -> ResumePoint | None:
+        data = state.load()
+        if data.get("source") == source and isinstance(data.get("position"), str):
+            return cls(source, data["position"])
+        return None
+
+
+class KernelWatch:
+    """Reads one source; kills become findings handed to ``sink``."""
+
+    def __init__(
+        self,
+        source: KernelLogSource,
+        findings: OomFindings,
+        sink: Sink,
+        metrics: Metrics,
+        state: StateFile | None = None,
+    ) -> None:
+        self.source = source
+        self.findings = findings
+        self.sink = sink
+        self.metrics = metrics
+        self.state = state
+        self.assembler = OomAssembler()
+        self.last_loop = time.monotonic()
+        self.caught_up = False
+        self._last_save = 0.0
+        self._unsaved = False
+        metrics.start_source(source.name)
+
+    def resume_point(self) -> str | None:
+        if self.state is None:
+            return None
+        point = ResumePoint.load(self.state, self.source.name)
+        return point.position if point else None
+
+    def drain(self) -> int:
+        """Read what is available now and report completed kills; return the record count."""
+        count = 0
+        for record in self.source.records():
+            count += 1
+            kills = self.assembler.feed(record)
+            if kills:
+                self._report(kills)
+            if self.assembler.idle:
+                self._unsaved = True
+                if kills or time.monotonic() - self._last_save >= SAVE_INTERVAL:
+                    self.save()
+        self.metrics.add_records(self.source.name, count)
+        self.metrics.set_lost(self.source.name, self.source.lost_records)
+        return count
+
+    def flush(self, *, final: bool = False) -> None:
+        kills = self.assembler.flush(final=final)
+        if kills:
+            self._report(kills)
+        if self.assembler.idle:
+            self._unsaved = True
+            self.save()
+
+    def _report(self, kills: list[OomKill]) -> None:
+        for kill in kills:
+            finding = self.findings.finding(kill)
+            self.metrics.record_finding(finding)
+            self.sink(finding)
+
+    def save(self) -> None:
+        if self.state is None or not self._unsaved:
+            return
+        position = self.source.position()
+        if position is not None:
+            self.state.save({"source": self.source.name, "position": position})
+        self._last_save = time.monotonic()
+        self._unsaved = False
+
+    def follow(self, stop: threading.Event, idle_flush: float) -> None:
+        """Read until ``stop`` is set; a held-back kill is reported once the log is quiet."""
+        collector = self.metrics.collector_success.labels(collector="kernel_log")
+        while not stop.is_set():
+            self.last_loop = time.monotonic()
+            started = time.perf_counter()
+            try:
+                self._step(idle_flush)
+                collector.set(1)
+            except (KernelLogError, OSError) as error:
+                collector.set(0)
+                log.error("kernel log: %s; retrying in 5 s", error)
+                stop.wait(5)
+            self.metrics.collector_duration.labels(collector="kernel_log").set(
+                time.perf_counter() - started
+            )
+        self.flush()
+
+    def _step(self, idle_flush: float) -> None:
+        if self.drain():
+            return
+        self.caught_up = True
+        if self.assembler.idle:
+            self.save()
+            self.source.wait(1.0)
+            return
+        self.source.wait(idle_flush)
+        if not self.drain():
+            self.flush()

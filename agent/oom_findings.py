@@ -1,0 +1,256 @@
+"""Turn an ``OomKill`` into a ``Finding``: attribute it, classify it by evidence, word it.
+
+Classification is decided by facts, in this order, and ``details.basis`` says which:
+1. a global OOM (``CONSTRAINT_NONE``/``global_oom``) is ``SystemOOMKill`` whoever the victim;
+2. a memcg kill outside kubepods is ``NodeProcessOOMKill``;
+3. a container kill is ``InvisibleOOMKill`` when the container survived and the victim was
+   not its init, ``ContainerOOMKill`` when its init was killed, else ``OOMKill`` (unknown).
+   Evidence, strongest first: the node itself (the container's memory cgroup and its
+   processes, read right after the kill), a later OOM report of the same container (it was
+   still there), the report's task table (the victim was the container's only process).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from collectors.cgroup_path import PodCgroup, parse_pod_cgroup
+from collectors.finding import Finding, Subject
+from collectors.memcg import MemcgProbe, ProcessInfo
+from collectors.oom import OomKill
+
+SETTLE_SECONDS = 0.3
+SETTLE_STEP = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    reason: str
+    scope: str
+    basis: str
+    init_pid: int | None = None
+
+
+INVISIBLE = ("InvisibleOOMKill", "invisible")
+CONTAINER = ("ContainerOOMKill", "container")
+UNKNOWN = ("OOMKill", "unknown")
+
+
+class LiveEvidence:
+    """Reads the node right after a kill to tell whether the container survived it."""
+
+    def __init__(
+        self,
+        probe: MemcgProbe,
+        window: float,
+        sleep: Callable[[float], None] = time.sleep,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.probe = probe
+        self.window = window
+        self._sleep = sleep
+        self._now = now
+
+    def verdict(self, kill: OomKill, cgroup_path: str) -> Verdict | None:
+        """Decide from the cgroup now; ``None`` when the node cannot tell any more."""
+        fresh = self._is_fresh(kill)
+        victim = self.probe.process(kill.victim.pid) if fresh else None
+        members = self._survivors(cgroup_path, kill.victim.pid)
+        init = _namespace_init(members)
+        if init is not None:
+            return Verdict(
+                *INVISIBLE,
+                f"the container's init (pid {init.pid}, pid 1 in its namespace) is alive "
+                "after the kill",
+                init.pid,
+            )
+        if victim is not None and victim.is_namespace_init:
+            return Verdict(
+                *CONTAINER, "the victim was pid 1 of the container's pid namespace", victim.pid
+            )
+        if fresh:
+            members = self._settle(cgroup_path, kill.victim.pid, members)
+        if members:
+            return Verdict(
+                *INVISIBLE,
+                f"the container's memory cgroup still holds {len(members)} live process(es) "
+                "after the kill",
+            )
+        if fresh:
+            return Verdict(
+                *CONTAINER, "the container's memory cgroup was empty right after the kill"
+            )
+        return None
+
+    def _is_fresh(self, kill: OomKill) -> bool:
+        if kill.time is None:
+            return False
+        return (self._now() - kill.time).total_seconds() <= self.window
+
+    def _survivors(self, cgroup_path: str, victim_pid: int) -> list[ProcessInfo]:
+        members = self.probe.members(cgroup_path) or []
+        return [m for m in members if m.pid != victim_pid]
+
+    def _settle(
+        self, cgroup_path: str, victim_pid: int, members: list[ProcessInfo]
+    ) -> list[ProcessInfo]:
+        """Processes of a dying container linger for a moment: look again until they are gone."""
+        waited = 0.0
+        while members and waited < SETTLE_SECONDS:
+            self._sleep(SETTLE_STEP)
+            waited += SETTLE_STEP
+            members = self._survivors(cgroup_path, victim_pid)
+        return members
+
+
+def _namespace_init(members: Sequence[ProcessInfo]) -> ProcessInfo | None:
+    return next((m for m in members if m.is_namespace_init), None)
+
+
+def verdict_from_log(kill: OomKill, later: Sequence[OomKill]) -> Verdict:
+    """Decide from the log alone: later reports of the same container, else the task table."""
+    successor = next(
+        (k for k in later if k.task_memcg == kill.task_memcg and k.victim.pid != kill.victim.pid),
+        None,
+    )
+    if successor is not None:
+        when = successor.time.isoformat() if successor.time else f"uptime {successor.uptime}s"
+        return Verdict(
+            *INVISIBLE,
+            f"a later OOM kill in the same container (pid {successor.victim.pid} at {when}) "
+            "shows it kept running",
+        )
+    if kill.tasks is not None and kill.oom_memcg == kill.task_memcg:
+        processes = {row.tgid if row.tgid is not None else row.pid for row in kill.tasks}
+        if processes == {kill.victim.pid}:
+            return Verdict(
+                *CONTAINER,
+                "the victim was the only process in the container's "
+                "memory cgroup (the report's task table)",
+            )
+    return Verdict(*UNKNOWN, "the log does not show whether the container survived the kill")
+
+
+class OomFindings:
+    """Builds findings for one node; ``live`` is ``None`` offline (``analyze``)."""
+
+    def __init__(self, node: str, live: LiveEvidence | None) -> None:
+        self.node = node
+        self.live = live
+
+    def finding(self, kill: OomKill, later: Sequence[OomKill] = ()) -> Finding:
+        memcg = kill.group_memcg or kill.task_memcg
+        pod = parse_pod_cgroup(memcg) if memcg else None
+        verdict = self._verdict(kill, memcg, pod, later)
+        subject = _subject(pod) if pod else Subject(kind="Node", name=self.node)
+        return Finding(
+            reason=verdict.reason,
+            severity="warning",
+            time=kill.time,
+            node=self.node,
+            subject=subject,
+            message=_message(kill, verdict, pod, self.node),
+            details=_details(kill, verdict, pod),
+        )
+
+    def _verdict(
+        self, kill: OomKill, memcg: str | None, pod: PodCgroup | None, later: Sequence[OomKill]
+    ) -> Verdict:
+        if kill.is_global:
+            return Verdict(
+                "SystemOOMKill",
+                "system",
+                f"global OOM: the node ran out of memory ({kill.constraint or 'global_oom'})",
+            )
+        if memcg is None:
+            return Verdict(
+                *UNKNOWN,
+                "the kernel printed no memory cgroup for this kill "
+                "(its report header was rate-limited or cut off)",
+            )
+        if pod is None:
+            return Verdict(
+                "NodeProcessOOMKill", "node", f"memory cgroup {memcg} is outside kubepods"
+            )
+        if pod.container_id is None:
+            return Verdict(*UNKNOWN, "the memory cgroup is the pod's, not one container's")
+        if self.live is not None:
+            live = self.live.verdict(kill, memcg)
+            if live is not None:
+                return live
+        return verdict_from_log(kill, later)
+
+
+def _subject(pod: PodCgroup) -> Subject:
+    # Names come from containerd or the API (later); the cgroup path gives only ids.
+    return Subject(kind="Pod", uid=pod.pod_uid, container_id=pod.container_id)
+
+
+def _message(kill: OomKill, verdict: Verdict, pod: PodCgroup | None, node: str) -> str:
+    victim = f"process {kill.victim.comm} (pid {kill.victim.pid})"
+    if kill.is_group:
+        victim = (
+            f"{len(kill.group_victims)} processes of memory cgroup {kill.group_memcg} "
+            f"(memory.oom.group), first {victim},"
+        )
+    where = _where(pod, node)
+    limit = (
+        f" at its memory limit of {kill.memcg_limit_kb // 1024} MiB"
+        if kill.memcg_limit_kb and not kill.is_global
+        else ""
+    )
+    text = {
+        "InvisibleOOMKill": f"{victim} in {where} was OOM-killed{limit}; the container kept "
+        "running, so Kubernetes shows no OOMKilled and no restart. Raise the container's "
+        "memory limit or fix the process's memory use",
+        "ContainerOOMKill": f"the init {victim} of {where} was OOM-killed{limit}; the container "
+        "ended (Kubernetes shows OOMKilled). Raise its memory limit or fix its memory use",
+        "OOMKill": f"{victim} in {where} was OOM-killed{limit}; whether the container "
+        "survived is unknown",
+        "SystemOOMKill": f"{victim} in {where} was killed because node {node} ran out of "
+        "memory. Check node memory requests/limits and system reservations",
+        "NodeProcessOOMKill": f"{victim} in {where} was OOM-killed{limit}. Raise that "
+        "service's memory limit or fix its memory use",
+    }
+    return text[verdict.reason]
+
+
+def _where(pod: PodCgroup | None, node: str) -> str:
+    if pod is None:
+        return f"node {node}"
+    container = f"container {pod.container_id[:12]}" if pod.container_id else "a container"
+    return f"{container} of pod uid {pod.pod_uid}"
+
+
+def _details(kill: OomKill, verdict: Verdict, pod: PodCgroup | None) -> dict[str, Any]:
+    victim = kill.victim
+    details: dict[str, Any] = {
+        "scope": verdict.scope,
+        "pid": victim.pid,
+        "comm": victim.comm,
+        "uid": victim.uid,
+        "memcg": kill.task_memcg,
+        "oom_memcg": kill.oom_memcg,
+        "constraint": kill.constraint,
+        "trigger": {"comm": kill.trigger_comm, "pid": kill.trigger_pid},
+        "anon_rss_kb": victim.anon_rss_kb,
+        "file_rss_kb": victim.file_rss_kb,
+        "shmem_rss_kb": victim.shmem_rss_kb,
+        "total_vm_kb": victim.total_vm_kb,
+        "oom_score_adj": victim.oom_score_adj,
+        "memory_limit_kb": kill.memcg_limit_kb,
+        "qos_class": pod.qos if pod else None,
+        "runtime": pod.runtime if pod else None,
+        "init_pid": verdict.init_pid,
+        "basis": verdict.basis,
+        "uptime": kill.uptime,
+        "complete": kill.complete,
+    }
+    if kill.is_group:
+        details["group_memcg"] = kill.group_memcg
+        details["group_victims"] = [{"pid": v.pid, "comm": v.comm} for v in kill.group_victims]
+    return details
