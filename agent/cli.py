@@ -218,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args, settings_from(args))
+    except BrokenPipeError:
+        # The reader of our output went away (`nodediag scan | head`): not our failure.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KernelLogError as error:
         log.error("%s", error)
     except PermissionError as error:

@@ -1,8 +1,10 @@
 """Drive a kernel log source through the OOM assembler into findings, resuming exactly.
 
-The resume position is saved only where the assembler is idle (no report half read,
-no kill held back), so a restart re-reads a cut report from its start: nothing is
-skipped, and a kill reported before the save is not reported again.
+The resume position is saved only where every record up to it is either reported or
+irrelevant and none belongs to a report still being read: where the assembler is idle,
+or (when a new report releases a held-back kill) the last record before that report.
+A restart then re-reads a cut report from its start: nothing is skipped, and a kill
+reported before the save is not reported again.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ class KernelWatch:
         self.caught_up = False
         self._last_save = 0.0
         self._unsaved = False
+        # Position of the last record read while a kill was held back but no report was
+        # open: safe to save once the held kill is reported.
+        self._quiet_position: str | None = None
         metrics.start_source(source.name)
 
     def resume_point(self) -> str | None:
@@ -104,13 +109,24 @@ class KernelWatch:
             kills = self.assembler.feed(record)
             if kills:
                 self._report(kills)
-            if self.assembler.idle:
-                self._unsaved = True
-                if kills or time.monotonic() - self._last_save >= SAVE_INTERVAL:
-                    self.save()
+            self._track_position(bool(kills))
         self.metrics.add_records(self.source.name, count)
         self.metrics.set_lost(self.source.name, self.source.lost_records)
         return count
+
+    def _track_position(self, reported: bool) -> None:
+        assembler = self.assembler
+        if assembler.idle:
+            self._quiet_position = None
+            self._unsaved = True
+            if reported or time.monotonic() - self._last_save >= SAVE_INTERVAL:
+                self.save()
+        elif not assembler.reading_report:
+            # Only while a kill is held back (a few records): cursors cost a lookup each.
+            self._quiet_position = self.source.position()
+        elif reported and self._quiet_position is not None:
+            self._write_position(self._quiet_position)
+            self._quiet_position = None
 
     def flush(self, *, final: bool = False) -> None:
         kills = self.assembler.flush(final=final)
@@ -129,11 +145,13 @@ class KernelWatch:
     def save(self) -> None:
         if self.state is None or not self._unsaved:
             return
-        position = self.source.position()
-        if position is not None:
+        self._write_position(self.source.position())
+        self._unsaved = False
+
+    def _write_position(self, position: str | None) -> None:
+        if self.state is not None and position is not None:
             self.state.save({"source": self.source.name, "position": position})
         self._last_save = time.monotonic()
-        self._unsaved = False
 
     def follow(self, stop: threading.Event, idle_flush: float) -> None:
         """Read until ``stop`` is set; a held-back kill is reported once the log is quiet."""

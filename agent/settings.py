@@ -61,7 +61,7 @@ class Settings:
     cluster_dns: tuple[str, ...] = ()
     """Cluster DNS server IPs; empty means discover them."""
 
-    live_evidence_window: float = 30.0
+    live_evidence_window: float = 10.0
     """A kill younger than this (seconds) is judged from the node itself: a container cgroup
     found empty then means the kill ended the container."""
 

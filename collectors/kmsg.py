@@ -70,12 +70,13 @@ class KmsgSource:
         path: Path = Path("/dev/kmsg"),
         boot_id_path: Path = Path("/proc/sys/kernel/random/boot_id"),
         boot_time: Callable[[], float] = boot_offset,
+        open_device: Callable[[Path, int], int] = os.open,
     ) -> None:
         self.path = path
         self.lost_records = 0
         try:
             self.boot_id = boot_id_path.read_text().strip()
-            self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            self._fd = open_device(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as error:
             raise KernelLogError(f"cannot open {error.filename}: {error.strerror}") from error
         self._boot_time = boot_time()

@@ -29,6 +29,10 @@ from collectors.records import KernelRecord
 MAX_OPEN_REPORTS = 8
 MAX_TASK_ROWS = 20_000
 MAX_GROUP_VICTIMS = 10_000
+# No printk record is longer than 1024 characters (PRINTKRB_RECORD_MAX; LOG_LINE_MAX before
+# 5.10). Longer "records" come from garbage input, and some patterns below are quadratic in
+# the line length (a 70 000-character line with "Killed process" in it took minutes).
+MAX_MESSAGE_CHARS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +105,8 @@ _KILLED = re.compile(
     r"(?:(?P<prefix>[^:]*[Oo]ut of memory[^:]*): )?Killed process (?P<pid>\d+) \((?P<comm>.*)\)"
     r"(?P<tail>[^()]*)$"
 )
-_TAIL_FIELD = re.compile(r"(?P<key>[A-Za-z_-]+):(?P<value>-?\d+)(?:kB)?")
+# "key:value" fields; RHEL 7's 3.10 prints the uid as ", UID 1000," (space, not colon).
+_TAIL_FIELD = re.compile(r"(?P<key>[A-Za-z_-]+)(?::|(?<=UID) )(?P<value>-?\d+)(?:kB)?")
 _LEGACY_TASK_IN = re.compile(
     r"^Task in (?P<task>/.*) killed as a result of limit of (?P<limit>/.*)$"
 )
@@ -136,6 +141,7 @@ class _Report:
     table_columns: list[str] | None = None
     tasks: list[TaskRow] | None = None
     has_summary: bool = False
+    has_body: bool = False  # printed its stack / meminfo / task table
     position: str | None = None
 
     def finish(self, victim: OomVictim | None, record: KernelRecord | None) -> OomKill | None:
@@ -236,8 +242,15 @@ class OomAssembler:
     def idle(self) -> bool:
         return not self._open and self._held is None and self._group is None
 
+    @property
+    def reading_report(self) -> bool:
+        """Whether a report is open (its lines so far must be read again on resume)."""
+        return bool(self._open)
+
     def feed(self, record: KernelRecord) -> list[OomKill]:
         message = record.message
+        if len(message) > MAX_MESSAGE_CHARS:
+            return []  # cannot be a kernel record: ignore it like any other noise
         # Fast path for the bulk of the log: with nothing open, only a line that can
         # start or end a report matters ("oom" covers trigger, summary and group lines).
         if self.idle and "oom" not in message and "ill process" not in message:
@@ -254,7 +267,7 @@ class OomAssembler:
             self._release(done)
             self._on_summary(record, done)
         else:
-            self._on_report_line(record)
+            self._on_report_line(record, done)
         return done
 
     def flush(self, *, final: bool = False) -> list[OomKill]:
@@ -291,10 +304,25 @@ class OomAssembler:
         match = _TRIGGER.search(record.message)
         if match is None:
             return
+        self._close_abandoned(done)
         report = self._open_report(record, done)
         report.trigger_comm = match["comm"].strip() or None
         report.gfp_mask = match["gfp"]
         report.order = int(match["order"])
+
+    def _close_abandoned(self, done: list[OomKill]) -> None:
+        """Close reports that printed their body but will never end.
+
+        The kernel prints one report at a time (under oom_lock), so a new trigger after a
+        report's body means that report was cut off (or ended in "no killable
+        processes"); kept open it would take the next report's summary and victims.
+        A report with only its trigger line may still be interleaved with this one.
+        """
+        for report in [r for r in self._open if r.has_body and not r.has_summary]:
+            self._open.remove(report)
+            kill = report.finish(None, None)
+            if kill is not None:
+                done.append(kill)
 
     def _on_summary(self, record: KernelRecord, done: list[OomKill]) -> None:
         head = _SUMMARY_HEAD.search(record.message)
@@ -306,26 +334,32 @@ class OomAssembler:
             report = self._open_report(record, done)
         report.has_summary = True
         report.constraint = head["constraint"]
-        report.is_global = tail["global"] is not None or head["constraint"] != "CONSTRAINT_MEMCG"
+        # The kernel prints "global_oom" exactly when the OOM is not a memcg OOM, else
+        # "oom_memcg=<path>". Do not derive this from the constraint: 5.0 kernels printed
+        # CONSTRAINT_NONE for memcg OOMs (oc->constraint was never set, fixed in 5.1 by
+        # 432b1de0de02 "mm/oom_kill.c: fix uninitialized oc->constraint").
+        report.is_global = tail["global"] is not None
         report.oom_memcg = tail["oom_memcg"]
         report.task_memcg = tail["task_memcg"]
         report.summary_victim = OomVictim(
             pid=int(tail["pid"]), comm=tail["task"], uid=_int_or_none(tail["uid"])
         )
 
-    def _on_report_line(self, record: KernelRecord) -> None:
+    def _on_report_line(self, record: KernelRecord, done: list[OomKill]) -> None:
         message = record.message
         legacy = _LEGACY_CHOICE.search(message)
         if legacy is not None:
-            self._on_legacy_choice(legacy)
+            self._on_legacy_choice(legacy, record, done)
             return
         report = self._open[-1] if self._open else None
         if report is None:
             return
         if (cpu := _CPU_LINE.search(message)) is not None:
+            report.has_body = True
             if report.trigger_pid is None:
                 report.trigger_pid = int(cpu["pid"])
         elif (usage := _MEMCG_USAGE.search(message)) is not None:
+            report.has_body = True
             report.memcg_usage_kb = int(usage["usage"])
             report.memcg_limit_kb = int(usage["limit"])
         elif (task_in := _LEGACY_TASK_IN.search(message)) is not None:
@@ -334,14 +368,25 @@ class OomAssembler:
             report.constraint = report.constraint or "CONSTRAINT_MEMCG"
             report.is_global = False
         elif message.startswith(_TABLE_TITLE):
+            report.has_body = True
             report.tasks = []
         else:
             self._on_table_line(report, message)
 
-    def _on_legacy_choice(self, match: re.Match[str]) -> None:
+    def _on_legacy_choice(
+        self, match: re.Match[str], record: KernelRecord, done: list[OomKill]
+    ) -> None:
         report = next((r for r in self._open if not r.has_summary), None)
         if report is None:
-            return
+            if any(
+                r.summary_victim and r.summary_victim.pid == int(match["pid"]) for r in self._open
+            ):
+                return  # the report of this choice already has its summary line
+            # Pre-5.0 kernels ratelimit only the header (dump_header): this line and the
+            # "Killed process" line after it are all there is. Open a report so the kill
+            # keeps what this line tells (memcg or global); it yields a kill only if a
+            # "Killed process" line follows.
+            report = self._open_report(record, done)
         is_global = not match["prefix"].startswith("Memory cgroup")
         if report.is_global is None:
             report.is_global = is_global

@@ -1,0 +1,94 @@
+"""The command line: offline analysis on vectors, and one clear error line for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from agentproc import json_lines, nodediag
+
+VECTORS = Path(__file__).parent / "vectors"
+
+
+def test_analyze_dmesg_reports_the_kill_as_json() -> None:
+    result = nodediag(
+        "analyze",
+        "--kernel-log",
+        str(VECTORS / "oom_dmesg.log"),
+        "--json",
+        "--node-name",
+        "bundle-node",
+    )
+    assert result.returncode == 1, result.stderr
+    [finding] = json_lines(result.stdout)
+    assert finding["node"] == "bundle-node"
+    assert finding["subject"] == {
+        "kind": "Pod",
+        "name": None,
+        "namespace": None,
+        "uid": "11112222-3333-4444-5555-666677778888",
+        "container": None,
+        "container_id": "0123456789abcdef" * 4,
+    }
+    assert finding["details"]["pid"] == 1796
+    assert finding["details"]["comm"] == "python3"
+    assert finding["details"]["memory_limit_kb"] == 51200
+    # The task table shows a second process (sh) in the container: the log cannot tell
+    # whether the container survived, so it is not guessed.
+    assert finding["reason"] == "OOMKill"
+    assert finding["details"]["scope"] == "unknown"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in VECTORS.glob("oom_*.log")))
+def test_analyze_finds_the_same_kill_in_every_format(name: str) -> None:
+    result = nodediag("analyze", "--kernel-log", str(VECTORS / name), "--json")
+    assert result.returncode == 1, result.stderr
+    [finding] = json_lines(result.stdout)
+    assert finding["details"]["pid"] == 1796
+
+
+def test_analyze_report_is_readable() -> None:
+    result = nodediag("analyze", "--kernel-log", str(VECTORS / "oom_dmesg_T.log"))
+    assert result.returncode == 1
+    assert "1 finding(s), 1 warning(s)" in result.stdout
+    assert "process python3 (pid 1796)" in result.stdout
+    assert "evidence:" in result.stdout
+
+
+def test_analyze_clean_log_exits_zero(tmp_path: Path) -> None:
+    log = tmp_path / "clean.log"
+    log.write_bytes(b"[    0.000000] Linux version 6.1\n\xff\xfe garbage \x00\n" + b"x" * 200_000)
+    result = nodediag("analyze", "--kernel-log", str(log))
+    assert result.returncode == 0, result.stderr
+    assert "No faults found." in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["analyze", "--kernel-log", "/nonexistent/dmesg"],
+            "--kernel-log /nonexistent/dmesg: no such file",
+        ),
+        (["scan", "--since", "10 minutes"], "argument --since: invalid duration '10 minutes'"),
+        (["run", "--listen", "localhost"], "argument --listen: invalid listen address 'localhost'"),
+        (["run", "--kernel-log", "syslog"], "argument --kernel-log: invalid choice: 'syslog'"),
+        (
+            ["scan", "--kernel-log", "journal", "--journal-path", "/nonexistent/journal"],
+            "--journal-path /nonexistent/journal: no such directory",
+        ),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_input_is_one_clear_error(args: list[str], says: str) -> None:
+    result = nodediag(*args)
+    assert result.returncode == 2
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_kmsg_needs_the_device(tmp_path: Path) -> None:
+    result = nodediag("scan", "--kernel-log", "kmsg", "--host-root", str(tmp_path))
+    assert result.returncode == 2
+    assert "cannot open" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,121 @@
+"""The reading loop's resume logic on a recorded kernel log (no real journal needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+from agent.kernel_watch import KernelWatch
+from agent.metrics import Metrics
+from agent.oom_findings import OomFindings
+from agent.state import StateFile
+from collectors.finding import Finding
+from collectors.records import KernelRecord
+
+MEMCG = "/kubepods/besteffort/pod11112222-3333-4444-5555-666677778888/" + "cd" * 32
+REPORT = [
+    "worker invoked oom-killer: gfp_mask=0xcc0(GFP_KERNEL), order=0, oom_score_adj=0",
+    "memory: usage 51200kB, limit 51200kB, failcnt 272",
+    "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,"
+    f"oom_memcg={MEMCG},task_memcg={MEMCG},task=worker,pid={{pid}},uid=0",
+    "Memory cgroup out of memory: Killed process {pid} (worker) total-vm:221368kB, "
+    "anon-rss:50816kB, file-rss:6716kB, shmem-rss:0kB, UID:0 pgtables:160kB oom_score_adj:0",
+]
+
+
+def report(pid: int) -> list[str]:
+    return [line.replace("{pid}", str(pid)) for line in REPORT]
+
+
+class RecordedSource:
+    """A kernel log source over a list of messages; positions are list indexes."""
+
+    name = "journal"
+
+    def __init__(self, messages: list[str]) -> None:
+        self.messages = messages
+        self.lost_records = 0
+        self.next = 0
+
+    def start(self, *, resume: str | None = None, since: datetime | None = None) -> None:
+        self.next = int(resume) + 1 if resume is not None else 0
+
+    def records(self) -> Iterator[KernelRecord]:
+        while self.next < len(self.messages):
+            self.next += 1
+            yield KernelRecord(self.messages[self.next - 1])
+
+    def position(self) -> str | None:
+        return str(self.next - 1) if self.next else None
+
+    def wait(self, timeout: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def watch(source: RecordedSource, state: StateFile, out: list[Finding]) -> KernelWatch:
+    w = KernelWatch(source, OomFindings("n", live=None), out.append, Metrics(), state)
+    source.start(resume=w.resume_point())
+    return w
+
+
+def test_position_is_saved_only_outside_a_report(tmp_path: Path) -> None:
+    messages = ["noise 0", *report(100), "noise 5", *report(200)[:2]]  # second report cut
+    state = StateFile(tmp_path / "state.json")
+    found: list[Finding] = []
+    w = watch(RecordedSource(messages), state, found)
+    w.drain()
+    w.flush()
+    assert [f.details["pid"] for f in found] == [100]
+    # The cut report starts at index 6: resuming must re-read it from there.
+    assert state.load() == {"source": "journal", "position": "5"}
+
+
+def test_restart_reports_each_kill_once(tmp_path: Path) -> None:
+    messages = ["noise", *report(100), *report(200)[:2]]
+    state = StateFile(tmp_path / "state.json")
+    first: list[Finding] = []
+    w = watch(RecordedSource(messages), state, first)
+    w.drain()
+    w.flush()
+    messages += [*report(200)[2:], "noise", *report(300)]
+    second: list[Finding] = []
+    w2 = watch(RecordedSource(messages), state, second)
+    w2.drain()
+    w2.flush()
+    assert [f.details["pid"] for f in first] == [100]
+    assert [f.details["pid"] for f in second] == [200, 300]
+    assert second[0].details["memcg"] == MEMCG  # the report was re-read from its start
+
+
+def test_state_for_another_source_is_ignored(tmp_path: Path) -> None:
+    state = StateFile(tmp_path / "state.json")
+    state.save({"source": "kmsg", "position": "boot:12"})
+    w = watch(RecordedSource(report(1)), state, [])
+    assert w.resume_point() is None
+
+
+def test_torn_state_file_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text('{"source": "jour')
+    assert StateFile(tmp_path / "state.json").load() == {}
+
+
+def test_counts_records_and_kills(tmp_path: Path) -> None:
+    found: list[Finding] = []
+    w = watch(RecordedSource(["a", *report(7)]), StateFile(tmp_path / "s.json"), found)
+    w.drain()
+    w.flush()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for metric in w.metrics.registry.collect()
+        for s in metric.samples
+    }
+    assert samples[("nodediag_kernel_log_records_total", (("source", "journal"),))] == 5
+    key = (
+        "nodediag_oom_kills_total",
+        (("container", ""), ("namespace", ""), ("pod", ""), ("scope", "unknown")),
+    )
+    assert samples[key] == 1

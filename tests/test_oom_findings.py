@@ -1,0 +1,187 @@
+"""Classification of OOM kills on fixture trees (a fake host root with cgroups and /proc)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.oom_findings import LiveEvidence, OomFindings, verdict_from_log
+from collectors.memcg import MemcgProbe, parse_status
+from collectors.oom import OomKill, OomVictim, TaskRow
+
+NOW = datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
+POD_UID = "11112222-3333-4444-5555-666677778888"
+CID = "ab" * 32
+MEMCG = f"/kubepods/burstable/pod{POD_UID}/{CID}"
+
+
+def kill(
+    pid: int = 4885,
+    memcg: str | None = MEMCG,
+    *,
+    is_global: bool = False,
+    age: float = 0.1,
+    tasks: tuple[TaskRow, ...] | None = None,
+) -> OomKill:
+    return OomKill(
+        victim=OomVictim(pid=pid, comm="worker", uid=0, anon_rss_kb=50_000),
+        time=NOW - timedelta(seconds=age),
+        uptime=100.0,
+        position=None,
+        constraint="CONSTRAINT_NONE" if is_global else "CONSTRAINT_MEMCG",
+        is_global=is_global,
+        oom_memcg=memcg,
+        task_memcg=memcg,
+        memcg_limit_kb=65536,
+        tasks=tasks,
+    )
+
+
+class HostTree:
+    """A fake host root: cgroup v1 memory hierarchy and /proc/<pid>/status files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.hierarchy = root / "sys/fs/cgroup/memory"
+        self.hierarchy.mkdir(parents=True)
+        (self.hierarchy / "cgroup.procs").write_text("1\n")
+
+    def cgroup(self, path: str, pids: list[int]) -> None:
+        directory = self.hierarchy / path.lstrip("/")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "cgroup.procs").write_text("".join(f"{p}\n" for p in pids))
+
+    def process(self, pid: int, ns_pid: int, state: str = "S (sleeping)") -> None:
+        status = self.root / "proc" / str(pid)
+        status.mkdir(parents=True, exist_ok=True)
+        (status / "status").write_text(
+            f"Name:\tworker\nState:\t{state}\nPid:\t{pid}\nNSpid:\t{pid}\t{ns_pid}\n"
+        )
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> HostTree:
+    return HostTree(tmp_path)
+
+
+def live(host: HostTree, sleeps: list[float] | None = None) -> LiveEvidence:
+    return LiveEvidence(
+        MemcgProbe(host.root),
+        window=10,
+        sleep=(sleeps.append if sleeps is not None else lambda _s: None),
+        now=lambda: NOW,
+    )
+
+
+def test_status_parsing_takes_the_innermost_pid() -> None:
+    info = parse_status(4885, "Name:\tsh\nState:\tS (sleeping)\nNSpid:\t4885\t77\t1\n")
+    assert (info.comm, info.ns_pid, info.alive, info.is_namespace_init) == ("sh", 1, True, True)
+    assert not parse_status(9, "State:\tZ (zombie)\nNSpid:\t9\n").alive
+
+
+def test_init_alive_means_invisible(host: HostTree) -> None:
+    host.cgroup(MEMCG, [4871, 4890])
+    host.process(4871, ns_pid=1)
+    host.process(4890, ns_pid=7)
+    finding = OomFindings("node-1", live(host)).finding(kill())
+    assert finding.reason == "InvisibleOOMKill"
+    assert finding.details["scope"] == "invisible"
+    assert finding.details["init_pid"] == 4871
+    assert finding.subject.uid == POD_UID
+    assert finding.subject.container_id == CID
+    assert "kept running" in finding.message
+
+
+def test_victim_that_was_namespace_init_means_container_kill(host: HostTree) -> None:
+    host.cgroup(MEMCG, [4885, 4886])
+    host.process(4885, ns_pid=1, state="R (running)")  # still exiting
+    host.process(4886, ns_pid=2)
+    finding = OomFindings("node-1", live(host)).finding(kill())
+    assert finding.reason == "ContainerOOMKill"
+    assert finding.details["init_pid"] == 4885
+
+
+def test_empty_cgroup_right_after_the_kill_means_container_kill(host: HostTree) -> None:
+    host.cgroup(MEMCG, [])
+    assert OomFindings("n", live(host)).finding(kill()).reason == "ContainerOOMKill"
+
+
+def test_old_kill_in_a_gone_cgroup_falls_back_to_the_log(host: HostTree) -> None:
+    finding = OomFindings("n", live(host)).finding(kill(age=3600))
+    assert finding.reason == "OOMKill"
+    assert finding.details["scope"] == "unknown"
+
+
+def test_old_kill_in_a_populated_cgroup_is_invisible(host: HostTree) -> None:
+    host.cgroup(MEMCG, [4871])
+    host.process(4871, ns_pid=1)
+    assert OomFindings("n", live(host)).finding(kill(age=3600)).reason == "InvisibleOOMKill"
+
+
+def test_members_without_a_namespace_init_are_waited_for(host: HostTree) -> None:
+    host.cgroup(MEMCG, [4890])
+    host.process(4890, ns_pid=4890)  # no pid namespace of its own
+    sleeps: list[float] = []
+    finding = OomFindings("n", live(host, sleeps)).finding(kill())
+    assert finding.reason == "InvisibleOOMKill"
+    assert "still holds 1 live process" in finding.details["basis"]
+    assert sum(sleeps) == pytest.approx(0.3)
+
+
+def test_zombies_do_not_count_as_survivors(host: HostTree) -> None:
+    host.cgroup(MEMCG, [4890])
+    host.process(4890, ns_pid=3, state="Z (zombie)")
+    assert OomFindings("n", live(host)).finding(kill()).reason == "ContainerOOMKill"
+
+
+def test_global_oom_is_a_system_kill_on_the_victims_pod(host: HostTree) -> None:
+    finding = OomFindings("n", live(host)).finding(kill(is_global=True))
+    assert finding.reason == "SystemOOMKill"
+    assert finding.subject.kind == "Pod"
+    assert finding.details["scope"] == "system"
+
+
+def test_global_oom_outside_pods_is_on_the_node(host: HostTree) -> None:
+    finding = OomFindings("n", live(host)).finding(kill(memcg="/", is_global=True))
+    assert (finding.reason, finding.subject.kind, finding.subject.name) == (
+        "SystemOOMKill",
+        "Node",
+        "n",
+    )
+
+
+def test_memcg_kill_outside_kubepods_is_a_node_process_kill(host: HostTree) -> None:
+    finding = OomFindings("n", live(host)).finding(kill(memcg="/system.slice/db.service"))
+    assert finding.reason == "NodeProcessOOMKill"
+    assert finding.details["scope"] == "node"
+    assert finding.subject.kind == "Node"
+
+
+def test_kill_without_memcg_is_reported_but_not_guessed(host: HostTree) -> None:
+    finding = OomFindings("n", live(host)).finding(kill(memcg=None))
+    assert finding.reason == "OOMKill"
+    assert finding.subject.kind == "Node"
+    assert finding.subject.uid is None
+
+
+def test_log_evidence_later_kill_in_same_container_means_survived() -> None:
+    verdict = verdict_from_log(kill(pid=10), later=[kill(pid=11)])
+    assert verdict.reason == "InvisibleOOMKill"
+    assert "pid 11" in verdict.basis
+
+
+def test_log_evidence_only_task_means_container_kill() -> None:
+    alone = kill(pid=10, tasks=(TaskRow(pid=10, tgid=10, name="worker"),))
+    assert verdict_from_log(alone, later=[]).reason == "ContainerOOMKill"
+    crowded = kill(
+        pid=10, tasks=(TaskRow(pid=9, tgid=9, name="sh"), TaskRow(pid=10, tgid=10, name="w"))
+    )
+    assert verdict_from_log(crowded, later=[]).reason == "OOMKill"
+
+
+def test_offline_findings_never_read_the_host() -> None:
+    finding = OomFindings("n", live=None).finding(kill(), later=[])
+    assert finding.reason == "OOMKill"
+    assert finding.to_dict()["subject"]["name"] is None
