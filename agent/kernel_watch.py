@@ -93,6 +93,7 @@ class KernelWatch:
         # Position of the last record read while a kill was held back but no report was
         # open: safe to save once the held kill is reported.
         self._quiet_position: str | None = None
+        self._held_since: float | None = None
         metrics.start_source(source.name)
 
     def resume_point(self) -> str | None:
@@ -101,8 +102,13 @@ class KernelWatch:
         point = ResumePoint.load(self.state, self.source.name)
         return point.position if point else None
 
-    def drain(self) -> int:
-        """Read what is available now and report completed kills; return the record count."""
+    def drain(self, hold: float = 0.1) -> int:
+        """Read what is available now and report completed kills; return the record count.
+
+        A finished kill is held back until the log is quiet, or for at most ``hold`` seconds
+        of a busy log, in case a ``memory.oom.group`` line follows it.
+        """
+        started = time.perf_counter()
         count = 0
         for record in self.source.records():
             count += 1
@@ -110,12 +116,22 @@ class KernelWatch:
             if kills:
                 self._report(kills)
             self._track_position(bool(kills))
+            if self._held_since is not None and time.monotonic() - self._held_since > hold:
+                self.flush()  # a busy log never goes quiet: report a held kill anyway
         self.metrics.add_records(self.source.name, count)
         self.metrics.set_lost(self.source.name, self.source.lost_records)
+        if count:
+            self.metrics.collector_duration.labels(collector="kernel_log").set(
+                time.perf_counter() - started
+            )
         return count
 
     def _track_position(self, reported: bool) -> None:
         assembler = self.assembler
+        if assembler.reading_report or assembler.idle:
+            self._held_since = None
+        elif self._held_since is None:
+            self._held_since = time.monotonic()
         if assembler.idle:
             self._quiet_position = None
             self._unsaved = True
@@ -129,6 +145,7 @@ class KernelWatch:
             self._quiet_position = None
 
     def flush(self, *, final: bool = False) -> None:
+        self._held_since = None
         kills = self.assembler.flush(final=final)
         if kills:
             self._report(kills)
@@ -155,24 +172,20 @@ class KernelWatch:
 
     def follow(self, stop: threading.Event, idle_flush: float) -> None:
         """Read until ``stop`` is set; a held-back kill is reported once the log is quiet."""
-        collector = self.metrics.collector_success.labels(collector="kernel_log")
+        success = self.metrics.collector_success.labels(collector="kernel_log")
         while not stop.is_set():
             self.last_loop = time.monotonic()
-            started = time.perf_counter()
             try:
                 self._step(idle_flush)
-                collector.set(1)
+                success.set(1)
             except (KernelLogError, OSError) as error:
-                collector.set(0)
+                success.set(0)
                 log.error("kernel log: %s; retrying in 5 s", error)
                 stop.wait(5)
-            self.metrics.collector_duration.labels(collector="kernel_log").set(
-                time.perf_counter() - started
-            )
         self.flush()
 
     def _step(self, idle_flush: float) -> None:
-        if self.drain():
+        if self.drain(idle_flush):
             return
         self.caught_up = True
         if self.assembler.idle:
@@ -180,5 +193,5 @@ class KernelWatch:
             self.source.wait(1.0)
             return
         self.source.wait(idle_flush)
-        if not self.drain():
+        if not self.drain(idle_flush):
             self.flush()

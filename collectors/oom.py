@@ -251,9 +251,10 @@ class OomAssembler:
         message = record.message
         if len(message) > MAX_MESSAGE_CHARS:
             return []  # cannot be a kernel record: ignore it like any other noise
-        # Fast path for the bulk of the log: with nothing open, only a line that can
-        # start or end a report matters ("oom" covers trigger, summary and group lines).
-        if self.idle and "oom" not in message and "ill process" not in message:
+        # Fast path for the bulk of the log: with no report open, only a line that can
+        # start one, end one or extend a held kill matters ("oom" covers trigger, summary
+        # and group lines; "Kill" the "Killed process" and pre-5.0 "Kill process" lines).
+        if not self._open and "oom" not in message and "Kill" not in message:
             return []
         done: list[OomKill] = []
         if "Killed process" in message:
