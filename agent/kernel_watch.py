@@ -102,11 +102,12 @@ class KernelWatch:
         point = ResumePoint.load(self.state, self.source.name)
         return point.position if point else None
 
-    def drain(self, hold: float = 0.1) -> int:
+    def drain(self, hold: float = 0.1, stop: threading.Event | None = None) -> int:
         """Read what is available now and report completed kills; return the record count.
 
         A finished kill is held back until the log is quiet, or for at most ``hold`` seconds
-        of a busy log, in case a ``memory.oom.group`` line follows it.
+        of a busy log, in case a ``memory.oom.group`` line follows it. Returns early (every
+        10,000 records, at a record boundary) once ``stop`` is set.
         """
         started = time.perf_counter()
         count = 0
@@ -118,6 +119,8 @@ class KernelWatch:
             self._track_position(bool(kills))
             if self._held_since is not None and time.monotonic() - self._held_since > hold:
                 self.flush()  # a busy log never goes quiet: report a held kill anyway
+            if stop is not None and count % 10_000 == 0 and stop.is_set():
+                break
         self.metrics.add_records(self.source.name, count)
         self.metrics.set_lost(self.source.name, self.source.lost_records)
         if count:
@@ -176,7 +179,7 @@ class KernelWatch:
         while not stop.is_set():
             self.last_loop = time.monotonic()
             try:
-                self._step(idle_flush)
+                self._step(idle_flush, stop)
                 success.set(1)
             except (KernelLogError, OSError) as error:
                 success.set(0)
@@ -184,8 +187,8 @@ class KernelWatch:
                 stop.wait(5)
         self.flush()
 
-    def _step(self, idle_flush: float) -> None:
-        if self.drain(idle_flush):
+    def _step(self, idle_flush: float, stop: threading.Event) -> None:
+        if self.drain(idle_flush, stop):
             return
         self.caught_up = True
         if self.assembler.idle:
@@ -193,5 +196,5 @@ class KernelWatch:
             self.source.wait(1.0)
             return
         self.source.wait(idle_flush)
-        if not self.drain(idle_flush):
+        if not self.drain(idle_flush, stop):
             self.flush()

@@ -91,6 +91,27 @@ def test_restart_reports_each_kill_once(tmp_path: Path) -> None:
     assert second[0].details["memcg"] == MEMCG  # the report was re-read from its start
 
 
+def test_held_kill_is_reported_on_a_busy_log_without_waiting_for_quiet(tmp_path: Path) -> None:
+    found: list[Finding] = []
+    source = RecordedSource([*report(100), "noise"])
+    w = watch(source, StateFile(tmp_path / "s.json"), found)
+    w.drain(hold=0.0)  # the log never went quiet, but the hold is over
+    assert [f.details["pid"] for f in found] == [100]
+    assert w.assembler.idle
+
+
+def test_a_kill_is_held_back_for_a_group_line(tmp_path: Path) -> None:
+    group = "Tasks in " + MEMCG + " are going to be killed due to memory.oom.group set"
+    member = "Memory cgroup out of memory: Killed process 101 (worker) total-vm:1kB"
+    found: list[Finding] = []
+    w = watch(RecordedSource([*report(100), group, member]), StateFile(tmp_path / "s"), found)
+    w.drain(hold=60)
+    assert found == []
+    w.flush()
+    [finding] = found
+    assert [v["pid"] for v in finding.details["group_victims"]] == [100, 101]
+
+
 def test_state_for_another_source_is_ignored(tmp_path: Path) -> None:
     state = StateFile(tmp_path / "state.json")
     state.save({"source": "kmsg", "position": "boot:12"})
