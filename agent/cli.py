@@ -1,4 +1,4 @@
-"""The ``nodediag`` command line: run, scan, analyze (and pid, later)."""
+"""The ``nodediag`` command line: run, scan, analyze, pid."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.pidinfo import NoSuchProcess
 from agent.settings import DEFAULT_CONTAINERD_SOCKETS, Settings, parse_duration, parse_listen
 from collectors.kernel_log import KernelLogError
 
@@ -140,7 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="dmesg, dmesg -T, journalctl -k or /dev/kmsg text",
     )
     analyze.add_argument("--json", action="store_true", help="JSON lines instead of a report")
+    pid = commands.add_parser(
+        "pid", parents=[common], help="which pod and container a host process belongs to"
+    )
+    pid.add_argument("pid", type=_typed(_positive_int), metavar="PID", help="host process id")
+    pid.add_argument("--json", action="store_true", help="one JSON object instead of text")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(f"invalid PID {text!r} (a positive number)")
+    return int(text)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -202,10 +214,22 @@ def _analyze(args: argparse.Namespace, settings: Settings) -> int:
     return _print_findings(args, findings, f"nodediag analysis of {path}")
 
 
+def _pid(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from agent.containers import ContainerLookup, containerd_client
+    from agent.pidinfo import describe, locate
+
+    place = locate(settings, args.pid, ContainerLookup(containerd_client(settings)))
+    sys.stdout.write(json.dumps(place.to_dict()) + "\n" if args.json else describe(place))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "run": _run,
     "scan": _scan,
     "analyze": _analyze,
+    "pid": _pid,
 }
 
 
@@ -222,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader of our output went away (`nodediag scan | head`): not our failure.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KernelLogError as error:
+    except (KernelLogError, NoSuchProcess) as error:
         log.error("%s", error)
     except PermissionError as error:
         log.error(

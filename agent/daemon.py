@@ -9,6 +9,7 @@ import threading
 import time
 from types import FrameType
 
+from agent.containers import ContainerLookup, containerd_client
 from agent.http import HttpServer, make_app
 from agent.kernel_watch import STATE_FILE, KernelWatch, open_source
 from agent.metrics import Metrics
@@ -34,9 +35,10 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     metrics = Metrics()
     source = open_source(settings)
     live = LiveEvidence(MemcgProbe(settings.host_root), settings.live_evidence_window)
+    containers = ContainerLookup(containerd_client(settings), metrics)
     watch = KernelWatch(
         source,
-        OomFindings(settings.node_name, live),
+        OomFindings(settings.node_name, live, containers),
         log_finding,
         metrics,
         StateFile(settings.state_dir / STATE_FILE),

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
+from agent.containers import ContainerLookup, containerd_client
 from agent.oom_findings import LiveEvidence, OomFindings
 from agent.settings import Settings
 from collectors.finding import Finding
@@ -48,7 +49,8 @@ def scan(settings: Settings, source: KernelLogSource, since: datetime | None) ->
     source.start(since=since)
     kills = assemble(source.records(), f"{source.name} kernel log")
     live = LiveEvidence(MemcgProbe(settings.host_root), settings.live_evidence_window)
-    return oom_findings(kills, OomFindings(settings.node_name, live))
+    containers = ContainerLookup(containerd_client(settings))
+    return oom_findings(kills, OomFindings(settings.node_name, live, containers))
 
 
 def analyze(settings: Settings, kernel_log: Path) -> list[Finding]:

@@ -45,6 +45,12 @@ class Metrics:
             ["collector"],
             registry=r,
         )
+        self.containerd_lookup_failures = Counter(
+            "nodediag_containerd_lookup_failures",
+            "containerd lookups that failed: unreachable, or the container was not found.",
+            ["reason"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "nodediag_build_info", "nodediag build; always 1.", ["version"], registry=r
         )

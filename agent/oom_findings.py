@@ -5,7 +5,8 @@ Classification is decided by facts, in this order, and ``details.basis`` says wh
 2. a memcg kill outside kubepods is ``NodeProcessOOMKill``;
 3. a container kill is ``InvisibleOOMKill`` when the container survived and the victim was
    not its init, ``ContainerOOMKill`` when its init was killed, else ``OOMKill`` (unknown).
-   Evidence, strongest first: the node itself (the container's memory cgroup and its
+   Evidence, strongest first: containerd (the task's init pid is the victim, or the task
+   runs on with another init), the node itself (the container's memory cgroup and its
    processes, read right after the kill), a later OOM report of the same container (it was
    still there), the report's task table (the victim was the container's only process).
 """
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.containers import ContainerLookup
 from collectors.cgroup_path import PodCgroup, parse_pod_cgroup
+from collectors.containerd import ContainerInfo, TaskInfo
 from collectors.finding import Finding, Subject
 from collectors.memcg import MemcgProbe, ProcessInfo
 from collectors.oom import OomKill
@@ -111,6 +114,25 @@ def _namespace_init(members: Sequence[ProcessInfo]) -> ProcessInfo | None:
     return next((m for m in members if m.is_namespace_init), None)
 
 
+def verdict_from_task(kill: OomKill, task: TaskInfo | None) -> Verdict | None:
+    """Decide from containerd's task: its init pid and whether it still runs."""
+    if task is None or task.pid == 0:
+        return None
+    if task.pid == kill.victim.pid:
+        return Verdict(
+            *CONTAINER,
+            f"the victim was the container's init (containerd task pid {task.pid})",
+            task.pid,
+        )
+    if task.status in ("RUNNING", "PAUSED", "PAUSING"):
+        return Verdict(
+            *INVISIBLE,
+            f"containerd: the container's task still runs with init pid {task.pid}",
+            task.pid,
+        )
+    return None
+
+
 def verdict_from_log(kill: OomKill, later: Sequence[OomKill]) -> Verdict:
     """Decide from the log alone: later reports of the same container, else the task table."""
     successor = next(
@@ -135,31 +157,52 @@ def verdict_from_log(kill: OomKill, later: Sequence[OomKill]) -> Verdict:
     return Verdict(*UNKNOWN, "the log does not show whether the container survived the kill")
 
 
-class OomFindings:
-    """Builds findings for one node; ``live`` is ``None`` offline (``analyze``)."""
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """Who the kill hit: the pod cgroup (ids) and what containerd adds (names, task)."""
 
-    def __init__(self, node: str, live: LiveEvidence | None) -> None:
+    pod: PodCgroup | None
+    container: ContainerInfo | None = None
+    task: TaskInfo | None = None
+
+
+class OomFindings:
+    """Builds findings for one node; ``live`` and ``containers`` are ``None`` offline."""
+
+    def __init__(
+        self, node: str, live: LiveEvidence | None, containers: ContainerLookup | None = None
+    ) -> None:
         self.node = node
         self.live = live
+        self.containers = containers
 
     def finding(self, kill: OomKill, later: Sequence[OomKill] = ()) -> Finding:
         memcg = kill.group_memcg or kill.task_memcg
-        pod = parse_pod_cgroup(memcg) if memcg else None
-        verdict = self._verdict(kill, memcg, pod, later)
-        subject = _subject(pod) if pod else Subject(kind="Node", name=self.node)
+        who = self._attribute(memcg)
+        verdict = self._verdict(kill, memcg, who, later)
+        subject = _subject(who) if who.pod else Subject(kind="Node", name=self.node)
         return Finding(
             reason=verdict.reason,
             severity="warning",
             time=kill.time,
             node=self.node,
             subject=subject,
-            message=_message(kill, verdict, pod, self.node),
-            details=_details(kill, verdict, pod),
+            message=_message(kill, verdict, subject, self.node),
+            details=_details(kill, verdict, who),
         )
 
+    def _attribute(self, memcg: str | None) -> Attribution:
+        pod = parse_pod_cgroup(memcg) if memcg else None
+        if pod is None or pod.container_id is None or self.containers is None:
+            return Attribution(pod)
+        container = self.containers.container(pod.container_id)
+        task = self.containers.task(pod.container_id) if container is not None else None
+        return Attribution(pod, container, task)
+
     def _verdict(
-        self, kill: OomKill, memcg: str | None, pod: PodCgroup | None, later: Sequence[OomKill]
+        self, kill: OomKill, memcg: str | None, who: Attribution, later: Sequence[OomKill]
     ) -> Verdict:
+        pod = who.pod
         if kill.is_global:
             return Verdict(
                 "SystemOOMKill",
@@ -178,6 +221,9 @@ class OomFindings:
             )
         if pod.container_id is None:
             return Verdict(*UNKNOWN, "the memory cgroup is the pod's, not one container's")
+        by_task = verdict_from_task(kill, who.task) if not kill.is_group else None
+        if by_task is not None:
+            return by_task
         if self.live is not None:
             live = self.live.verdict(kill, memcg)
             if live is not None:
@@ -185,19 +231,28 @@ class OomFindings:
         return verdict_from_log(kill, later)
 
 
-def _subject(pod: PodCgroup) -> Subject:
-    # Names come from containerd or the API (later); the cgroup path gives only ids.
-    return Subject(kind="Pod", uid=pod.pod_uid, container_id=pod.container_id)
+def _subject(who: Attribution) -> Subject:
+    # The cgroup path gives the ids; names come from containerd's CRI labels.
+    assert who.pod is not None
+    info = who.container
+    return Subject(
+        kind="Pod",
+        name=info.pod_name if info else None,
+        namespace=info.pod_namespace if info else None,
+        uid=(info.pod_uid if info and info.pod_uid else who.pod.pod_uid),
+        container=info.container_name if info else None,
+        container_id=who.pod.container_id,
+    )
 
 
-def _message(kill: OomKill, verdict: Verdict, pod: PodCgroup | None, node: str) -> str:
+def _message(kill: OomKill, verdict: Verdict, subject: Subject, node: str) -> str:
     victim = f"process {kill.victim.comm} (pid {kill.victim.pid})"
     if kill.is_group:
         victim = (
             f"{len(kill.group_victims)} processes of memory cgroup {kill.group_memcg} "
             f"(memory.oom.group), first {victim},"
         )
-    where = _where(pod, node)
+    where = _where(subject, node)
     limit = (
         f" at its memory limit of {kill.memcg_limit_kb // 1024} MiB"
         if kill.memcg_limit_kb and not kill.is_global
@@ -219,15 +274,23 @@ def _message(kill: OomKill, verdict: Verdict, pod: PodCgroup | None, node: str) 
     return text[verdict.reason]
 
 
-def _where(pod: PodCgroup | None, node: str) -> str:
-    if pod is None:
+def _where(subject: Subject, node: str) -> str:
+    if subject.kind == "Node":
         return f"node {node}"
-    container = f"container {pod.container_id[:12]}" if pod.container_id else "a container"
-    return f"{container} of pod uid {pod.pod_uid}"
+    if subject.container:
+        container = f"container {subject.container}"
+    elif subject.container_id:
+        container = f"container {subject.container_id[:12]}"
+    else:
+        container = "a container"
+    if subject.name:
+        return f"{container} of pod {subject.namespace}/{subject.name}"
+    return f"{container} of pod uid {subject.uid}"
 
 
-def _details(kill: OomKill, verdict: Verdict, pod: PodCgroup | None) -> dict[str, Any]:
+def _details(kill: OomKill, verdict: Verdict, who: Attribution) -> dict[str, Any]:
     victim = kill.victim
+    pod = who.pod
     details: dict[str, Any] = {
         "scope": verdict.scope,
         "pid": victim.pid,
@@ -246,6 +309,7 @@ def _details(kill: OomKill, verdict: Verdict, pod: PodCgroup | None) -> dict[str
         "qos_class": pod.qos if pod else None,
         "runtime": pod.runtime if pod else None,
         "init_pid": verdict.init_pid,
+        "image": who.container.image if who.container else None,
         "basis": verdict.basis,
         "uptime": kill.uptime,
         "complete": kill.complete,
