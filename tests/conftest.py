@@ -1,7 +1,9 @@
-"""Fixtures for tests against real kernel components (memory cgroups, journald).
+"""Fixtures for tests against real kernel components (memory cgroups, journald) and a
+real containerd + runc.
 
 A fixture skips only when what it needs is really absent (not root, no memory cgroup
-controller, no journald binary, no ``unshare``); with ``$CI`` set it fails instead.
+controller, no journald binary, no ``unshare``, no containerd/ctr/runc); with ``$CI`` set
+it fails instead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
+import realcontainerd
 import realkernel
 
 
@@ -60,3 +63,59 @@ def throwaway_container() -> Iterator[Callable[..., realkernel.ThrowawayContaine
             return stack.enter_context(realkernel.ThrowawayContainer(*args, **kwargs))
 
         yield make
+
+
+@pytest.fixture(scope="session")
+def containerd() -> Iterator[realcontainerd.Containerd]:
+    """A real containerd (runc runtime, cgroupfs driver) on a private socket, root and state
+    dir, with the local busybox image imported (``containerd.image``). Shared by the whole
+    session: a test that stops it must start it again (see ``Containerd.stop/start``)."""
+    _require_root()
+    missing = realcontainerd.missing_binaries()
+    if missing:
+        realkernel.skip_or_fail(f"not installed: {', '.join(missing)} (Debian containerd, runc)")
+    if not realcontainerd.BUSYBOX.exists():
+        realkernel.skip_or_fail(f"no {realcontainerd.BUSYBOX} (Debian busybox-static)")
+    try:
+        realkernel.memory_cgroup_root()
+    except RuntimeError as e:
+        realkernel.skip_or_fail(str(e))
+    with realcontainerd.Containerd() as cd:
+        realcontainerd.import_busybox_image(cd)
+        yield cd
+
+
+@pytest.fixture
+def k8s_container(
+    containerd: realcontainerd.Containerd,
+) -> Iterator[Callable[..., realcontainerd.RunningContainer]]:
+    """Factory: ``k8s_container(**kwargs)`` is :func:`realcontainerd.run_container` on the
+    session's containerd (busybox image, ``sleep 3600`` init, 32 MiB limit by default);
+    the containers and their cgroups are removed after the test."""
+    started: list[realcontainerd.RunningContainer] = []
+    before = set(containerd.cgroup_prefixes)
+
+    def make(**kwargs: Any) -> realcontainerd.RunningContainer:
+        container = realcontainerd.run_container(containerd, **kwargs)
+        started.append(container)
+        return container
+
+    try:
+        yield make
+    finally:
+        errors: list[str] = []
+        if not containerd.running:
+            containerd.start()  # a test that stopped it and failed before restarting
+        for container in reversed(started):
+            try:
+                container.remove()
+            except Exception as e:  # remove the others all the same
+                errors.append(f"{container.container_id}: {e}")
+        for prefix in sorted(containerd.cgroup_prefixes - before):
+            try:
+                realcontainerd.remove_cgroup_tree(prefix)
+                containerd.cgroup_prefixes.discard(prefix)
+            except Exception as e:  # the session's cleanup tries again
+                errors.append(str(e))
+        if errors:
+            raise RuntimeError("k8s_container cleanup: " + "; ".join(errors))
