@@ -9,7 +9,9 @@ in the same run.
 2. journal: the agent's journald source + assembler over the local journal's kernel entries
    vs. ``journalctl -k -o cat`` writing them to /dev/null;
 3. latency: real OOM kills (throwaway cgroups, tests/realkernel.py) → the counter rising on
-   a running ``nodediag run``'s /metrics, for the journal and the kmsg source (needs root).
+   a running ``nodediag run``'s /metrics, for the journal and the kmsg source (needs root);
+4. enrichment: building one OOM finding with containerd lookups (a real containerd + runc,
+   tests/realcontainerd.py: container labels uncached and cached, task state) vs. without.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -159,6 +162,54 @@ def _latencies(
     return latencies
 
 
+def bench_enrichment(rounds: int = 200) -> list[tuple[str, str, str, str]]:
+    import realcontainerd
+
+    from agent.containers import ContainerLookup
+    from agent.oom_findings import OomFindings
+    from collectors.containerd import ContainerdClient
+    from collectors.oom import OomKill, OomVictim
+
+    with realcontainerd.Containerd() as cd:
+        realcontainerd.import_busybox_image(cd)
+        container = realcontainerd.run_container(cd, memory_limit=0)
+        kill = OomKill(
+            victim=OomVictim(pid=999_999, comm="w"), time=None, uptime=None, position=None,
+            constraint="CONSTRAINT_MEMCG", is_global=False,
+            oom_memcg=container.cgroup_path, task_memcg=container.cgroup_path,
+        )  # fmt: skip
+
+        def per_finding(builder: OomFindings, fresh: Callable[[], None]) -> float:
+            started = time.perf_counter()
+            for _ in range(rounds):
+                fresh()
+                builder.finding(kill)
+            return (time.perf_counter() - started) / rounds
+
+        plain = per_finding(OomFindings("n", live=None), lambda: None)
+        client = ContainerdClient([cd.socket])
+        lookup = OomFindings("n", live=None, containers=ContainerLookup(client))
+        cached = per_finding(lookup, lambda: None)
+        cold = per_finding(lookup, client._cache.clear)
+        client.close()
+        container.remove()
+    return [
+        ("enrichment", "finding without containerd (baseline)", f"{plain * 1e6:,.0f} µs", "1.00"),
+        (
+            "enrichment",
+            "+ containerd task lookup, labels cached",
+            f"{cached * 1e6:,.0f} µs",
+            f"{plain / cached:.3f}",
+        ),
+        (
+            "enrichment",
+            "+ containerd task and labels lookups",
+            f"{cold * 1e6:,.0f} µs",
+            f"{plain / cold:.3f}",
+        ),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=1_000_000)
@@ -167,7 +218,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = bench_parser(args.lines) + bench_journal()
     if not args.skip_latency:
-        rows += bench_latency(args.kills)
+        rows += bench_latency(args.kills) + bench_enrichment()
     header = ("bench", "what", "result", "ratio vs baseline")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for row in [header, tuple("-" * w for w in widths), *rows]:
