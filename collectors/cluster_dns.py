@@ -1,0 +1,132 @@
+"""Where the cluster DNS is: the IPs pods resolve names through, and which source said so.
+
+Sources, first that answers wins: the kubelet's config file (kubeadm
+``/var/lib/kubelet/config.yaml``, or the file its ``--config`` flag names), K3s/RKE2 kubelet
+drop-ins (``/var/lib/rancher/{k3s,rke2}/agent/etc/kubelet.conf.d/*`` merged in name order),
+the ``cluster-dns`` key of ``/etc/rancher/{rke2,k3s}/config.yaml``, and ``--cluster-dns``
+on a kubelet's command line in ``/proc``. All paths are under the host root.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+KUBEADM_CONFIG = "var/lib/kubelet/config.yaml"
+DROP_IN_DIRS = (
+    "var/lib/rancher/rke2/agent/etc/kubelet.conf.d",
+    "var/lib/rancher/k3s/agent/etc/kubelet.conf.d",
+)
+RANCHER_CONFIGS = ("etc/rancher/rke2/config.yaml", "etc/rancher/k3s/config.yaml")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterDns:
+    """The cluster DNS server IPs and the source they came from (``none`` when unknown)."""
+
+    servers: tuple[str, ...]
+    source: str
+
+
+def _valid_ips(values: Iterable[Any]) -> tuple[str, ...]:
+    found: list[str] = []
+    for value in values:
+        for part in str(value).split(","):
+            try:
+                found.append(str(ipaddress.ip_address(part.strip())))
+            except ValueError:
+                continue
+    return tuple(dict.fromkeys(found))
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        log.debug("cluster DNS: cannot read %s: %s", path, error)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _from_kubelet_config(path: Path) -> tuple[str, ...]:
+    value = _load_yaml(path).get("clusterDNS")
+    return _valid_ips(value if isinstance(value, list) else [value] if value else [])
+
+
+def _from_drop_ins(directory: Path) -> tuple[str, ...]:
+    if not directory.is_dir():
+        return ()
+    merged: tuple[str, ...] = ()
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        merged = _from_kubelet_config(path) or merged  # a later file overrides
+    return merged
+
+
+def _from_rancher_config(path: Path) -> tuple[str, ...]:
+    value = _load_yaml(path).get("cluster-dns")
+    return _valid_ips(value if isinstance(value, list) else [value] if value else [])
+
+
+def kubelet_command_lines(proc: Path) -> Iterator[list[str]]:
+    """argv of every process whose program is a kubelet."""
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].rsplit(b"/", 1)[-1] == b"kubelet":
+            yield [arg.decode("utf-8", "replace") for arg in argv if arg]
+
+
+def flag_values(argv: list[str], flag: str) -> list[str]:
+    """Values of ``--flag=value`` and ``--flag value`` in ``argv``."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+        elif arg == flag and i + 1 < len(argv):
+            values.append(argv[i + 1])
+    return values
+
+
+def _from_kubelet_process(host_root: Path) -> tuple[tuple[str, ...], str] | None:
+    for argv in kubelet_command_lines(host_root / "proc"):
+        servers = _valid_ips(flag_values(argv, "--cluster-dns"))
+        if servers:
+            return servers, "kubelet --cluster-dns flag"
+        for config in flag_values(argv, "--config"):
+            path = host_root / config.lstrip("/")
+            servers = _from_kubelet_config(path)
+            if servers:
+                return servers, f"kubelet config {config} (from kubelet --config)"
+    return None
+
+
+def discover(host_root: Path = Path("/"), explicit: Iterable[str] = ()) -> ClusterDns:
+    """The cluster DNS: ``explicit`` (``--cluster-dns``) wins, then the node's config."""
+    given = _valid_ips(explicit)
+    if given:
+        return ClusterDns(given, "--cluster-dns")
+    kubeadm = host_root / KUBEADM_CONFIG
+    if servers := _from_kubelet_config(kubeadm):
+        return ClusterDns(servers, f"kubelet config /{KUBEADM_CONFIG}")
+    for directory in DROP_IN_DIRS:
+        if servers := _from_drop_ins(host_root / directory):
+            return ClusterDns(servers, f"kubelet drop-ins /{directory}")
+    for config in RANCHER_CONFIGS:
+        if servers := _from_rancher_config(host_root / config):
+            return ClusterDns(servers, f"cluster-dns in /{config}")
+    found = _from_kubelet_process(host_root)
+    if found is not None:
+        return ClusterDns(*found)
+    return ClusterDns((), "none")
