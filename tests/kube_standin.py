@@ -1,0 +1,1949 @@
+"""A local Kubernetes API server stand-in for tests (no real API server can be installed here).
+
+``KubeStandin`` is a threaded ``http.server`` on 127.0.0.1 (random free port) that speaks the
+API paths the agent uses, validates every request body against the official Kubernetes JSON
+schemas shipped by the ``kubernetes-validate`` package (strict variant: unknown fields are
+errors) and enforces the server-side Event rules the schemas cannot express. It answers like
+the API server: ``Status`` objects, one global ``resourceVersion`` counter, ``generateName``,
+``uid``/``creationTimestamp``, 201/200/404/409/422, list + watch with ``fieldSelector``.
+
+Served paths (``events.k8s.io/v1`` can be switched off with ``serve_events_v1=False``; then
+its discovery and resource paths answer 404 like a server that does not serve the group):
+
+- discovery: ``/version``, ``/api``, ``/api/v1``, ``/apis``, ``/apis/events.k8s.io``,
+  ``/apis/events.k8s.io/v1``
+- Events, both groups, over one store (as on a real server, an Event written through one group
+  is readable through the other): ``POST/GET(list, watch)`` on ``…/namespaces/NS/events``,
+  ``GET/PATCH/PUT/DELETE`` on ``…/namespaces/NS/events/NAME``, cluster-wide list ``…/events``
+- pods: ``GET`` list/watch on ``/api/v1/pods`` and ``/api/v1/namespaces/NS/pods``, ``GET`` one
+- nodes: ``GET`` list/one on ``/api/v1/nodes``
+
+Event rules (beyond the JSON schema), with where the real server has them. The server validates
+the *internal* Event type, so error paths use core/v1 names even for events.k8s.io/v1 requests
+(``message`` for ``note``, ``involvedObject`` for ``regarding``, ``reportingComponent``
+shown as ``reportingController``) — just like a real API server does:
+
+- kubernetes ``pkg/apis/core/validation/events.go`` ``legacyValidateEvent`` (both groups):
+  when ``eventTime`` is set: ``reportingController`` required and a qualified name,
+  ``reportingInstance`` required and ≤ 128, ``action`` required and ≤ 128, ``reason`` required
+  and ≤ 128, ``message``/``note`` ≤ 1024 bytes, and an Event about a cluster-scoped object
+  (empty ``involvedObject.namespace``, e.g. a Node) only in ``default`` or ``kube-system``;
+  when ``eventTime`` is unset (old core/v1 style): ``involvedObject.namespace`` must equal the
+  Event's namespace (or be empty with the Event in ``default``); namespace a DNS-1123 name.
+- same file, ``ValidateEventCreate`` (events.k8s.io/v1 only): ``eventTime`` required, ``type``
+  in Normal/Warning, ``deprecatedFirstTimestamp``/``deprecatedLastTimestamp``/
+  ``deprecatedCount``/``deprecatedSource`` unset, ``metadata`` valid (name a DNS subdomain),
+  and ``validateV1EventSeries``: ``series.count`` ≥ 2, ``series.lastObservedTime`` required.
+- same file, ``ValidateEventUpdate`` (PATCH/PUT via events.k8s.io/v1): series re-validated when
+  changed; ``regarding``, ``reason``, ``note``, ``type``, ``eventTime``, ``action``,
+  ``related``, ``reportingController``, ``reportingInstance`` and the deprecated fields are
+  immutable ("field is immutable").
+- ``staging/src/k8s.io/apiserver/pkg/registry/rest/create.go``
+  ``EnsureObjectNamespaceMatchesRequestNamespace``: ``metadata.namespace`` must equal the URL
+  namespace (empty is filled in) — **400 BadRequest**, not 422, as on the real server.
+- ``staging/src/k8s.io/apimachinery/pkg/apis/meta/v1/micro_time.go``: MicroTime fields
+  (``eventTime``, ``series.lastObservedTime``) are parsed with layout
+  ``2006-01-02T15:04:05.000000Z07:00`` — exactly 6 fractional digits (Python's
+  ``isoformat()`` of a datetime with ``microsecond == 0`` has none and is rejected) — a decode
+  error, **400 BadRequest**.
+- stand-in only (``extra_rules=True``, not a real-server rule): ``regarding``/``involvedObject``
+  must name an object (``kind`` and ``name``) — nodediag must always say what a finding is about.
+
+Unknown fields: the real server (≥ 1.23, default ``fieldValidation=Warn``) drops them and adds a
+``Warning`` header; with ``?fieldValidation=Strict`` it answers 400. The stand-in rejects them by
+default with 422 naming the field (``unknown_fields="reject"``) so a typo in the agent fails a
+test; ``unknown_fields="warn"`` mimics the real default. ``?fieldValidation=Strict`` → 400.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as dt
+import http.server
+import json
+import random
+import re
+import socket
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+import kubernetes_validate  # type: ignore[import-untyped]
+import kubernetes_validate.utils  # type: ignore[import-untyped]
+import referencing
+
+JSON = dict[str, Any]
+
+EVENTS_GROUP = "events.k8s.io"
+EVENTS_V1 = "events.k8s.io/v1"
+DEFAULT_TOKEN = "standin-token"
+DEFAULT_USER = "system:serviceaccount:kube-system:nodediag"
+
+# events.k8s.io/v1 name <-> internal (core/v1) name for the fields that differ.
+_V1_TO_CORE = {
+    "regarding": "involvedObject",
+    "note": "message",
+    "reportingController": "reportingComponent",
+    "deprecatedSource": "source",
+    "deprecatedFirstTimestamp": "firstTimestamp",
+    "deprecatedLastTimestamp": "lastTimestamp",
+    "deprecatedCount": "count",
+}
+_CORE_TO_V1 = {v: k for k, v in _V1_TO_CORE.items()}
+
+_MICROTIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
+_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_NS_MISMATCH = (
+    "the namespace of the provided object does not match the namespace sent on the request"
+)
+_MODIFIED = (
+    "the object has been modified; please apply your changes to the latest version and try again"
+)
+_NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # apiserver names.SimpleNameGenerator
+
+
+def now_rfc3339() -> str:
+    """Server-side ``metav1.Time`` (seconds precision, UTC, ``Z``)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def micro_time(when: dt.datetime | None = None) -> str:
+    """A ``metav1.MicroTime`` string the real server accepts (exactly 6 fractional digits)."""
+    when = when or dt.datetime.now(dt.UTC)
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --------------------------------------------------------------------------- errors / Status
+
+
+def status_object(code: int, reason: str, message: str, details: JSON | None = None) -> JSON:
+    body: JSON = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    if details:
+        body["details"] = details
+    return body
+
+
+class ApiError(Exception):
+    """Raised inside handlers; becomes a ``Status`` answer."""
+
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        message: str,
+        details: JSON | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.body = status_object(code, reason, message, details)
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class Cause:
+    """One ``field.Error``: reason is FieldValueRequired / FieldValueInvalid / …"""
+
+    reason: str
+    field: str
+    message: str
+
+
+def _required(path: str) -> Cause:
+    return Cause("FieldValueRequired", path, "Required value")
+
+
+def _invalid(path: str, value: Any, detail: str) -> Cause:
+    return Cause("FieldValueInvalid", path, f"Invalid value: {json.dumps(value)}: {detail}")
+
+
+def _invalid_error(kind: str, group: str, name: str, causes: list[Cause]) -> ApiError:
+    """422 Invalid like ``apierrors.NewInvalid``."""
+    qualified = f"{kind}.{group}" if group else kind
+    parts = [f"{c.field}: {c.message}" for c in causes]
+    joined = parts[0] if len(parts) == 1 else "[" + ", ".join(parts) + "]"
+    details: JSON = {
+        "name": name,
+        "kind": kind,
+        "causes": [{"reason": c.reason, "message": c.message, "field": c.field} for c in causes],
+    }
+    if group:
+        details["group"] = group
+    return ApiError(422, "Invalid", f'{qualified} "{name}" is invalid: {joined}', details)
+
+
+def _bad_request(message: str) -> ApiError:
+    return ApiError(400, "BadRequest", message)
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+class SchemaValidator:
+    """JSON-schema validation with the schemas ``kubernetes-validate`` ships.
+
+    Same file choice as ``kubernetes_validate.validate(obj, version, strict=True)`` (the newest
+    shipped schema set not newer than ``version``, ``-strict`` variant where every object has
+    ``additionalProperties: false``), but each validator is built once and cached: the
+    definitions file is ~1.8 MB and the package re-reads it on every call.
+    """
+
+    def __init__(self, version: str) -> None:
+        utils = kubernetes_validate.utils
+        wanted = utils.major_minor(version.lstrip("v"))
+        versions = [
+            v
+            for v in utils.all_versions()
+            if _version_key(utils.major_minor(v)) <= _version_key(wanted)
+        ]
+        if not versions:
+            raise ValueError(f"kubernetes-validate has no schemas for Kubernetes {version}")
+        self.schema_version: str = str(versions[-1])
+        self._dir = f"kubernetes-json-schema/v{self.schema_version}-local-strict"
+        self._definitions: Any = None
+        self._cache: dict[tuple[str, str], jsonschema.protocols.Validator] = {}
+        self._lock = threading.Lock()
+
+    def _validator(self, kind: str, api_version: str) -> jsonschema.protocols.Validator:
+        key = (kind, api_version)
+        with self._lock:
+            if key not in self._cache:
+                utils = kubernetes_validate.utils
+                # kubernetes_validate's file naming: events.k8s.io/v1 -> events-v1
+                suffix = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+                schema = utils.schema_contents(
+                    f"{self._dir}/{kind.lower()}-{suffix}.json", self.schema_version
+                )
+                if self._definitions is None:
+                    self._definitions = utils.schema_contents(
+                        f"{self._dir}/_definitions.json", self.schema_version
+                    )
+                registry: referencing.Registry[Any] = referencing.Registry()
+                registry = referencing.Resource.from_contents(schema) @ registry
+                registry = referencing.Resource.from_contents(self._definitions) @ registry
+                self._cache[key] = jsonschema.Draft202012Validator(schema, registry=registry)
+            return self._cache[key]
+
+    def errors(self, obj: JSON) -> list[jsonschema.ValidationError]:
+        validator = self._validator(str(obj["kind"]), str(obj["apiVersion"]))
+        return sorted(validator.iter_errors(obj), key=lambda e: [str(p) for p in e.absolute_path])
+
+
+def _version_key(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split(".")[:2])
+
+
+def _field_path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _unknown_fields(err: jsonschema.ValidationError) -> list[str]:
+    if err.validator != "additionalProperties" or not isinstance(err.instance, dict):
+        return []
+    known = set(err.schema.get("properties", {})) if isinstance(err.schema, dict) else set()
+    base = _field_path(err.absolute_path)
+    return [f"{base}.{k}" if base else k for k in err.instance if k not in known]
+
+
+# --------------------------------------------------------------------------- selectors
+
+
+def _dig(obj: JSON, dotted: str) -> Any:
+    cur: Any = obj
+    for part in dotted.split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+_POD_FIELDS = {
+    "metadata.name",
+    "metadata.namespace",
+    "spec.nodeName",
+    "spec.restartPolicy",
+    "spec.schedulerName",
+    "spec.serviceAccountName",
+    "spec.hostNetwork",
+    "status.phase",
+    "status.podIP",
+    "status.nominatedNodeName",
+}
+_EVENT_FIELDS = {
+    "metadata.name",
+    "metadata.namespace",
+    "involvedObject.kind",
+    "involvedObject.namespace",
+    "involvedObject.name",
+    "involvedObject.uid",
+    "involvedObject.apiVersion",
+    "involvedObject.resourceVersion",
+    "involvedObject.fieldPath",
+    "reason",
+    "reportingComponent",
+    "source",
+    "type",
+}
+_NODE_FIELDS = {"metadata.name", "spec.unschedulable"}
+
+
+def _parse_field_selector(text: str, allowed: set[str]) -> list[tuple[str, bool, str]]:
+    terms: list[tuple[str, bool, str]] = []
+    for raw in filter(None, (t.strip() for t in text.split(","))):
+        m = re.match(r"^([^!=]+)(!=|==|=)(.*)$", raw)
+        if not m:
+            raise _bad_request(f"invalid selector: '{text}'; can't understand '{raw}'")
+        key, op, value = m.group(1), m.group(2), m.group(3)
+        if key not in allowed:
+            raise _bad_request(f"field label not supported: {key}")
+        terms.append((key, op == "!=", value))
+    return terms
+
+
+def _field_value(obj: JSON, key: str) -> str:
+    value = _dig(obj, "source.component") if key == "source" else _dig(obj, key)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _parse_label_selector(text: str) -> list[tuple[str, str, str]]:
+    terms: list[tuple[str, str, str]] = []
+    for raw in filter(None, (t.strip() for t in text.split(","))):
+        if raw.startswith("!"):
+            terms.append((raw[1:], "!exists", ""))
+            continue
+        m = re.match(r"^([^!=]+)(!=|==|=)(.*)$", raw)
+        if m:
+            terms.append((m.group(1), "!=" if m.group(2) == "!=" else "=", m.group(3)))
+        else:
+            terms.append((raw, "exists", ""))
+    return terms
+
+
+def _labels_match(obj: JSON, terms: list[tuple[str, str, str]]) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for key, op, value in terms:
+        if op == "exists" and key not in labels:
+            return False
+        if op == "!exists" and key in labels:
+            return False
+        if op == "=" and labels.get(key) != value:
+            return False
+        if op == "!=" and labels.get(key) == value:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def strategic_merge_patch(target: Any, patch: Any) -> Any:
+    """Strategic merge patch for the objects served here: like a merge patch (no Event field
+    has a patch merge key), plus the ``$patch: replace|delete`` directives on maps."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    directive = patch.get("$patch")
+    if directive == "delete":
+        return None
+    body = {k: v for k, v in patch.items() if k != "$patch"}
+    if directive == "replace":
+        return copy.deepcopy(body)
+    if directive is not None:
+        raise _bad_request(f"Unknown patch directive: {directive!r}")
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in body.items():
+        if key.startswith("$"):
+            raise _bad_request(f"unsupported strategic merge directive {key!r}")
+        if value is None:
+            result.pop(key, None)
+        else:
+            merged = strategic_merge_patch(result.get(key), value)
+            if merged is None:
+                result.pop(key, None)
+            else:
+                result[key] = merged
+    return result
+
+
+def _json_pointer(path: str) -> list[str]:
+    if path == "":
+        return []
+    if not path.startswith("/"):
+        raise _bad_request(f"invalid JSON pointer {path!r}")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def json_patch(target: Any, ops: Any) -> Any:
+    """RFC 6902 JSON patch (add, remove, replace, test, copy, move)."""
+    if not isinstance(ops, list):
+        raise _bad_request("json patch must be a list of operations")
+    doc = copy.deepcopy(target)
+
+    def parent(parts: list[str]) -> tuple[Any, str]:
+        cur = doc
+        for p in parts[:-1]:
+            cur = cur[int(p)] if isinstance(cur, list) else cur[p]
+        return cur, parts[-1]
+
+    def get(parts: list[str]) -> Any:
+        cur = doc
+        for p in parts:
+            cur = cur[int(p)] if isinstance(cur, list) else cur[p]
+        return cur
+
+    try:
+        for op in ops:
+            kind, parts = op["op"], _json_pointer(op["path"])
+            if kind == "test":
+                if get(parts) != op["value"]:
+                    raise ApiError(422, "Invalid", f"testing value {op['path']} failed")
+                continue
+            if kind in ("copy", "move"):
+                value = copy.deepcopy(get(_json_pointer(op["from"])))
+                if kind == "move":
+                    src, skey = parent(_json_pointer(op["from"]))
+                    del src[int(skey) if isinstance(src, list) else skey]
+                kind, op = "add", {"value": value}
+            if not parts:
+                doc = copy.deepcopy(op.get("value"))
+                continue
+            container, key = parent(parts)
+            if kind == "add":
+                if isinstance(container, list):
+                    idx = len(container) if key == "-" else int(key)
+                    container.insert(idx, copy.deepcopy(op["value"]))
+                else:
+                    container[key] = copy.deepcopy(op["value"])
+            elif kind == "replace":
+                get(parts)  # must exist
+                container[int(key) if isinstance(container, list) else key] = copy.deepcopy(
+                    op["value"]
+                )
+            elif kind == "remove":
+                del container[int(key) if isinstance(container, list) else key]
+            else:
+                raise _bad_request(f"unknown json patch op {kind!r}")
+    except (KeyError, IndexError, ValueError, TypeError) as exc:
+        raise ApiError(422, "Invalid", f"the json patch could not be applied: {exc!r}") from exc
+    return doc
+
+
+# --------------------------------------------------------------------------- event conversion
+
+
+def event_to_core(obj: JSON) -> JSON:
+    """events.k8s.io/v1 Event -> core/v1 (internal) field names."""
+    out: JSON = {}
+    for key, value in obj.items():
+        out[_V1_TO_CORE.get(key, key)] = copy.deepcopy(value)
+    out["apiVersion"], out["kind"] = "v1", "Event"
+    return out
+
+
+def event_to_v1(obj: JSON) -> JSON:
+    """core/v1 Event -> events.k8s.io/v1 field names."""
+    out: JSON = {}
+    for key, value in obj.items():
+        out[_CORE_TO_V1.get(key, key)] = copy.deepcopy(value)
+    out["apiVersion"], out["kind"] = EVENTS_V1, "Event"
+    return out
+
+
+def _empty(value: Any) -> bool:
+    return value in (None, "", 0, {}, [])
+
+
+def validate_event(
+    ev: JSON, group: str, old: JSON | None = None, *, extra_rules: bool = True
+) -> list[Cause]:
+    """The API server's Event rules on an internal (core/v1-named) Event dict."""
+    causes: list[Cause] = []
+    ns = str((ev.get("metadata") or {}).get("namespace") or "")
+    involved = ev.get("involvedObject") or {}
+    has_event_time = not _empty(ev.get("eventTime"))
+
+    # legacyValidateEvent (both groups)
+    if not has_event_time:
+        inv_ns = str(involved.get("namespace") or "")
+        if (inv_ns == "" and ns not in ("", "default")) or (inv_ns != "" and ns != inv_ns):
+            causes.append(
+                _invalid("involvedObject.namespace", inv_ns, "does not match event.namespace")
+            )
+    else:
+        inv_ns = str(involved.get("namespace") or "")
+        if inv_ns == "" and ns not in ("default", "kube-system"):
+            causes.append(
+                _invalid("involvedObject.namespace", inv_ns, "does not match event.namespace")
+            )
+        controller = str(ev.get("reportingComponent") or "")
+        if not controller:
+            causes.append(_required("reportingController"))
+        elif msg := _qualified_name_error(controller):
+            causes.append(_invalid("reportingController", controller, msg))
+        for fld, limit in (("reportingInstance", 128), ("action", 128), ("reason", 128)):
+            value = str(ev.get(fld) or "")
+            if not value:
+                causes.append(_required(fld))
+            elif len(value.encode()) > limit:
+                causes.append(_invalid(fld, "", f"can have at most {limit} characters"))
+        if len(str(ev.get("message") or "").encode()) > 1024:
+            causes.append(_invalid("message", "", "can have at most 1024 characters"))
+    if ns and not _DNS1123_LABEL.match(ns):
+        causes.append(_invalid("namespace", ns, "a lowercase RFC 1123 label must consist of …"))
+
+    if extra_rules and (not involved.get("kind") or not involved.get("name")):
+        causes.append(
+            Cause(
+                "FieldValueRequired",
+                "involvedObject",
+                "Required value: stand-in rule: regarding must name the object (kind, name)",
+            )
+        )
+
+    if group != EVENTS_GROUP:
+        return causes
+
+    series_changed = old is None or ev.get("series") != old.get("series")
+    if series_changed and ev.get("series") is not None:
+        series = ev["series"] or {}
+        if int(series.get("count") or 0) < 2:
+            causes.append(_invalid("series.count", "", "should be at least 2"))
+        if _empty(series.get("lastObservedTime")):
+            causes.append(_required("series.lastObservedTime"))
+
+    if old is None:  # ValidateEventCreate
+        name = str((ev.get("metadata") or {}).get("name") or "")
+        if len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+            causes.append(
+                _invalid("metadata.name", name, "a lowercase RFC 1123 subdomain must consist of …")
+            )
+        if not has_event_time:
+            causes.append(_required("eventTime"))
+        if ev.get("type") not in ("Normal", "Warning"):
+            causes.append(_invalid("type", "", f"has invalid value: {ev.get('type') or ''}"))
+        for fld in ("firstTimestamp", "lastTimestamp", "count"):
+            if not _empty(ev.get(fld)):
+                causes.append(_invalid(fld, "", "needs to be unset"))
+        source = ev.get("source") or {}
+        if source.get("component") or source.get("host"):
+            causes.append(_invalid("source", "", "needs to be unset"))
+    else:  # ValidateEventUpdate
+        for fld in (
+            "involvedObject",
+            "reason",
+            "message",
+            "source",
+            "firstTimestamp",
+            "lastTimestamp",
+            "count",
+            "type",
+            "eventTime",
+            "action",
+            "related",
+            "reportingComponent",
+            "reportingInstance",
+        ):
+            if ev.get(fld) != old.get(fld) and not (_empty(ev.get(fld)) and _empty(old.get(fld))):
+                path = "reportingController" if fld == "reportingComponent" else fld
+                causes.append(_invalid(path, ev.get(fld), "field is immutable"))
+    return causes
+
+
+def _qualified_name_error(value: str) -> str | None:
+    prefix, _, name = value.rpartition("/")
+    if "/" in value and (not prefix or len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)):
+        return "prefix part a lowercase RFC 1123 subdomain must consist of …"
+    if not name or len(name) > 63 or not _QUALIFIED_NAME.match(name):
+        return "name part must consist of alphanumeric characters, '-', '_' or '.', …"
+    return None
+
+
+def check_event_times(ev: JSON, kind_desc: str) -> None:
+    """Decode-time checks (400 like the real JSON decoder) on an internal Event."""
+    micro = {
+        "eventTime": ev.get("eventTime"),
+        "series.lastObservedTime": _dig(ev, "series.lastObservedTime"),
+    }
+    for path, value in micro.items():
+        if value is not None and not (
+            isinstance(value, str) and _MICROTIME_RE.match(value) and _parses(value)
+        ):
+            raise _bad_request(
+                f"{kind_desc} cannot be handled as a Event: {path}: parsing time"
+                f' {json.dumps(value)} as "2006-01-02T15:04:05.000000Z07:00": cannot parse'
+                " (MicroTime needs exactly 6 fractional digits and a zone)"
+            )
+    for path in ("firstTimestamp", "lastTimestamp", "metadata.creationTimestamp"):
+        value = _dig(ev, path)
+        if value is not None and not (
+            isinstance(value, str) and _TIME_RE.match(value) and _parses(value)
+        ):
+            raise _bad_request(
+                f"{kind_desc} cannot be handled as a Event: {path}: parsing time"
+                f' {json.dumps(value)} as "2006-01-02T15:04:05Z07:00": cannot parse'
+            )
+
+
+def _parses(value: str) -> bool:
+    try:
+        dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- request log / faults
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    query: dict[str, str]
+    status: int | None  # None: connection dropped without an answer
+    body: Any  # parsed JSON request body, or None
+    time: float  # time.time() when the request arrived
+    content_type: str = ""
+    fault: str | None = None  # "drop", "status", "outage", "forbid" when injected
+    response: Any = None  # parsed JSON answer (None for watch streams / drops)
+
+
+@dataclass
+class _Fault:
+    status: int | None  # None: drop the connection
+    remaining: int
+    method: str | None
+    path: re.Pattern[str] | None
+    retry_after: int | None
+    message: str | None
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.method and self.method.upper() != method:
+            return False
+        return not (self.path and not self.path.search(path))
+
+
+@dataclass
+class _Outage:
+    start: float
+    end: float
+    status: int | None
+    retry_after: int | None
+
+
+@dataclass
+class _History:
+    entries: list[tuple[int, str, JSON, JSON | None]] = field(default_factory=list)
+    floor: int = 0  # watches from a resourceVersion below this get 410 Gone
+
+
+ResourceKind = Literal["events", "pods", "nodes"]
+
+
+@dataclass(frozen=True)
+class _Route:
+    group: str  # "" for core
+    resource: ResourceKind
+    namespace: str | None
+    name: str | None
+
+
+_ROUTE_RE = re.compile(
+    r"^/(?:api/v1|apis/(?P<group>[^/]+)/v1)"
+    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<res>events|pods|nodes)(?:/(?P<name>[^/]+))?/?$"
+)
+
+
+# --------------------------------------------------------------------------- the stand-in
+
+
+class KubeStandin:
+    """In-process Kubernetes API stand-in; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        serve_events_v1: bool = True,
+        kubernetes_version: str = "1.37",
+        token: str | None = DEFAULT_TOKEN,
+        user: str = DEFAULT_USER,
+        unknown_fields: Literal["reject", "warn"] = "reject",
+        extra_rules: bool = True,
+    ) -> None:
+        self.serve_events_v1 = serve_events_v1
+        self.token = token
+        self.user = user
+        self.unknown_fields = unknown_fields
+        self.extra_rules = extra_rules
+        self.schemas = SchemaValidator(kubernetes_version)
+        minor = kubernetes_version.lstrip("v").split(".")[1]
+        self.git_version = f"v1.{minor}.0-standin"
+        self._cond = threading.Condition()
+        self._rv = 0
+        self._events: dict[tuple[str, str], JSON] = {}  # internal (core/v1-named)
+        self._pods: dict[tuple[str, str], JSON] = {}
+        self._nodes: dict[str, JSON] = {}
+        self._history: dict[str, _History] = {r: _History() for r in ("events", "pods", "nodes")}
+        self._requests: list[RecordedRequest] = []
+        self._faults: list[_Fault] = []
+        self._outages: list[_Outage] = []
+        self._forbidden: list[tuple[str, str, str, str | None]] = []
+        self._stopping = False
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> KubeStandin:
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.standin = self
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="kube-standin",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.close_all_connections()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = None
+
+    def __enter__(self) -> KubeStandin:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def write_kubeconfig(self, path: str | Path, *, namespace: str = "default") -> Path:
+        """A kubeconfig (plain http, bearer token) the official client and kubectl accept."""
+        path = Path(path)
+        user: JSON = {"token": self.token} if self.token else {}
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "standin", "cluster": {"server": self.url}}],
+            "users": [{"name": "standin", "user": user}],
+            "contexts": [
+                {
+                    "name": "standin",
+                    "context": {"cluster": "standin", "user": "standin", "namespace": namespace},
+                }
+            ],
+            "current-context": "standin",
+            "preferences": {},
+        }
+        path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        return path
+
+    # ----------------------------------------------------------------- state API
+
+    def events(self, namespace: str | None = None, *, group: str = EVENTS_GROUP) -> list[JSON]:
+        """Stored Events (copies), oldest first, in ``group``'s shape (``""`` for core/v1)."""
+        with self._cond:
+            items = [
+                e for (ns, _), e in self._events.items() if namespace is None or ns == namespace
+            ]
+            return [self._event_out(e, group) for e in items]
+
+    def event(self, namespace: str, name: str, *, group: str = EVENTS_GROUP) -> JSON | None:
+        with self._cond:
+            ev = self._events.get((namespace, name))
+            return None if ev is None else self._event_out(ev, group)
+
+    def delete_event(self, namespace: str, name: str) -> None:
+        with self._cond:
+            ev = self._events.pop((namespace, name))
+            self._record_change("events", "DELETED", self._tombstone(ev), ev)
+
+    def add_pod(self, pod: JSON) -> JSON:
+        """Store a Pod (schema-validated; server fields filled in) and emit ADDED."""
+        return self._add_object("pods", pod)
+
+    def update_pod(self, pod: JSON) -> JSON:
+        """Replace a stored Pod (matched by namespace/name) and emit MODIFIED."""
+        meta = pod.get("metadata") or {}
+        key = (str(meta.get("namespace") or "default"), str(meta["name"]))
+        with self._cond:
+            old = self._pods[key]
+            new = copy.deepcopy(pod)
+            new.setdefault("apiVersion", "v1")
+            new.setdefault("kind", "Pod")
+            nmeta = new.setdefault("metadata", {})
+            nmeta["namespace"] = key[0]
+            for kept in ("uid", "creationTimestamp"):
+                nmeta[kept] = old["metadata"][kept]
+            self._schema_check_local(new)
+            nmeta["resourceVersion"] = str(self._next_rv())
+            self._pods[key] = new
+            self._record_change("pods", "MODIFIED", new, old)
+            return copy.deepcopy(new)
+
+    def delete_pod(self, namespace: str, name: str) -> JSON:
+        """Remove a Pod and emit DELETED (with a fresh resourceVersion, as the server does)."""
+        with self._cond:
+            old = self._pods.pop((namespace, name))
+            gone = self._tombstone(old)
+            self._record_change("pods", "DELETED", gone, old)
+            return copy.deepcopy(gone)
+
+    def pods(self) -> list[JSON]:
+        with self._cond:
+            return [copy.deepcopy(p) for p in self._pods.values()]
+
+    def add_node(self, node: JSON | str) -> JSON:
+        """Store a Node (a name is enough)."""
+        if isinstance(node, str):
+            node = {"metadata": {"name": node}}
+        return self._add_object("nodes", node)
+
+    def compact(self) -> None:
+        """Forget watch history: a watch from an older resourceVersion now gets 410 Expired."""
+        with self._cond:
+            for hist in self._history.values():
+                hist.entries.clear()
+                hist.floor = self._rv + 1
+
+    @property
+    def resource_version(self) -> int:
+        with self._cond:
+            return self._rv
+
+    # ----------------------------------------------------------------- faults
+
+    def fail_next(
+        self,
+        status: int,
+        count: int = 1,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        retry_after: int | None = None,
+        message: str | None = None,
+    ) -> None:
+        """The next ``count`` requests (matching ``method`` and the regex ``path`` when given)
+        answer ``status`` (429, 500, 503, 409, 403, …) with the Status the real server sends.
+        ``retry_after`` adds ``Retry-After`` (default 1 for 429)."""
+        if status == 429 and retry_after is None:
+            retry_after = 1
+        with self._cond:
+            self._faults.append(
+                _Fault(
+                    status,
+                    count,
+                    method,
+                    re.compile(path) if path else None,
+                    retry_after,
+                    message,
+                )
+            )
+
+    def drop_next(
+        self, count: int = 1, *, method: str | None = None, path: str | None = None
+    ) -> None:
+        """The next ``count`` matching requests get their connection closed, no answer."""
+        with self._cond:
+            self._faults.append(
+                _Fault(None, count, method, re.compile(path) if path else None, None, None)
+            )
+
+    def outage(
+        self,
+        seconds: float,
+        status: int | Literal["drop"] = 503,
+        *,
+        start_in: float = 0.0,
+        retry_after: int | None = None,
+    ) -> None:
+        """Every request in [now+start_in, now+start_in+seconds) fails (``"drop"``: connection
+        closed). Open watch streams are cut when an outage begins. Outages can be queued."""
+        start = time.monotonic() + start_in
+        with self._cond:
+            self._outages.append(
+                _Outage(start, start + seconds, None if status == "drop" else status, retry_after)
+            )
+            self._cond.notify_all()
+
+    def forbid(
+        self, verb: str, resource: str, group: str = "", namespace: str | None = None
+    ) -> None:
+        """Persistent RBAC denial: ``verb`` (create, patch, update, get, list, watch, delete) on
+        ``resource`` in ``group`` (``""`` core) → 403 Forbidden until ``clear_faults()``."""
+        with self._cond:
+            self._forbidden.append((verb, resource, group, namespace))
+
+    def clear_faults(self) -> None:
+        with self._cond:
+            self._faults.clear()
+            self._outages.clear()
+            self._forbidden.clear()
+
+    # ----------------------------------------------------------------- request log
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._cond:
+            return list(self._requests)
+
+    def requests_matching(
+        self, method: str | None = None, path: str | None = None
+    ) -> list[RecordedRequest]:
+        """Logged requests whose method equals ``method`` and whose path matches regex ``path``."""
+        return [
+            r
+            for r in self.requests
+            if (method is None or r.method == method.upper())
+            and (path is None or re.search(path, r.path))
+        ]
+
+    def clear_requests(self) -> None:
+        with self._cond:
+            self._requests.clear()
+
+    def wait_for(self, predicate: Callable[[KubeStandin], bool], timeout: float = 10.0) -> bool:
+        """Poll ``predicate(self)`` until true or ``timeout`` (for asserting on async agents)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return True
+            time.sleep(0.02)
+        return predicate(self)
+
+    # ----------------------------------------------------------------- internals
+
+    def _tombstone(self, obj: JSON) -> JSON:
+        gone = copy.deepcopy(obj)
+        gone["metadata"]["resourceVersion"] = str(self._next_rv())
+        return gone
+
+    def _next_rv(self) -> int:
+        self._rv += 1
+        return self._rv
+
+    def _record_change(self, resource: str, kind: str, obj: JSON, old: JSON | None) -> None:
+        rv = int(obj["metadata"]["resourceVersion"])
+        self._history[resource].entries.append((rv, kind, copy.deepcopy(obj), copy.deepcopy(old)))
+        self._cond.notify_all()
+
+    def _schema_check_local(self, obj: JSON) -> None:
+        errors = self.schemas.errors(obj)
+        if errors:
+            raise ValueError(
+                "; ".join(f"{_field_path(e.absolute_path)}: {e.message}" for e in errors)
+            )
+
+    def _add_object(self, resource: Literal["pods", "nodes"], obj: JSON) -> JSON:
+        new = copy.deepcopy(obj)
+        new.setdefault("apiVersion", "v1")
+        new.setdefault("kind", "Pod" if resource == "pods" else "Node")
+        meta = new.setdefault("metadata", {})
+        with self._cond:
+            if resource == "pods":
+                meta.setdefault("namespace", "default")
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("creationTimestamp", now_rfc3339())
+            self._schema_check_local(new)
+            meta["resourceVersion"] = str(self._next_rv())
+            if resource == "pods":
+                key = (meta["namespace"], meta["name"])
+                if key in self._pods:
+                    raise ValueError(f"pod {key} exists")
+                self._pods[key] = new
+            else:
+                self._nodes[meta["name"]] = new
+            self._record_change(resource, "ADDED", new, None)
+            return copy.deepcopy(new)
+
+    def _event_out(self, ev: JSON, group: str) -> JSON:
+        return event_to_v1(ev) if group == EVENTS_GROUP else copy.deepcopy(ev)
+
+    def _log(self, rec: RecordedRequest) -> None:
+        with self._cond:
+            self._requests.append(rec)
+
+    def _outage_now(self) -> _Outage | None:
+        now = time.monotonic()
+        for o in self._outages:
+            if o.start <= now < o.end:
+                return o
+        return None
+
+    def _take_fault(self, method: str, path: str) -> _Fault | None:
+        with self._cond:
+            for f in self._faults:
+                if f.remaining > 0 and f.matches(method, path):
+                    f.remaining -= 1
+                    if f.remaining == 0:
+                        self._faults.remove(f)
+                    return f
+        return None
+
+    # ----------------------------------------------------------------- HTTP dispatch
+
+    def handle(self, req: _Handler) -> None:
+        parsed = urllib.parse.urlsplit(req.path)
+        path = parsed.path
+        query = {
+            k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items()
+        }
+        method = req.command
+        arrived = time.time()
+        length = int(req.headers.get("Content-Length") or 0)
+        raw = req.rfile.read(length) if length else b""
+        ctype = (req.headers.get("Content-Type") or "").split(";")[0].strip()
+        body: Any = None
+        body_error: str | None = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                body_error = f"couldn't get version/kind; json parse error: {exc}"
+
+        def log(status: int | None, fault: str | None = None, response: Any = None) -> None:
+            self._log(
+                RecordedRequest(method, path, query, status, body, arrived, ctype, fault, response)
+            )
+
+        with self._cond:
+            outage = self._outage_now()
+        fault = None if outage else self._take_fault(method, path)
+        if outage is not None or fault is not None:
+            status = outage.status if outage else fault.status  # type: ignore[union-attr]
+            if status is None:
+                log(None, "outage" if outage else "drop")
+                req.drop()
+                return
+            retry_after = outage.retry_after if outage else fault.retry_after  # type: ignore[union-attr]
+            message = None if outage else fault.message  # type: ignore[union-attr]
+            err = self._fault_error(status, method, path, query, retry_after, message)
+            log(status, "outage" if outage else "status", err.body)
+            req.send_json(status, err.body, err.headers)
+            return
+
+        try:
+            if (
+                self.token is not None
+                and req.headers.get("Authorization") != f"Bearer {self.token}"
+            ):
+                raise ApiError(401, "Unauthorized", "Unauthorized")
+            route = self._route(path)
+            if route is not None:
+                self._check_rbac(method, route, query)
+            if body_error is not None:
+                raise _bad_request(body_error)
+            if route is not None and query.get("watch") in ("1", "true") and method == "GET":
+                log(200, response=None)
+                self._serve_watch(req, route, query)
+                return
+            status, answer, headers = self._dispatch(method, path, route, query, body, ctype)
+        except ApiError as err:
+            log(err.code, "forbid" if err.code == 403 else None, err.body)
+            req.send_json(err.code, err.body, err.headers)
+            return
+        log(status, response=answer)
+        req.send_json(status, answer, headers)
+
+    def _route(self, path: str) -> _Route | None:
+        m = _ROUTE_RE.match(path)
+        if not m:
+            return None
+        group = m.group("group") or ""
+        res = m.group("res")
+        if group not in ("", EVENTS_GROUP) or (group == EVENTS_GROUP and res != "events"):
+            return None
+        if group == EVENTS_GROUP and not self.serve_events_v1:
+            return None
+        if path.startswith("/apis/") and group == "":
+            return None
+        if res == "nodes" and m.group("ns"):
+            return None
+        resource: ResourceKind = (
+            "events" if res == "events" else "pods" if res == "pods" else "nodes"
+        )
+        return _Route(group, resource, m.group("ns"), m.group("name"))
+
+    @staticmethod
+    def _verb(method: str, route: _Route | None, query: dict[str, str]) -> str:
+        if method == "GET":
+            if route is not None and route.name:
+                return "get"
+            return "watch" if query.get("watch") in ("1", "true") else "list"
+        return {
+            "POST": "create",
+            "PATCH": "patch",
+            "PUT": "update",
+            "DELETE": "delete" if route is not None and route.name else "deletecollection",
+        }.get(method, method.lower())
+
+    def _forbidden_error(self, verb: str, route: _Route | None, path: str) -> ApiError:
+        if route is None:
+            return ApiError(
+                403,
+                "Forbidden",
+                f'forbidden: User "{self.user}" cannot {verb} path "{path}"',
+                {},
+            )
+        qualified = f"{route.resource}.{route.group}" if route.group else route.resource
+        subject = f'{qualified} "{route.name}"' if route.name else qualified
+        scope = (
+            f'in the namespace "{route.namespace}"' if route.namespace else "at the cluster scope"
+        )
+        details: JSON = {"kind": route.resource}
+        if route.name:
+            details["name"] = route.name
+        if route.group:
+            details["group"] = route.group
+        return ApiError(
+            403,
+            "Forbidden",
+            f'{subject} is forbidden: User "{self.user}" cannot {verb} resource '
+            f'"{route.resource}" in API group "{route.group}" {scope}',
+            details,
+        )
+
+    def _check_rbac(self, method: str, route: _Route, query: dict[str, str]) -> None:
+        verb = self._verb(method, route, query)
+        with self._cond:
+            denied = any(
+                v == verb
+                and r == route.resource
+                and g == route.group
+                and ns in (None, route.namespace)
+                for v, r, g, ns in self._forbidden
+            )
+        if denied:
+            raise self._forbidden_error(verb, route, "")
+
+    def _fault_error(
+        self,
+        status: int,
+        method: str,
+        path: str,
+        query: dict[str, str],
+        retry_after: int | None,
+        message: str | None,
+    ) -> ApiError:
+        route = self._route(path)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+        if status == 403:
+            return self._forbidden_error(self._verb(method, route, query), route, path)
+        if status == 429:
+            msg = message or "Too many requests, please try again later."
+            details: JSON = {"causes": [{"message": msg}], "retryAfterSeconds": retry_after or 1}
+            return ApiError(429, "TooManyRequests", msg, details, headers)
+        if status == 409:
+            what = (
+                f"{route.resource}.{route.group}"
+                if route and route.group
+                else (route.resource if route else "object")
+            )
+            name = route.name if route and route.name else ""
+            msg = message or (f'Operation cannot be fulfilled on {what} "{name}": {_MODIFIED}')
+            return ApiError(
+                409,
+                "Conflict",
+                msg,
+                {"name": name, "kind": route.resource if route else ""},
+                headers,
+            )
+        if status == 503:
+            return ApiError(
+                503,
+                "ServiceUnavailable",
+                message or "the server is currently unable to handle the request",
+                None,
+                headers,
+            )
+        if status == 504:
+            return ApiError(
+                504,
+                "Timeout",
+                message or "the server was unable to return a response in the time allotted",
+                None,
+                headers,
+            )
+        if status == 500:
+            msg = message or "stand-in injected fault"
+            return ApiError(
+                500,
+                "InternalError",
+                f"Internal error occurred: {msg}",
+                {"causes": [{"message": msg}]},
+                headers,
+            )
+        return ApiError(
+            status, "Unknown", message or f"stand-in injected HTTP {status}", None, headers
+        )
+
+    def _dispatch(
+        self,
+        method: str,
+        path: str,
+        route: _Route | None,
+        query: dict[str, str],
+        body: Any,
+        ctype: str,
+    ) -> tuple[int, JSON, dict[str, str]]:
+        if route is None:
+            if method != "GET":
+                raise _not_found_path()
+            return 200, self._discovery(path), {}
+        if route.resource == "events":
+            return self._events_endpoint(method, route, query, body, ctype)
+        if method != "GET":
+            raise ApiError(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
+        with self._cond:
+            if route.resource == "pods":
+                if route.name:
+                    pod = self._pods.get((route.namespace or "", route.name))
+                    if pod is None:
+                        raise _not_found("pods", "", route.name)
+                    return 200, copy.deepcopy(pod), {}
+                items = [p for (ns, _), p in self._pods.items() if route.namespace in (None, ns)]
+                return 200, self._list("PodList", "v1", items, query, _POD_FIELDS), {}
+            if route.name:
+                node = self._nodes.get(route.name)
+                if node is None:
+                    raise _not_found("nodes", "", route.name)
+                return 200, copy.deepcopy(node), {}
+            return (
+                200,
+                self._list("NodeList", "v1", list(self._nodes.values()), query, _NODE_FIELDS),
+                {},
+            )
+
+    def _list(
+        self,
+        kind: str,
+        api_version: str,
+        items: list[JSON],
+        query: dict[str, str],
+        fields: set[str],
+    ) -> JSON:
+        fsel = _parse_field_selector(query.get("fieldSelector", ""), fields)
+        lsel = _parse_label_selector(query.get("labelSelector", ""))
+        out = [
+            copy.deepcopy(i)
+            for i in items
+            if all((_field_value(i, k) == v) != neg for k, neg, v in fsel)
+            and _labels_match(i, lsel)
+        ]
+        return {
+            "kind": kind,
+            "apiVersion": api_version,
+            "metadata": {"resourceVersion": str(self._rv)},
+            "items": out,
+        }
+
+    # ----------------------------------------------------------------- discovery
+
+    def _discovery(self, path: str) -> JSON:
+        path = path.rstrip("/") or "/"
+        if path == "/version":
+            minor = self.git_version.split(".")[1]
+            return {
+                "major": "1",
+                "minor": minor,
+                "gitVersion": self.git_version,
+                "gitCommit": "0" * 40,
+                "gitTreeState": "clean",
+                "buildDate": "2026-01-01T00:00:00Z",
+                "goVersion": "go1.24",
+                "compiler": "gc",
+                "platform": "linux/amd64",
+            }
+        if path == "/api":
+            return {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [
+                    {"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{self.port}"}
+                ],
+            }
+        if path == "/api/v1":
+            return _resource_list(
+                "v1",
+                [
+                    (
+                        "events",
+                        "Event",
+                        True,
+                        ["create", "delete", "get", "list", "patch", "update", "watch"],
+                    ),
+                    ("nodes", "Node", False, ["get", "list", "watch"]),
+                    ("pods", "Pod", True, ["get", "list", "watch"]),
+                ],
+            )
+        group = {
+            "name": EVENTS_GROUP,
+            "versions": [{"groupVersion": EVENTS_V1, "version": "v1"}],
+            "preferredVersion": {"groupVersion": EVENTS_V1, "version": "v1"},
+        }
+        if path == "/apis":
+            groups = [group] if self.serve_events_v1 else []
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+        if self.serve_events_v1 and path == f"/apis/{EVENTS_GROUP}":
+            return {"kind": "APIGroup", "apiVersion": "v1", **group}
+        if self.serve_events_v1 and path == f"/apis/{EVENTS_V1}":
+            return _resource_list(
+                EVENTS_V1,
+                [
+                    (
+                        "events",
+                        "Event",
+                        True,
+                        ["create", "delete", "get", "list", "patch", "update", "watch"],
+                    )
+                ],
+            )
+        raise _not_found_path()
+
+    # ----------------------------------------------------------------- events
+
+    def _events_endpoint(
+        self, method: str, route: _Route, query: dict[str, str], body: Any, ctype: str
+    ) -> tuple[int, JSON, dict[str, str]]:
+        group = route.group
+        api_version = EVENTS_V1 if group else "v1"
+        headers: dict[str, str] = {}
+        dry_run = query.get("dryRun") == "All"
+        if method == "GET" and not route.name:
+            with self._cond:
+                items = [
+                    self._event_out(e, group)
+                    for (ns, _), e in self._events.items()
+                    if route.namespace in (None, ns)
+                ]
+                # selectors use core/v1 field names (events.k8s.io/v1 ones are mapped)
+                core_items = [event_to_core(i) if group else i for i in items]
+                fsel = _parse_field_selector(
+                    _map_event_selector(query.get("fieldSelector", ""))
+                    if group
+                    else query.get("fieldSelector", ""),
+                    _EVENT_FIELDS,
+                )
+                lsel = _parse_label_selector(query.get("labelSelector", ""))
+                keep = [
+                    i
+                    for i, c in zip(items, core_items, strict=True)
+                    if all((_field_value(c, k) == v) != neg for k, neg, v in fsel)
+                    and _labels_match(c, lsel)
+                ]
+                return (
+                    200,
+                    {
+                        "kind": "EventList",
+                        "apiVersion": api_version,
+                        "metadata": {"resourceVersion": str(self._rv)},
+                        "items": keep,
+                    },
+                    {},
+                )
+        if route.namespace is None:
+            raise ApiError(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
+        ns = route.namespace
+        if method == "GET":
+            assert route.name is not None
+            with self._cond:
+                ev = self._events.get((ns, route.name))
+                if ev is None:
+                    raise _not_found("events", group, route.name)
+                return 200, self._event_out(ev, group), {}
+        if method == "DELETE":
+            if not route.name:
+                raise ApiError(
+                    405, "MethodNotAllowed", "deletecollection is not served by the stand-in"
+                )
+            with self._cond:
+                ev = self._events.get((ns, route.name))
+                if ev is None:
+                    raise _not_found("events", group, route.name)
+                if not dry_run:
+                    del self._events[(ns, route.name)]
+                    self._record_change("events", "DELETED", self._tombstone(ev), ev)
+                return 200, status_success(route.name, group), {}
+        if method == "POST":
+            if route.name:
+                raise ApiError(
+                    405,
+                    "MethodNotAllowed",
+                    "the server does not allow this method on the requested resource",
+                )
+            obj = self._decode_object(body, ctype, api_version, query, headers, for_patch=False)
+            meta = obj.setdefault("metadata", {})
+            if meta.get("namespace") not in (None, "", ns):
+                raise _bad_request(_NS_MISMATCH)
+            meta["namespace"] = ns
+            for server_field in (
+                "uid",
+                "resourceVersion",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "managedFields",
+                "selfLink",
+            ):
+                meta.pop(server_field, None)
+            with self._cond:
+                if not meta.get("name"):
+                    if not meta.get("generateName"):
+                        raise _invalid_error(
+                            "Event",
+                            group,
+                            "",
+                            [
+                                Cause(
+                                    "FieldValueRequired",
+                                    "metadata.name",
+                                    "Required value: name or generateName is required",
+                                )
+                            ],
+                        )
+                    while True:
+                        candidate = meta["generateName"] + "".join(
+                            random.choice(_NAME_SUFFIX_ALPHABET) for _ in range(5)
+                        )
+                        if (ns, candidate) not in self._events:
+                            break
+                    meta["name"] = candidate
+                internal = event_to_core(obj) if group else obj
+                check_event_times(internal, f'Event in version "{api_version}"')
+                causes = validate_event(internal, group, None, extra_rules=self.extra_rules)
+                if causes:
+                    raise _invalid_error("Event", group, meta["name"], causes)
+                key = (ns, meta["name"])
+                if key in self._events:
+                    raise _already_exists("events", group, meta["name"])
+                if dry_run:
+                    return 201, self._event_out(internal, group), headers
+                imeta = internal["metadata"]
+                imeta["uid"] = str(uuid.uuid4())
+                imeta["creationTimestamp"] = now_rfc3339()
+                imeta["resourceVersion"] = str(self._next_rv())
+                self._events[key] = internal
+                self._record_change("events", "ADDED", internal, None)
+                return 201, self._event_out(internal, group), headers
+        if method in ("PATCH", "PUT"):
+            if not route.name:
+                raise ApiError(
+                    405,
+                    "MethodNotAllowed",
+                    "the server does not allow this method on the requested resource",
+                )
+            return self._event_update(
+                method, route, ns, route.name, body, ctype, query, headers, dry_run
+            )
+        raise ApiError(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        )
+
+    def _event_update(
+        self,
+        method: str,
+        route: _Route,
+        ns: str,
+        name: str,
+        body: Any,
+        ctype: str,
+        query: dict[str, str],
+        headers: dict[str, str],
+        dry_run: bool,
+    ) -> tuple[int, JSON, dict[str, str]]:
+        group = route.group
+        api_version = EVENTS_V1 if group else "v1"
+        with self._cond:
+            old_internal = self._events.get((ns, name))
+            created = False
+            if method == "PATCH":
+                if old_internal is None:
+                    raise _not_found("events", group, name)
+                current = self._event_out(old_internal, group)
+                if body is None:
+                    raise _bad_request("the body of the request was in an unknown format")
+                if ctype == "application/json-patch+json":
+                    patched = json_patch(current, body)
+                elif ctype == "application/merge-patch+json":
+                    patched = merge_patch(current, body)
+                elif ctype == "application/strategic-merge-patch+json":
+                    patched = strategic_merge_patch(current, body)
+                else:
+                    raise ApiError(
+                        415,
+                        "UnsupportedMediaType",
+                        "the body of the request was in an unknown format - accepted media types"
+                        " include: application/json-patch+json, application/merge-patch+json, "
+                        f"application/strategic-merge-patch+json (got {ctype!r})",
+                    )
+                if not isinstance(patched, dict):
+                    raise _bad_request("patch result is not an object")
+                want_rv = _dig(body, "metadata.resourceVersion") if isinstance(body, dict) else None
+                obj = self._decode_object(
+                    patched, "application/json", api_version, query, headers, for_patch=True
+                )
+            else:
+                obj = self._decode_object(body, ctype, api_version, query, headers, for_patch=False)
+                want_rv = _dig(obj, "metadata.resourceVersion")
+                created = old_internal is None  # Events allow create on update
+            meta = obj.setdefault("metadata", {})
+            if meta.get("namespace") not in (None, "", ns):
+                raise _bad_request(_NS_MISMATCH)
+            meta["namespace"] = ns
+            if meta.get("name") not in (None, name):
+                raise _bad_request(
+                    "the name of the object "
+                    f"({meta.get('name')}) does not match the name on the URL ({name})"
+                )
+            meta["name"] = name
+            if (
+                old_internal is not None
+                and want_rv
+                and str(want_rv) != old_internal["metadata"]["resourceVersion"]
+            ):
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f"Operation cannot be fulfilled on events{'.' + group if group else ''}"
+                    f' "{name}": {_MODIFIED}',
+                    {"name": name, "kind": "events", **({"group": group} if group else {})},
+                )
+            internal = event_to_core(obj) if group else obj
+            check_event_times(internal, f'Event in version "{api_version}"')
+            causes = validate_event(
+                internal, group, None if created else old_internal, extra_rules=self.extra_rules
+            )
+            if old_internal is not None:
+                for immutable in ("uid", "creationTimestamp"):
+                    if meta.get(immutable) not in (None, old_internal["metadata"][immutable]):
+                        causes.append(
+                            _invalid(
+                                f"metadata.{immutable}", meta.get(immutable), "field is immutable"
+                            )
+                        )
+            if causes:
+                raise _invalid_error("Event", group, name, causes)
+            imeta = internal["metadata"]
+            if old_internal is not None:
+                imeta["uid"] = old_internal["metadata"]["uid"]
+                imeta["creationTimestamp"] = old_internal["metadata"]["creationTimestamp"]
+            else:
+                imeta["uid"] = str(uuid.uuid4())
+                imeta["creationTimestamp"] = now_rfc3339()
+            if dry_run:
+                return (201 if created else 200), self._event_out(internal, group), headers
+            imeta["resourceVersion"] = str(self._next_rv())
+            self._events[(ns, name)] = internal
+            self._record_change(
+                "events", "ADDED" if created else "MODIFIED", internal, old_internal
+            )
+            return (201 if created else 200), self._event_out(internal, group), headers
+
+    def _decode_object(
+        self,
+        body: Any,
+        ctype: str,
+        api_version: str,
+        query: dict[str, str],
+        headers: dict[str, str],
+        *,
+        for_patch: bool,
+    ) -> JSON:
+        """Decode + schema-validate a request object (like the server's strict decoder)."""
+        if not for_patch and ctype not in ("application/json", ""):
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                "the body of the request was in an unknown format - accepted media types"
+                f" include: application/json (got {ctype!r})",
+            )
+        if not isinstance(body, dict):
+            raise _bad_request("the body of the request must be a JSON object")
+        obj = copy.deepcopy(body)
+        kind = obj.setdefault("kind", "Event")
+        version = obj.setdefault("apiVersion", api_version)
+        if version != api_version:
+            raise _bad_request(
+                f"the API version in the data ({version}) does not match the expected API"
+                f" version ({api_version})"
+            )
+        if kind != "Event":
+            raise _bad_request(
+                f"the kind in the data ({kind}) does not match the expected kind (Event)"
+            )
+        name = str(_dig(obj, "metadata.name") or _dig(obj, "metadata.generateName") or "")
+        group = EVENTS_GROUP if api_version == EVENTS_V1 else ""
+        strict = query.get("fieldValidation") == "Strict"
+        for _ in range(50):
+            errors = self.schemas.errors(obj)
+            unknown = [f for e in errors for f in _unknown_fields(e)]
+            if unknown and strict:
+                raise _bad_request(
+                    "strict decoding error: " + ", ".join(f'unknown field "{f}"' for f in unknown)
+                )
+            if unknown and self.unknown_fields == "warn":
+                for f in unknown:
+                    _drop_field(obj, f)
+                warn = headers.get("Warning", "")
+                extra = ", ".join(f'299 - "unknown field \\"{f}\\""' for f in unknown)
+                headers["Warning"] = f"{warn}, {extra}" if warn else extra
+                continue
+            if errors:
+                causes: list[Cause] = []
+                for e in errors:
+                    fields_ = _unknown_fields(e)
+                    if fields_:
+                        causes += [
+                            Cause(
+                                "FieldValueInvalid",
+                                f,
+                                f'unknown field "{f}" (stand-in: a real server drops it with a'
+                                " Warning)",
+                            )
+                            for f in fields_
+                        ]
+                    elif e.validator == "required" and isinstance(e.instance, dict):
+                        base = _field_path(e.absolute_path)
+                        causes += [
+                            _required(f"{base}.{k}" if base else k)
+                            for k in list(e.validator_value)  # type: ignore[arg-type]
+                            if k not in e.instance
+                        ]
+                    else:
+                        causes.append(
+                            Cause(
+                                "FieldValueInvalid",
+                                _field_path(e.absolute_path),
+                                f"Invalid value: {e.message}",
+                            )
+                        )
+                raise _invalid_error("Event", group, name, causes)
+            break
+        return obj
+
+    # ----------------------------------------------------------------- watch
+
+    def _serve_watch(self, req: _Handler, route: _Route, query: dict[str, str]) -> None:
+        resource = route.resource
+        fields = {"pods": _POD_FIELDS, "nodes": _NODE_FIELDS, "events": _EVENT_FIELDS}[resource]
+        selector = query.get("fieldSelector", "")
+        if resource == "events" and route.group:
+            selector = _map_event_selector(selector)
+        fsel = _parse_field_selector(selector, fields)
+        lsel = _parse_label_selector(query.get("labelSelector", ""))
+        timeout = float(query["timeoutSeconds"]) if query.get("timeoutSeconds") else None
+        deadline = time.monotonic() + timeout if timeout else None
+
+        def in_scope(obj: JSON) -> bool:
+            ns = (obj.get("metadata") or {}).get("namespace")
+            return route.namespace in (None, ns)
+
+        def matches(obj: JSON | None) -> bool:
+            if obj is None or not in_scope(obj):
+                return False
+            return all((_field_value(obj, k) == v) != neg for k, neg, v in fsel) and _labels_match(
+                obj, lsel
+            )
+
+        def shape(obj: JSON) -> JSON:
+            return self._event_out(obj, route.group) if resource == "events" else copy.deepcopy(obj)
+
+        rv_text = query.get("resourceVersion", "")
+        pending: list[JSON] = []
+        with self._cond:
+            hist = self._history[resource]
+            if rv_text in ("", "0"):
+                store: list[JSON] = (
+                    list(self._pods.values())
+                    if resource == "pods"
+                    else list(self._nodes.values())
+                    if resource == "nodes"
+                    else list(self._events.values())
+                )
+                pending = [{"type": "ADDED", "object": shape(o)} for o in store if matches(o)]
+                position = self._rv
+            else:
+                try:
+                    position = int(rv_text)
+                except ValueError:
+                    raise _bad_request(f'invalid resource version "{rv_text}"') from None
+                if position < hist.floor - 1:
+                    gone = status_object(
+                        410, "Expired", f"too old resource version: {position} ({hist.floor - 1})"
+                    )
+                    pending = [{"type": "ERROR", "object": gone}]
+                    position = -1
+
+        req.start_chunked()
+        try:
+            for event in pending:
+                req.write_chunk(event)
+            if position < 0:
+                req.end_chunked()
+                return
+            while True:
+                with self._cond:
+                    while True:
+                        if self._stopping or self._outage_now() is not None:
+                            req.drop()
+                            return
+                        if deadline is not None and time.monotonic() >= deadline:
+                            break
+                        fresh = [e for e in self._history[resource].entries if e[0] > position]
+                        if fresh:
+                            break
+                        self._cond.wait(0.1)
+                    if not fresh:
+                        break
+                    out: list[JSON] = []
+                    for rv, kind, obj, old in fresh:
+                        position = rv
+                        now_in, was_in = matches(obj), matches(old)
+                        if kind == "ADDED" and now_in:
+                            out.append({"type": "ADDED", "object": shape(obj)})
+                        elif kind == "DELETED" and (now_in or was_in):
+                            out.append({"type": "DELETED", "object": shape(obj)})
+                        elif kind == "MODIFIED":
+                            if now_in and was_in:
+                                out.append({"type": "MODIFIED", "object": shape(obj)})
+                            elif now_in:
+                                out.append({"type": "ADDED", "object": shape(obj)})
+                            elif was_in:
+                                out.append({"type": "DELETED", "object": shape(obj)})
+                for event in out:
+                    req.write_chunk(event)
+            req.end_chunked()
+        except OSError:
+            return
+
+
+def _map_event_selector(selector: str) -> str:
+    out = selector
+    for v1, core in _V1_TO_CORE.items():
+        out = re.sub(rf"(^|,)(!?){re.escape(v1)}(?=[.!=])", rf"\1\2{core}", out)
+    return out
+
+
+def _drop_field(obj: JSON, dotted: str) -> None:
+    parts = re.findall(r"[^.\[\]]+|\[\d+\]", dotted)
+    cur: Any = obj
+    for p in parts[:-1]:
+        cur = cur[int(p[1:-1])] if p.startswith("[") else cur[p]
+    cur.pop(parts[-1], None)
+
+
+def _resource_list(group_version: str, resources: list[tuple[str, str, bool, list[str]]]) -> JSON:
+    return {
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": group_version,
+        "resources": [
+            {
+                "name": name,
+                "singularName": kind.lower(),
+                "namespaced": namespaced,
+                "kind": kind,
+                "verbs": verbs,
+            }
+            for name, kind, namespaced, verbs in resources
+        ],
+    }
+
+
+def _not_found_path() -> ApiError:
+    return ApiError(404, "NotFound", "the server could not find the requested resource", {})
+
+
+def _not_found(resource: str, group: str, name: str) -> ApiError:
+    qualified = f"{resource}.{group}" if group else resource
+    details: JSON = {"name": name, "kind": resource}
+    if group:
+        details["group"] = group
+    return ApiError(404, "NotFound", f'{qualified} "{name}" not found', details)
+
+
+def _already_exists(resource: str, group: str, name: str) -> ApiError:
+    qualified = f"{resource}.{group}" if group else resource
+    details: JSON = {"name": name, "kind": resource}
+    if group:
+        details["group"] = group
+    return ApiError(409, "AlreadyExists", f'{qualified} "{name}" already exists', details)
+
+
+def status_success(name: str, group: str) -> JSON:
+    details: JSON = {"name": name, "kind": "events"}
+    if group:
+        details["group"] = group
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "details": details,
+    }
+
+
+# --------------------------------------------------------------------------- HTTP plumbing
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    standin: KubeStandin
+
+    def __init__(self, addr: tuple[str, int], handler: type[_Handler]) -> None:
+        super().__init__(addr, handler)
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+
+    def track(self, conn: socket.socket, add: bool) -> None:
+        with self._conns_lock:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    def close_all_connections(self) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection, True)
+
+    def finish(self) -> None:
+        with contextlib.suppress(OSError):
+            super().finish()
+        self.server.track(self.connection, False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _handle(self) -> None:
+        try:
+            self.server.standin.handle(self)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _handle
+
+    def send_json(self, status: int, body: JSON, headers: dict[str, str]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Audit-Id", str(uuid.uuid4()))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def drop(self) -> None:
+        """Close the socket without answering."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def start_chunked(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+
+    def write_chunk(self, obj: JSON) -> None:
+        data = json.dumps(obj).encode() + b"\n"
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def end_chunked(self) -> None:
+        with contextlib.suppress(OSError):
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+
+@contextlib.contextmanager
+def running(**kwargs: Any) -> Iterator[KubeStandin]:
+    """``with running() as api:`` — a started stand-in, stopped afterwards."""
+    standin = KubeStandin(**kwargs).start()
+    try:
+        yield standin
+    finally:
+        standin.stop()
