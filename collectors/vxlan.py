@@ -275,7 +275,8 @@ class VxlanCollector:
             seen.add(ifname)
             on = bool(state.offload)
             if on and self.fix and state.link.is_vxlan and state.fixable:
-                on = not self.disable_offload(ifname, "found on during a scan")
+                # A link the fix cannot change is still reported, not a failed scan.
+                on = not self._fix_quietly(ifname, "found on during a scan")
             self.offload.labels(ifname).set(1 if on else 0)
             if on and state.link.is_vxlan:
                 findings.append(self._finding(state, csum_errors, double_nat))
@@ -351,12 +352,14 @@ class VxlanCollector:
             if state.link.is_vxlan and state.offload and state.fixable:
                 self._fix_quietly(state.link.ifname, why)
 
-    def _fix_quietly(self, ifname: str, why: str) -> None:
+    def _fix_quietly(self, ifname: str, why: str) -> bool:
+        """Like disable_offload, but a failure is logged, not raised; True when now off."""
         try:
-            self.disable_offload(ifname, why)
+            return self.disable_offload(ifname, why)
         except (CollectorError, OSError) as error:
             if getattr(error, "errno", None) != errno.ENODEV:
                 log.error("cannot turn %s off on %s: %s", FEATURE, ifname, error)
+            return False
 
     def handle_link_messages(self, messages: Iterable[Any]) -> None:
         """Fix every vxlan link an RTM_NEWLINK message announces (new, renamed, changed)."""
