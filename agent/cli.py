@@ -101,6 +101,11 @@ def _common_flags(*, kernel_log_source: bool = True) -> argparse.ArgumentParser:
         help="cluster DNS server IP (repeatable; default discovered)",
     )
     add(
+        "--dns-probe-name",
+        default=_env("dns-probe-name") or Settings.dns_probe_name,
+        help="name the DNS probe resolves (default kubernetes.default.svc.cluster.local)",
+    )
+    add(
         "--host-root",
         type=Path,
         default=_env("host-root") or "/",
@@ -136,10 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernel-log",
         dest="kernel_log_file",
         type=Path,
-        required=True,
         metavar="FILE",
         help="dmesg, dmesg -T, journalctl -k or /dev/kmsg text",
     )
+    analyze.add_argument(
+        "--iptables-save", type=Path, metavar="FILE", help="`iptables-save -c` output"
+    )
+    analyze.add_argument("--nft-json", type=Path, metavar="FILE", help="`nft -j list ruleset`")
     analyze.add_argument("--json", action="store_true", help="JSON lines instead of a report")
     pid = commands.add_parser(
         "pid", parents=[common], help="which pod and container a host process belongs to"
@@ -170,6 +178,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         fix_vxlan_offload=args.fix_vxlan_offload,
         containerd_sockets=tuple(args.containerd_socket or DEFAULT_CONTAINERD_SOCKETS),
         cluster_dns=tuple(args.cluster_dns or ()),
+        dns_probe_name=args.dns_probe_name,
     )
 
 
@@ -196,9 +205,11 @@ def _scan(args: argparse.Namespace, settings: Settings) -> int:
     since: datetime | None = None
     if isinstance(args.since, timedelta):
         since = datetime.now(UTC) - args.since
+    from agent.metrics import Metrics
+
     source = open_source(settings)
     try:
-        findings = scan(settings, source, since)
+        findings = scan(settings, source, since, Metrics())
     finally:
         source.close()
     return _print_findings(args, findings, f"nodediag scan of node {settings.node_name}")
@@ -207,11 +218,21 @@ def _scan(args: argparse.Namespace, settings: Settings) -> int:
 def _analyze(args: argparse.Namespace, settings: Settings) -> int:
     from agent.diagnose import analyze
 
-    path: Path = args.kernel_log_file
-    if not path.is_file():
-        raise KernelLogError(f"--kernel-log {path}: no such file")
-    findings = analyze(settings, path)
-    return _print_findings(args, findings, f"nodediag analysis of {path}")
+    given = {
+        "--kernel-log": args.kernel_log_file,
+        "--iptables-save": args.iptables_save,
+        "--nft-json": args.nft_json,
+    }
+    if not any(given.values()):
+        raise KernelLogError(
+            "analyze needs at least one of --kernel-log, --iptables-save, --nft-json"
+        )
+    for flag, path in given.items():
+        if path is not None and not path.is_file():
+            raise KernelLogError(f"{flag} {path}: no such file")
+    findings = analyze(settings, args.kernel_log_file, args.iptables_save, args.nft_json)
+    names = ", ".join(str(p) for p in given.values() if p)
+    return _print_findings(args, findings, f"nodediag analysis of {names}")
 
 
 def _pid(args: argparse.Namespace, settings: Settings) -> int:
@@ -236,10 +257,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.verbose:  # our own debug logs, not those of the libraries we use
+        for ours in ("nodediag", "agent", "collectors"):
+            logging.getLogger(ours).setLevel(logging.DEBUG)
     try:
         return COMMANDS[args.command](args, settings_from(args))
     except BrokenPipeError:

@@ -7,13 +7,16 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from agent.containers import ContainerLookup, containerd_client
+from agent.events import fan_out, start_kube
 from agent.http import HttpServer, make_app
 from agent.kernel_watch import STATE_FILE, KernelWatch, open_source
 from agent.metrics import Metrics
 from agent.oom_findings import LiveEvidence, OomFindings
+from agent.periodic import ClusterDnsSource, PeriodicCollectors, build_collectors
 from agent.settings import Settings
 from agent.state import StateFile
 from collectors.finding import Finding
@@ -36,10 +39,12 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     source = open_source(settings)
     live = LiveEvidence(MemcgProbe(settings.host_root), settings.live_evidence_window)
     containers = ContainerLookup(containerd_client(settings), metrics)
+    kube = start_kube(settings, metrics.registry, stop)  # None: --no-kube or no cluster
+    report = fan_out(log_finding, kube.submit) if kube else log_finding
     watch = KernelWatch(
         source,
-        OomFindings(settings.node_name, live, containers),
-        log_finding,
+        OomFindings(settings.node_name, live, containers, kube.pods if kube else None),
+        report,
         metrics,
         StateFile(settings.state_dir / STATE_FILE),
     )
@@ -66,13 +71,47 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     server.start()
     log.info("serving /metrics, /healthz, /readyz on %s:%d", settings.listen[0], server.port)
     _stop_on_signals(stop)
+    threads = _start_periodic(settings, metrics, stop, report)
     try:
         watch.follow(stop, settings.idle_flush_seconds)
     finally:
+        stop.set()
         server.stop()
         source.close()
+        for thread in threads:
+            thread.join(timeout=10)
+        if kube:
+            kube.join(timeout=10)  # the event sink's final flush
     log.info("stopped")
     return 0
+
+
+def _start_periodic(
+    settings: Settings,
+    metrics: Metrics,
+    stop: threading.Event,
+    report: Callable[[Finding], None] = log_finding,
+) -> list[threading.Thread]:
+    collectors = build_collectors(settings, metrics, ClusterDnsSource(settings))
+    periodic = PeriodicCollectors(collectors, metrics, report)
+    threads = [
+        threading.Thread(
+            target=periodic.loop,
+            args=(stop, settings.collect_interval),
+            name="collectors",
+            daemon=True,
+        )
+    ]
+    if settings.fix_vxlan_offload:
+        from collectors.vxlan import VxlanCollector
+
+        vxlan = next(c for c in collectors if isinstance(c, VxlanCollector))
+        threads.append(
+            threading.Thread(target=vxlan.watch_links, args=(stop,), name="vxlan-fix", daemon=True)
+        )
+    for thread in threads:
+        thread.start()
+    return threads
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

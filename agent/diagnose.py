@@ -9,7 +9,9 @@ from datetime import datetime
 from pathlib import Path
 
 from agent.containers import ContainerLookup, containerd_client
+from agent.metrics import Metrics
 from agent.oom_findings import LiveEvidence, OomFindings
+from agent.periodic import ClusterDnsSource, PeriodicCollectors, build_collectors
 from agent.settings import Settings
 from collectors.finding import Finding
 from collectors.kernel_log import KernelLogSource
@@ -45,14 +47,41 @@ def oom_findings(kills: list[OomKill], builder: OomFindings) -> list[Finding]:
     return [builder.finding(kill, later=kills[i + 1 :]) for i, kill in enumerate(kills)]
 
 
-def scan(settings: Settings, source: KernelLogSource, since: datetime | None) -> list[Finding]:
+def scan(
+    settings: Settings, source: KernelLogSource, since: datetime | None, metrics: Metrics
+) -> list[Finding]:
+    periodic = PeriodicCollectors(
+        build_collectors(settings, metrics, ClusterDnsSource(settings)), metrics
+    )
+    node_findings = periodic.run_once()
     source.start(since=since)
     kills = assemble(source.records(), f"{source.name} kernel log")
     live = LiveEvidence(MemcgProbe(settings.host_root), settings.live_evidence_window)
     containers = ContainerLookup(containerd_client(settings))
-    return oom_findings(kills, OomFindings(settings.node_name, live, containers))
+    return oom_findings(kills, OomFindings(settings.node_name, live, containers)) + node_findings
 
 
-def analyze(settings: Settings, kernel_log: Path) -> list[Finding]:
-    kills = assemble(read_kernel_log_file(kernel_log), str(kernel_log))
-    return oom_findings(kills, OomFindings(settings.node_name, live=None))
+def analyze(
+    settings: Settings,
+    kernel_log: Path | None,
+    iptables_save: Path | None = None,
+    nft_json: Path | None = None,
+) -> list[Finding]:
+    findings: list[Finding] = []
+    if kernel_log is not None:
+        kills = assemble(read_kernel_log_file(kernel_log), str(kernel_log))
+        findings += oom_findings(kills, OomFindings(settings.node_name, live=None))
+    if iptables_save is not None or nft_json is not None:
+        from collectors.firewall_collector import findings_from_files
+
+        findings += findings_from_files(
+            _read_text(iptables_save),
+            _read_text(nft_json),
+            settings.cluster_dns,
+            settings.node_name,
+        )
+    return findings
+
+
+def _read_text(path: Path | None) -> str | None:
+    return path.read_text(errors="replace") if path is not None else None

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from agent.containers import ContainerLookup
 from collectors.cgroup_path import PodCgroup, parse_pod_cgroup
@@ -166,15 +166,29 @@ class Attribution:
     task: TaskInfo | None = None
 
 
+class PodNames(Protocol):
+    """A second source of names when containerd cannot tell (``agent.pod_lookup``)."""
+
+    def container_info(
+        self, pod_uid: str | None, container_id: str | None
+    ) -> ContainerInfo | None: ...
+
+
 class OomFindings:
-    """Builds findings for one node; ``live`` and ``containers`` are ``None`` offline."""
+    """Builds findings for one node; ``live``, ``containers`` and ``pods`` are ``None``
+    offline."""
 
     def __init__(
-        self, node: str, live: LiveEvidence | None, containers: ContainerLookup | None = None
+        self,
+        node: str,
+        live: LiveEvidence | None,
+        containers: ContainerLookup | None = None,
+        pods: PodNames | None = None,
     ) -> None:
         self.node = node
         self.live = live
         self.containers = containers
+        self.pods = pods
 
     def finding(self, kill: OomKill, later: Sequence[OomKill] = ()) -> Finding:
         memcg = kill.group_memcg or kill.task_memcg
@@ -193,10 +207,15 @@ class OomFindings:
 
     def _attribute(self, memcg: str | None) -> Attribution:
         pod = parse_pod_cgroup(memcg) if memcg else None
-        if pod is None or pod.container_id is None or self.containers is None:
+        if pod is None:
             return Attribution(pod)
-        container = self.containers.container(pod.container_id)
-        task = self.containers.task(pod.container_id) if container is not None else None
+        container = task = None
+        if pod.container_id is not None and self.containers is not None:
+            container = self.containers.container(pod.container_id)
+            task = self.containers.task(pod.container_id) if container is not None else None
+        if container is None and self.pods is not None:
+            # containerd down or without this container: the API's pod watch may name it.
+            container = self.pods.container_info(pod.pod_uid, pod.container_id)
         return Attribution(pod, container, task)
 
     def _verdict(
@@ -309,7 +328,7 @@ def _details(kill: OomKill, verdict: Verdict, who: Attribution) -> dict[str, Any
         "qos_class": pod.qos if pod else None,
         "runtime": pod.runtime if pod else None,
         "init_pid": verdict.init_pid,
-        "image": who.container.image if who.container else None,
+        "image": (who.container.image or None) if who.container else None,
         "basis": verdict.basis,
         "uptime": kill.uptime,
         "complete": kill.complete,

@@ -61,6 +61,12 @@ class Settings:
     cluster_dns: tuple[str, ...] = ()
     """Cluster DNS server IPs; empty means discover them."""
 
+    collect_interval: float = 60.0
+    """Seconds between runs of the periodic collectors (firewall, VXLAN offload, DNS probe)."""
+
+    dns_probe_name: str = "kubernetes.default.svc.cluster.local"
+    """The name the DNS probe asks the cluster DNS for (any answer, even NXDOMAIN, is up)."""
+
     live_evidence_window: float = 10.0
     """A kill younger than this (seconds) is judged from the node itself: a container cgroup
     found empty then means the kill ended the container."""

@@ -1,0 +1,123 @@
+"""The periodic collectors (firewall, VXLAN offload, DNS probe) and what their findings do.
+
+A fault a collector sees stays visible run after run; it is reported when it appears (or
+changes) and logged once when it is gone, not every interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from agent.metrics import Metrics
+from agent.settings import Settings
+from collectors.cluster_dns import ClusterDns, discover
+from collectors.finding import Finding
+from collectors.registry import Collector, CollectorSet
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Finding], None]
+# Details that change from run to run without the fault changing.
+VOLATILE_DETAILS = frozenset({"packets", "bytes", "duration_seconds", "checked_at", "latency"})
+
+
+class ClusterDnsSource:
+    """The cluster DNS, re-read each time it is asked (configs change); logs changes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.current: ClusterDns | None = None
+
+    def servers(self) -> Sequence[str]:
+        found = discover(self.settings.host_root, self.settings.cluster_dns)
+        if found != self.current:
+            if found.servers:
+                log.info("cluster DNS %s (from %s)", ", ".join(found.servers), found.source)
+            else:
+                log.warning(
+                    "cluster DNS unknown: no kubelet config, K3s/RKE2 config or kubelet flag "
+                    "names it; pass --cluster-dns (DNS probes are skipped)"
+                )
+            self.current = found
+        return found.servers
+
+
+def build_collectors(
+    settings: Settings, metrics: Metrics, dns: ClusterDnsSource
+) -> list[Collector]:
+    """Every periodic collector, each registering its own metrics."""
+    from collectors.dns_probe import DnsProbeCollector
+    from collectors.firewall_collector import FirewallCollector
+    from collectors.vxlan import VxlanCollector
+
+    registry = metrics.registry
+    firewall = FirewallCollector(settings.node_name, dns.servers, registry)
+
+    def marks() -> dict[str, bool]:
+        # The firewall collector runs first and reads the nat table anyway.
+        return firewall.last_nat_marks
+
+    return [
+        firewall,
+        VxlanCollector(
+            settings.node_name,
+            registry,
+            proc=settings.resolve("/proc"),
+            nat_marks=marks,
+            fix=settings.fix_vxlan_offload,
+        ),
+        DnsProbeCollector(settings.node_name, dns.servers, registry, name=settings.dns_probe_name),
+    ]
+
+
+def finding_key(finding: Finding) -> tuple[Any, ...]:
+    """What makes two findings the same fault (counters and timings aside)."""
+    stable = tuple(
+        sorted((k, repr(v)) for k, v in finding.details.items() if k not in VOLATILE_DETAILS)
+    )
+    return (finding.reason, finding.subject, stable)
+
+
+class FindingTracker:
+    """Passes on findings that are new since the last run; logs the ones that went away."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self._seen: dict[str, dict[tuple[Any, ...], Finding]] = {}
+
+    def update(self, collector: str, findings: list[Finding]) -> None:
+        now = {finding_key(f): f for f in findings}
+        before = self._seen.get(collector, {})
+        for key, finding in now.items():
+            if key not in before:
+                self.sink(finding)
+        for key, finding in before.items():
+            if key not in now:
+                log.info("resolved: %s on %s", finding.reason, finding.message[:200])
+        self._seen[collector] = now
+
+
+class PeriodicCollectors:
+    """Runs the collectors once (``scan``) or on an interval (``run``)."""
+
+    def __init__(
+        self, collectors: Sequence[Collector], metrics: Metrics, sink: Sink | None = None
+    ) -> None:
+        self.set = CollectorSet(collectors, metrics.collector_success, metrics.collector_duration)
+        self.tracker = FindingTracker(sink) if sink is not None else None
+
+    def run_once(self) -> list[Finding]:
+        findings: list[Finding] = []
+        for run in self.set.run_all():
+            if run.error is None and self.tracker is not None:
+                self.tracker.update(run.name, run.findings)
+            findings.extend(run.findings)
+        return findings
+
+    def loop(self, stop: threading.Event, interval: float) -> None:
+        while not stop.is_set():
+            self.run_once()
+            stop.wait(interval)

@@ -1,0 +1,231 @@
+"""The firewall collector: reads the node's rules and reports the ones that drop DNS.
+
+I/O only; the parsing and analysis are in ``collectors.firewall``. It runs whichever of
+``iptables-save -c``, ``ip6tables-save -c``, ``iptables-legacy-save -c``,
+``ip6tables-legacy-save -c`` and ``nft -j list ruleset`` exist (never ``iptables -L``, which
+takes the xtables lock, and never ``-t`` with the legacy save, which creates tables); when
+iptables-nft-save has shown tables, nft lists only the other tables (``nft -j list chains``,
+then ``nft -j list table FAMILY NAME``), since nft needs about a minute to print a
+kube-proxy-sized iptables-nft table as JSON. A
+missing tool is skipped; when none works the run fails with one line (reading rules needs
+CAP_NET_ADMIN).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from collectors.finding import Finding
+from collectors.firewall import (
+    DROP_TABLES,
+    DnsRuleHit,
+    Ruleset,
+    dns_rule_hits,
+    nat_marks,
+    parse_iptables_save,
+    parse_nft_json,
+)
+from collectors.registry import CollectorError, Runner, run_command
+
+__all__ = ["SOURCES", "FirewallCollector", "Source", "findings_from_files", "nat_marks"]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One command that prints rules, and how to read its output."""
+
+    argv: tuple[str, ...]
+    backend: str | None
+    family: str | None
+
+    @property
+    def tool(self) -> str:
+        return self.argv[0]
+
+
+SOURCES: tuple[Source, ...] = (
+    Source(("iptables-save", "-c"), None, "ipv4"),
+    Source(("ip6tables-save", "-c"), None, "ipv6"),
+    Source(("iptables-legacy-save", "-c"), "iptables-legacy", "ipv4"),
+    Source(("ip6tables-legacy-save", "-c"), "iptables-legacy", "ipv6"),
+    Source(("nft", "-j", "list", "ruleset"), "nft", None),
+)
+
+
+def _parse(source: Source, text: str) -> Ruleset:
+    if source.backend == "nft":
+        return parse_nft_json(text)
+    return parse_iptables_save(
+        text, backend=source.backend, family=source.family, tables=DROP_TABLES
+    )
+
+
+def _drop_duplicates(read: list[tuple[Source, Ruleset]]) -> list[Ruleset]:
+    """``iptables-save`` may be the legacy one (update-alternatives, old distributions); its
+    tables are then read again by ``iptables-legacy-save``: keep only that copy."""
+    legacy = {s.family for s, _ in read if s.backend == "iptables-legacy"}
+    return [
+        ruleset
+        for source, ruleset in read
+        if not (
+            source.backend is None
+            and ruleset.backend == "iptables-legacy"
+            and source.family in legacy
+        )
+    ]
+
+
+class FirewallCollector:
+    """Reports ``DNSDropRule`` / ``DNSNoEndpointsReject`` findings and the
+    ``nodediag_dns_drop_rules`` / ``nodediag_dns_dropped_packets_total`` metrics."""
+
+    name = "firewall"
+
+    def __init__(
+        self,
+        node: str,
+        cluster_dns: Callable[[], Sequence[str]],
+        registry: CollectorRegistry,
+        runner: Runner = run_command,
+        sources: Sequence[Source] = SOURCES,
+    ) -> None:
+        self.node = node
+        self.cluster_dns = cluster_dns
+        self.runner = runner
+        self.sources = tuple(sources)
+        self.drop_rules = Gauge(
+            "nodediag_dns_drop_rules",
+            "Firewall rules that drop or reject DNS (port 53) traffic, found by the last scan.",
+            ["family", "table", "chain", "target"],
+            registry=registry,
+        )
+        self.dropped_packets = Counter(
+            "nodediag_dns_dropped_packets",
+            "Packets dropped or rejected by firewall rules that drop DNS, from rule counters.",
+            ["family", "table", "chain"],
+            registry=registry,
+        )
+        self._gauge_labels: set[tuple[str, str, str, str]] = set()
+        self._last_packets: dict[tuple[str, str, str, str, str], int] = {}
+        self.last_hits: list[DnsRuleHit] = []
+        self.last_nat_marks: dict[str, bool] = {}
+        self.last_errors: list[str] = []
+
+    def read(self) -> list[Ruleset]:
+        """Run every source that exists; CollectorError when none could be read."""
+        read: list[tuple[Source, Ruleset]] = []
+        errors: list[str] = []
+        self.last_nat_marks = {}
+        for source in self.sources:
+            try:
+                if source.backend == "nft":
+                    text = self._read_nft(source, [r for _, r in read])
+                else:
+                    text = self.runner(source.argv)
+            except CollectorError as error:
+                errors.append(str(error))
+                continue
+            ruleset = _parse(source, text)
+            if source.backend != "nft" and source.family == "ipv4":
+                marks = nat_marks(text)
+                for key, value in marks.items():
+                    self.last_nat_marks[key] = self.last_nat_marks.get(key, False) or value
+            read.append((source, ruleset))
+        self.last_errors = errors
+        rulesets = _drop_duplicates(read)
+        if not rulesets:
+            missing = all(e.endswith("not found") for e in errors)
+            why = "none of them is installed" if missing else "reading rules needs CAP_NET_ADMIN"
+            tools = ", ".join(s.tool for s in self.sources)
+            raise CollectorError(f"cannot read firewall rules ({tools}): {why}: {errors[-1]}")
+        return rulesets
+
+    def _read_nft(self, source: Source, iptables: Sequence[Ruleset]) -> str:
+        """``nft -j list ruleset``, without the tables iptables-nft-save has already shown:
+        nft translating a kube-proxy-sized iptables-nft table to JSON takes about a minute
+        (see bench/firewall.py). When some are covered, ``nft -j list chains`` (to learn the
+        tables) and then ``nft -j list table FAMILY NAME`` for each table that is not."""
+        covered = {
+            ("ip6" if t.family == "ipv6" else "ip", t.name)
+            for ruleset in iptables
+            for t in ruleset.tables
+            if t.backend == "iptables-nft"
+        }
+        if not covered:
+            return self.runner(source.argv)
+        try:
+            return self._list_tables(source, covered)
+        except (ValueError, AttributeError, TypeError) as error:
+            raise CollectorError(f"{source.tool} -j printed unexpected JSON: {error}") from error
+
+    def _list_tables(self, source: Source, covered: set[tuple[str, str]]) -> str:
+        # "list chains" names every table that has a chain (a table without chains has no
+        # rules) and is fast; "list tables" makes nft read every rule first.
+        listing = json.loads(self.runner((source.tool, "-j", "list", "chains")) or "{}")
+        tables: dict[tuple[str, str], None] = {}
+        for item in listing.get("nftables", []):
+            chain = item.get("chain") if isinstance(item, dict) else None
+            if isinstance(chain, dict):
+                tables[(str(chain.get("family")), str(chain.get("table")))] = None
+        items: list[Any] = []
+        for family, name in tables:
+            if (family, name) in covered:
+                continue
+            one = json.loads(self.runner((source.tool, "-j", "list", "table", family, name)))
+            items.extend(i for i in one.get("nftables", []) if "metainfo" not in i)
+        return json.dumps({"nftables": items})
+
+    def collect(self) -> list[Finding]:
+        rulesets = self.read()
+        hits = dns_rule_hits(rulesets, self.cluster_dns())
+        self.last_hits = hits
+        self._update_metrics(hits)
+        return [hit.to_finding(self.node) for hit in hits]
+
+    def _update_metrics(self, hits: Sequence[DnsRuleHit]) -> None:
+        counts: dict[tuple[str, str, str, str], int] = {}
+        packets: dict[tuple[str, str, str, str, str], int] = {}
+        for hit in hits:
+            if hit.kind != "drop":
+                continue
+            labels = (hit.family, hit.table, hit.chain, hit.target)
+            counts[labels] = counts.get(labels, 0) + 1
+            # Two identical rules in one chain have one identity: add their counters up.
+            packets[hit.identity] = packets.get(hit.identity, 0) + hit.packets
+        for labels, count in counts.items():
+            self.drop_rules.labels(*labels).set(count)
+        for stale in self._gauge_labels - counts.keys():
+            self.drop_rules.remove(*stale)
+        self._gauge_labels = set(counts)
+        for identity, now in packets.items():
+            before = self._last_packets.get(identity)
+            # First sight: everything the rule has counted so far. A decrease is a new rule
+            # (or zeroed counters): the counter starts again from its new value.
+            delta = now if before is None or now < before else now - before
+            _backend, family, table, chain, _text = identity
+            counter = self.dropped_packets.labels(family, table, chain)
+            if delta:
+                counter.inc(delta)
+        self._last_packets = packets
+
+
+def findings_from_files(
+    iptables_save: str | None,
+    nft_json: str | None,
+    cluster_dns: Sequence[str],
+    node: str,
+) -> list[Finding]:
+    """Findings from a support bundle: ``iptables_save`` is the *text* of ``iptables-save -c``
+    output (ipv4 and/or ipv6, either backend, several concatenated outputs are fine) and
+    ``nft_json`` the text of ``nft -j list ruleset`` (the CLI reads the files)."""
+    rulesets: list[Ruleset] = []
+    if iptables_save is not None:
+        rulesets.append(parse_iptables_save(iptables_save, tables=DROP_TABLES))
+    if nft_json is not None:
+        rulesets.append(parse_nft_json(nft_json))
+    return [hit.to_finding(node) for hit in dns_rule_hits(rulesets, cluster_dns)]
