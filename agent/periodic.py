@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from agent.metrics import Metrics
 from agent.settings import Settings
 from collectors.cluster_dns import ClusterDns, discover
 from collectors.finding import Finding
-from collectors.registry import Collector, CollectorSet
+from collectors.registry import Collector, CollectorSet, run_command
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ def build_collectors(
     from collectors.vxlan import VxlanCollector
 
     registry = metrics.registry
-    firewall = FirewallCollector(settings.node_name, dns.servers, registry)
+    # iptables-save of a kube-proxy-sized nft-backend rule set can take tens of seconds.
+    firewall = FirewallCollector(
+        settings.node_name, dns.servers, registry, runner=partial(run_command, timeout=120)
+    )
 
     def marks() -> dict[str, bool]:
         # The firewall collector runs first and reads the nat table anyway.
