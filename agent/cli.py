@@ -21,6 +21,10 @@ log = logging.getLogger("nodediag")
 EXIT_FAILED = 2
 
 
+class InputError(Exception):
+    """A flag's value or an input file is unusable (the message names which)."""
+
+
 def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """Wrap a parser so argparse names the flag and the bad value in its error."""
 
@@ -97,11 +101,13 @@ def _common_flags(*, kernel_log_source: bool = True) -> argparse.ArgumentParser:
     add(
         "--cluster-dns",
         action="append",
+        type=_typed(_ip_address),
         default=_env_list("cluster-dns"),
         help="cluster DNS server IP (repeatable; default discovered)",
     )
     add(
         "--dns-probe-name",
+        type=_typed(_dns_name),
         default=_env("dns-probe-name") or Settings.dns_probe_name,
         help="name the DNS probe resolves (default kubernetes.default.svc.cluster.local)",
     )
@@ -157,6 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ip_address(text: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(f"invalid IP address {text!r}") from None
+
+
+def _dns_name(text: str) -> str:
+    from collectors.dns_probe import DnsFormatError, encode_name
+
+    try:
+        encode_name(text)
+    except DnsFormatError as error:
+        raise ValueError(f"invalid DNS name {text!r}: {error}") from None
+    return text
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise ValueError(f"invalid PID {text!r} (a positive number)")
@@ -195,7 +220,24 @@ def _print_findings(args: argparse.Namespace, findings: Sequence[Any], title: st
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from agent.daemon import run
 
+    _check_state_dir(settings.state_dir)
+    kubeconfig = settings.kubeconfig
+    if kubeconfig is not None and not settings.no_kube and not kubeconfig.is_file():
+        raise InputError(f"--kubeconfig {kubeconfig}: no such file")
     return run(settings)
+
+
+def _check_state_dir(path: Path) -> None:
+    """Fail at start, not at the first save, when the state dir cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".nodediag-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(
+            f"--state-dir {path}: not a writable directory ({error.strerror})"
+        ) from error
 
 
 def _scan(args: argparse.Namespace, settings: Settings) -> int:
@@ -224,12 +266,10 @@ def _analyze(args: argparse.Namespace, settings: Settings) -> int:
         "--nft-json": args.nft_json,
     }
     if not any(given.values()):
-        raise KernelLogError(
-            "analyze needs at least one of --kernel-log, --iptables-save, --nft-json"
-        )
+        raise InputError("analyze needs at least one of --kernel-log, --iptables-save, --nft-json")
     for flag, path in given.items():
         if path is not None and not path.is_file():
-            raise KernelLogError(f"{flag} {path}: no such file")
+            raise InputError(f"{flag} {path}: no such file")
     findings = analyze(settings, args.kernel_log_file, args.iptables_save, args.nft_json)
     names = ", ".join(str(p) for p in given.values() if p)
     return _print_findings(args, findings, f"nodediag analysis of {names}")
@@ -270,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader of our output went away (`nodediag scan | head`): not our failure.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (KernelLogError, NoSuchProcess) as error:
+    except (InputError, KernelLogError, NoSuchProcess) as error:
         log.error("%s", error)
     except PermissionError as error:
         log.error(

@@ -78,6 +78,16 @@ def test_analyze_clean_log_exits_zero(tmp_path: Path) -> None:
             "--journal-path /nonexistent/journal: no such directory",
         ),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["scan", "--cluster-dns", "999.1.1.1"], "argument --cluster-dns: invalid IP address"),
+        (["scan", "--dns-probe-name", "a..b"], "argument --dns-probe-name: invalid DNS name"),
+        (["run", "--state-dir", "/proc/version"], "--state-dir /proc/version: not a writable"),
+        (["run", "--kubeconfig", "/nonexistent/kubeconfig"], "--kubeconfig /nonexistent/"),
+        (["pid", "0"], "argument PID: invalid PID '0'"),
+        (["pid", "999999999"], "no process 999999999"),
+        (["analyze"], "analyze needs at least one of --kernel-log, --iptables-save"),
+        (["analyze", "--iptables-save", "/nonexistent"], "--iptables-save /nonexistent: no such"),
+        (["analyze", "--nft-json", "/nonexistent"], "--nft-json /nonexistent: no such file"),
+        (["scan", "--host-root", "/nonexistent", "--kernel-log", "kmsg"], "cannot open"),
     ],
 )
 def test_bad_input_is_one_clear_error(args: list[str], says: str) -> None:
@@ -85,6 +95,31 @@ def test_bad_input_is_one_clear_error(args: list[str], says: str) -> None:
     assert result.returncode == 2
     assert says in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bad_environment_values_are_named(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from agentproc import REPO
+
+    env = {**os.environ, "NODEDIAG_LISTEN": "nonsense"}
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "run"], capture_output=True, text=True, env=env,
+        cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "invalid listen address 'nonsense'" in result.stderr
+
+
+def test_garbage_rule_files_do_not_crash_analyze(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\xff\xfe*filter\n:INPUT DROP [x:y]\n-A INPUT -p udp --dport 53:\n{[")
+    for flag in ("--iptables-save", "--nft-json"):
+        result = nodediag("analyze", flag, str(garbage))
+        assert result.returncode in (0, 1), result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_kmsg_needs_the_device(tmp_path: Path) -> None:
