@@ -1,4 +1,7 @@
-"""``/metrics``, ``/healthz`` and ``/readyz`` on one small threaded HTTP server."""
+"""``/metrics``, ``/healthz`` and ``/readyz`` on one small threaded HTTP server.
+
+Only ``GET`` and ``HEAD`` of those three paths are served: any other method is 405 (with
+``Allow``), any other path 404; a ``HEAD`` answer carries the headers and no body."""
 
 from __future__ import annotations
 
@@ -26,7 +29,35 @@ class _QuietHandler(WSGIRequestHandler):
         log.debug("http: " + format, *args)
 
 
+PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+METHODS = ("GET", "HEAD")
+TEXT = ("Content-Type", "text/plain; charset=utf-8")
+
+
 def make_app(registry: CollectorRegistry, healthy: Check, ready: Check) -> Callable[..., Any]:
+    served = _routes(registry, healthy, ready)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path not in PATHS:
+            start_response("404 Not Found", [TEXT])
+            return [b"see /metrics, /healthz, /readyz\n"]
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in METHODS:
+            start_response("405 Method Not Allowed", [TEXT, ("Allow", ", ".join(METHODS))])
+            return [b"only GET and HEAD\n"]
+        body: Iterable[bytes] = served(environ, start_response)
+        if method == "HEAD":
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+            return []
+        return body
+
+    return app
+
+
+def _routes(registry: CollectorRegistry, healthy: Check, ready: Check) -> Callable[..., Any]:
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -34,13 +65,11 @@ def make_app(registry: CollectorRegistry, healthy: Check, ready: Check) -> Calla
         if path in ("/healthz", "/readyz"):
             ok, why = (healthy if path == "/healthz" else ready)()
             status = "200 OK" if ok else "503 Service Unavailable"
-            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            start_response(status, [TEXT])
             return [(why + "\n").encode()]
-        if path == "/metrics":
-            result: Iterable[bytes] = metrics_app(environ, start_response)
-            return result
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"see /metrics, /healthz, /readyz\n"]
+        # prometheus_client answers GET only (HEAD would be a 405 there).
+        result: Iterable[bytes] = metrics_app({**environ, "REQUEST_METHOD": "GET"}, start_response)
+        return result
 
     return app
 

@@ -4,7 +4,13 @@ The resume position is saved only where every record up to it is either reported
 irrelevant and none belongs to a report still being read: where the assembler is idle,
 or (when a new report releases a held-back kill) the last record before that report.
 A restart then re-reads a cut report from its start: nothing is skipped, and a kill
-reported before the save is not reported again.
+reported before the save is not reported again. A busy log leaves the saved position a
+little behind the last reported kill: the keys of the last ``RECENT_KILLS`` reported kills
+are saved (without fsync) after each one, and a restart skips those it re-reads, so a
+SIGKILL can repeat at most the one kill whose report was printed but not yet recorded.
+
+In live mode, post-baseline memcg kills are counted per container from the memory
+cgroups' ``oom_kill`` counters as well as from the log (``agent.oom_counters``).
 """
 
 from __future__ import annotations
@@ -12,23 +18,35 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.metrics import Metrics
+from agent.oom_counters import OomCounterLedger
 from agent.oom_findings import OomFindings
 from agent.settings import Settings
 from agent.state import StateFile
+from collectors.cgroup_path import parse_pod_cgroup
 from collectors.finding import Finding
 from collectors.journal import JournalSource, find_journal, has_kernel_entries
 from collectors.kernel_log import KernelLogError, KernelLogSource
 from collectors.kmsg import KmsgSource
+from collectors.memcg import read_oom_kill_counter, read_oom_kill_counters
 from collectors.oom import OomAssembler, OomKill
 
 log = logging.getLogger(__name__)
 
 SAVE_INTERVAL = 1.0
+# Reading every memory cgroup's oom_kill counter costs a walk of the hierarchy: twice a
+# second while kills come in, twice a minute when the node is quiet (kills whose records
+# were lost still get counted then).
+RECONCILE_ACTIVE = 0.5
+RECONCILE_QUIET = 30.0
+ACTIVE_AFTER_KILL = 30.0
+HEADERLESS_BATCH = 500
+RECENT_KILLS = 512
 Sink = Callable[[Finding], None]
 STATE_FILE = "kernel-log.json"
 
@@ -60,12 +78,24 @@ class ResumePoint:
 
     source: str
     position: str
+    recent: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, state: StateFile, source: str) -> ResumePoint | None:
         data = state.load()
-        if data.get("source") == source and isinstance(data.get("position"), str):
-            return cls(source, data["position"])
+        position = data.get("position")
+        if data.get("source") == source and isinstance(position, str):
+            recent = data.get("recent")
+            if not isinstance(recent, list) or not all(isinstance(k, str) for k in recent):
+                recent = []
+            return cls(source, position, tuple(recent))
+        if position is not None and data.get("source") == source:
+            log.warning(
+                "ignoring state file %s: position %r is not a string; reading this boot's "
+                "kernel log from its start",
+                state.path,
+                position,
+            )
         return None
 
 
@@ -79,6 +109,7 @@ class KernelWatch:
         sink: Sink,
         metrics: Metrics,
         state: StateFile | None = None,
+        counters: OomCounterLedger | None = None,
     ) -> None:
         self.source = source
         self.findings = findings
@@ -95,12 +126,27 @@ class KernelWatch:
         self._quiet_position: str | None = None
         self._held_since: float | None = None
         metrics.start_source(source.name)
+        self.counters = counters if counters is not None else _live_ledger(findings)
+        self._last_reconcile = 0.0
+        self._last_kill = float("-inf")
+        # Kills reported since (about) the last saved position, saved with it: after a
+        # crash, the kills re-read from that position and reported before are skipped.
+        self._recent: deque[str] = deque(maxlen=RECENT_KILLS)
+        self._saved_position: str | None = None
+        self._reported_before: frozenset[str] = frozenset()
+        # Header-less kills read but not yet attributed: one counter walk serves a batch.
+        self._headerless: list[OomKill] = []
 
     def resume_point(self) -> str | None:
         if self.state is None:
             return None
         point = ResumePoint.load(self.state, self.source.name)
-        return point.position if point else None
+        if point is None:
+            return None
+        self._reported_before = frozenset(point.recent)
+        self._recent.extend(point.recent)
+        self._saved_position = point.position
+        return point.position
 
     def drain(self, hold: float = 0.1, stop: threading.Event | None = None) -> int:
         """Read what is available now and report completed kills; return the record count.
@@ -111,7 +157,8 @@ class KernelWatch:
         """
         started = time.perf_counter()
         count = 0
-        for record in self.source.records():
+        skipped_before = getattr(self.source, "skipped", 0)
+        for record in self.source.records(self.assembler.prefilter):
             count += 1
             kills = self.assembler.feed(record)
             if kills:
@@ -121,7 +168,12 @@ class KernelWatch:
                 self.flush()  # a busy log never goes quiet: report a held kill anyway
             if stop is not None and count % 10_000 == 0 and stop.is_set():
                 break
-        self.metrics.add_records(self.source.name, count)
+        if self._headerless:
+            self._attribute_headerless()
+            if self.assembler.idle:
+                self.save()
+        skipped = getattr(self.source, "skipped", 0) - skipped_before
+        self.metrics.add_records(self.source.name, count + skipped)
         self.metrics.set_lost(self.source.name, self.source.lost_records)
         if count:
             self.metrics.collector_duration.labels(collector="kernel_log").set(
@@ -138,6 +190,8 @@ class KernelWatch:
         if assembler.idle:
             self._quiet_position = None
             self._unsaved = True
+            if self._headerless:
+                return  # saved once they are attributed (one counter walk per batch)
             if reported or time.monotonic() - self._last_save >= SAVE_INTERVAL:
                 self.save()
         elif not assembler.reading_report:
@@ -152,15 +206,77 @@ class KernelWatch:
         kills = self.assembler.flush(final=final)
         if kills:
             self._report(kills)
+        self._attribute_headerless()
         if self.assembler.idle:
             self._unsaved = True
             self.save()
 
     def _report(self, kills: list[OomKill]) -> None:
+        self._last_kill = time.monotonic()
         for kill in kills:
+            ledger = self.counters
+            if ledger is None or kill.is_global or ledger.before_baseline(kill):
+                self._emit(kill, self.findings.finding(kill), count=True)
+                continue
+            memcg = kill.group_memcg or kill.task_memcg
+            if memcg is None:
+                self._headerless.append(kill)
+                if len(self._headerless) >= HEADERLESS_BATCH:
+                    self._attribute_headerless()
+                continue
             finding = self.findings.finding(kill)
+            container = container_cgroup(memcg)
+            self._emit(kill, finding, count=container is None or ledger.claim(container))
+
+    def _emit(self, kill: OomKill, finding: Finding, *, count: bool) -> None:
+        key = kill_key(kill)
+        if key in self._reported_before:
+            return  # reported (and counted) by the run before a crash: not again
+        if count:
             self.metrics.record_finding(finding)
-            self.sink(finding)
+        self.sink(finding)
+        self._recent.append(key)
+        if self.state is not None:
+            # Not fsynced: survives the agent's crash (the page cache does), which is what
+            # it is for; a machine crash loses /dev/kmsg anyway.
+            self.state.save(self._state_data(self._saved_position), durable=False)
+
+    def _state_data(self, position: str | None) -> dict[str, object]:
+        return {"source": self.source.name, "position": position, "recent": list(self._recent)}
+
+    def _attribute_headerless(self) -> None:
+        """Attribute the pending header-less kills from one walk of the counters (taken
+        now, after their records were read, so their own increments are in it)."""
+        kills, self._headerless = self._headerless, []
+        if not kills or self.counters is None:
+            return
+        try:
+            verdicts = self.counters.headerless(len(kills))
+        except OSError as error:
+            log.warning("reading memory cgroup oom_kill counters: %s", error)
+            for kill in kills:
+                self._emit(kill, self.findings.finding(kill), count=True)
+            return
+        for kill, verdict in zip(kills, verdicts, strict=True):
+            finding = self.findings.finding(
+                kill,
+                counter_memcg=verdict.memcg,
+                candidates=verdict.candidates if verdict.memcg is None else (),
+            )
+            self._emit(kill, finding, count=verdict.counted)
+
+    def reconcile(self) -> None:
+        """Count kills the counters show and the log does not (rate-limited or lost)."""
+        if self.counters is None:
+            return
+        self._last_reconcile = time.monotonic()
+        try:
+            rises = self.counters.reconcile()
+        except OSError as error:
+            log.warning("reading memory cgroup oom_kill counters: %s", error)
+            return
+        for memcg, increment in rises.items():
+            self.metrics.count_oom("unknown", self.findings.subject_for(memcg), increment)
 
     def save(self) -> None:
         if self.state is None or not self._unsaved:
@@ -169,8 +285,10 @@ class KernelWatch:
         self._unsaved = False
 
     def _write_position(self, position: str | None) -> None:
+        self._attribute_headerless()  # nothing read before a saved position stays unreported
         if self.state is not None and position is not None:
-            self.state.save({"source": self.source.name, "position": position})
+            self._saved_position = position
+            self.state.save(self._state_data(position))
         self._last_save = time.monotonic()
 
     def follow(self, stop: threading.Event, idle_flush: float) -> None:
@@ -188,6 +306,10 @@ class KernelWatch:
         self.flush()
 
     def _step(self, idle_flush: float, stop: threading.Event) -> None:
+        now = time.monotonic()
+        active = now - self._last_kill < ACTIVE_AFTER_KILL
+        if now - self._last_reconcile >= (RECONCILE_ACTIVE if active else RECONCILE_QUIET):
+            self.reconcile()
         if self.drain(idle_flush, stop):
             return
         self.caught_up = True
@@ -198,3 +320,36 @@ class KernelWatch:
         self.source.wait(idle_flush)
         if not self.drain(idle_flush, stop):
             self.flush()
+
+
+def _live_ledger(findings: OomFindings) -> OomCounterLedger | None:
+    """Live mode (the node itself is readable): a ledger with its baseline taken now."""
+    if findings.live is None:
+        return None
+    hierarchy = findings.live.probe.hierarchy
+    ledger = OomCounterLedger(
+        lambda: read_oom_kill_counters(hierarchy),
+        lambda path: read_oom_kill_counter(hierarchy, path),
+    )
+    ledger.start()
+    return ledger
+
+
+def container_cgroup(memcg: str) -> str | None:
+    """The container-level prefix of a memory cgroup path (nested cgroups inside a
+    container belong to it); ``None`` outside a container."""
+    levels = memcg.split("/")
+    for end in range(1, len(levels) + 1):
+        prefix = "/".join(levels[:end])
+        pod = parse_pod_cgroup(prefix) if "kubepods" in prefix else None
+        if pod is not None and pod.container_id is not None:
+            return prefix
+    return None
+
+
+def kill_key(kill: OomKill) -> str:
+    """A kill's identity across restarts (same boot): victim pid and kernel timestamp (the
+    wall-clock time a source derives from it may differ by microseconds between runs)."""
+    if kill.uptime is not None:
+        return f"{kill.victim.pid}@{kill.uptime}"
+    return f"{kill.victim.pid}@{kill.time.isoformat() if kill.time else ''}"

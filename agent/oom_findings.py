@@ -190,11 +190,44 @@ class OomFindings:
         self.containers = containers
         self.pods = pods
 
-    def finding(self, kill: OomKill, later: Sequence[OomKill] = ()) -> Finding:
-        memcg = kill.group_memcg or kill.task_memcg
+    def finding(
+        self,
+        kill: OomKill,
+        later: Sequence[OomKill] = (),
+        *,
+        counter_memcg: str | None = None,
+        candidates: Sequence[str] = (),
+    ) -> Finding:
+        """``counter_memcg``: a header-less kill's container, from the memory cgroups'
+        ``oom_kill`` counters (``agent.oom_counters``); ``candidates``: the containers it
+        may belong to when the counters cannot tell which."""
+        memcg = kill.group_memcg or kill.task_memcg or counter_memcg
         who = self._attribute(memcg)
         verdict = self._verdict(kill, memcg, who, later)
+        if counter_memcg is not None and memcg == counter_memcg:
+            verdict = Verdict(
+                verdict.reason,
+                verdict.scope,
+                f"the kernel printed no memory cgroup (report rate-limited); its memory "
+                f"cgroup's oom_kill counter rose, and no other container's did unaccounted; "
+                f"{verdict.basis}",
+                verdict.init_pid,
+            )
+        elif candidates:
+            verdict = Verdict(
+                verdict.reason,
+                verdict.scope,
+                f"{verdict.basis}; the oom_kill counters of {len(candidates)} containers "
+                "rose, so which one is not known (each is counted from its own counter)",
+                verdict.init_pid,
+            )
         subject = _subject(who) if who.pod else Subject(kind="Node", name=self.node)
+        details = _details(kill, verdict, who)
+        if counter_memcg is not None:
+            details["memcg"] = memcg
+            details["memcg_source"] = "oom_kill counter"
+        if candidates:
+            details["candidates"] = list(candidates)
         return Finding(
             reason=verdict.reason,
             severity="warning",
@@ -202,8 +235,13 @@ class OomFindings:
             node=self.node,
             subject=subject,
             message=_message(kill, verdict, subject, self.node),
-            details=_details(kill, verdict, who),
+            details=details,
         )
+
+    def subject_for(self, memcg: str) -> Subject:
+        """Who a container memory cgroup belongs to (for counts taken from its counter)."""
+        who = self._attribute(memcg)
+        return _subject(who) if who.pod else Subject(kind="Node", name=self.node)
 
     def _attribute(self, memcg: str | None) -> Attribution:
         pod = parse_pod_cgroup(memcg) if memcg else None

@@ -71,8 +71,13 @@ class Settings:
     """A kill younger than this (seconds) is judged from the node itself: a container cgroup
     found empty then means the kill ended the container."""
 
-    idle_flush_seconds: float = 0.1
-    """How long the kernel log must stay quiet before a held-back OOM kill is reported."""
+    idle_flush_seconds: float = 0.05
+    """How long the kernel log must stay quiet before a held-back OOM kill is reported.
+
+    The hold is for a ``memory.oom.group`` line: the kernel prints it right after the
+    ``Killed process`` line (same oom_kill_process call, under oom_lock), and journald
+    writes both from one /dev/kmsg burst, so it is in the log within a few ms; every
+    millisecond of hold is detection latency (bench/RESULTS.md)."""
 
     def resolve(self, path: str | Path) -> Path:
         """A host path seen from here (under ``host_root``)."""

@@ -27,16 +27,24 @@ class StateFile:
         except (OSError, ValueError) as error:
             log.warning("ignoring unreadable state file %s: %s", self.path, error)
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            log.warning(
+                "ignoring state file %s: a JSON %s, not an object", self.path, type(data).__name__
+            )
+            return {}
+        return data
 
-    def save(self, data: dict[str, Any]) -> None:
+    def save(self, data: dict[str, Any], *, durable: bool = True) -> None:
+        """``durable=False`` skips the fsync: the rename still replaces the file atomically
+        for readers and survives the process being killed, not a machine crash."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
         try:
             with os.fdopen(fd, "w") as handle:
                 json.dump(data, handle)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

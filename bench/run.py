@@ -1,15 +1,18 @@
 """Benchmarks: prints a table of throughput and latency, each against a baseline measured
 in the same run.
 
-    sudo .venv/bin/python bench/run.py [--kills N] [--lines N]
+    sudo .venv/bin/python bench/run.py [--kills N] [--lines N] [--entries N]
 
 1. parser: the OOM assembler on in-memory kernel lines (noise with an OOM report every
    10,000 lines) vs. a bare Python loop over the same records (the floor of any per-line
    work in Python);
-2. journal: the agent's journald source + assembler over the local journal's kernel entries
-   vs. ``journalctl -k -o cat`` writing them to /dev/null;
+2. journal: the agent's journald source + assembler (with the assembler's prefilter) vs.
+   ``journalctl -o cat`` writing the same kernel entries to /dev/null: over a generated
+   journal of ``--entries`` kernel records (bench/journal.py, systemd-journal-remote), and
+   over the local journal's kernel entries;
 3. latency: real OOM kills (throwaway cgroups, tests/realkernel.py) → the counter rising on
-   a running ``nodediag run``'s /metrics, for the journal and the kmsg source (needs root);
+   a running ``nodediag run``'s /metrics, for the journal and the kmsg source, with where
+   the time goes (bench/latency.py; needs root);
 4. enrichment: building one OOM finding with containerd lookups (a real containerd + runc,
    tests/realcontainerd.py: container labels uncached and cached, task state) vs. without.
 """
@@ -18,17 +21,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from bench.journal import bench_journal_file, oom_prefilter  # noqa: E402
+from bench.latency import bench_latency  # noqa: E402
 from collectors.journal import JournalSource, find_journal  # noqa: E402
 from collectors.oom import OomAssembler  # noqa: E402
 from collectors.records import KernelRecord  # noqa: E402
@@ -82,84 +86,37 @@ def bench_journal() -> list[tuple[str, str, str, str]]:
     path = find_journal(Path("/"), None)
     started = time.perf_counter()
     subprocess.run(
-        ["journalctl", "-k", "-o", "cat", "--no-pager"], stdout=subprocess.DEVNULL, check=True
+        ["journalctl", "_TRANSPORT=kernel", "SYSLOG_FACILITY=0", "-o", "cat", "--no-pager"],
+        stdout=subprocess.DEVNULL,
+        check=True,
     )
     baseline = time.perf_counter() - started
     source = JournalSource(path)
     source.start()
-    source._reader.seek_head()  # all boots, as journalctl -k reads them
+    source._reader.seek_head()  # all boots, as journalctl reads them
     assembler = OomAssembler()
     started = time.perf_counter()
     entries = 0
-    for record in source.records():
+    for record in source.records(oom_prefilter(assembler)):
         entries += 1
         assembler.feed(record)
     agent = time.perf_counter() - started
+    entries += source.skipped
     source.close()
     return [
         (
             "journal",
-            "journalctl -k -o cat > /dev/null (baseline)",
+            "local journal: journalctl _TRANSPORT=kernel SYSLOG_FACILITY=0 -o cat (baseline)",
             f"{entries / baseline:,.0f} entries/s",
             "1.00",
         ),
         (
             "journal",
-            f"JournalSource + assembler ({entries} kernel entries)",
+            f"local journal: JournalSource + assembler ({entries} kernel entries)",
             f"{entries / agent:,.0f} entries/s",
             f"{baseline / agent:.2f}",
         ),
     ]
-
-
-def bench_latency(kills: int) -> list[tuple[str, str, str, str]]:
-    import realkernel
-    from agentproc import RunningAgent
-
-    journald = realkernel.ensure_journald()
-    rows = []
-    try:
-        for source in ("journal", "kmsg"):
-            latencies = _latencies(RunningAgent, realkernel, source, journald, kills)
-            p50 = statistics.median(latencies)
-            p99 = sorted(latencies)[max(0, round(0.99 * len(latencies)) - 1)]  # nearest rank
-            rows.append(
-                (
-                    "latency",
-                    f"kill → /metrics, {source} source, {kills} kills",
-                    f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
-                    f"max {max(latencies) * 1000:.0f} ms",
-                    "-",
-                )
-            )
-    finally:
-        if journald.started:
-            journald.stop()
-    return rows
-
-
-def _latencies(
-    agent_cls: type, realkernel: object, source: str, journald: object, kills: int
-) -> list[float]:
-    args = ["--kernel-log", source, "--state-dir", tempfile.mkdtemp(prefix="nodediag-bench-")]
-    if source == "journal":
-        args += ["--journal-path", str(journald.journal_dir)]  # type: ignore[attr-defined]
-    agent = agent_cls(args)
-    latencies: list[float] = []
-    try:
-        agent.wait_ready()
-        for _ in range(kills):
-            before = agent.metric("nodediag_oom_kills_total")
-            with realkernel.ThrowawayContainer() as container:  # type: ignore[attr-defined]
-                outcome = container.oom_kill("child")
-                while agent.metric("nodediag_oom_kills_total") <= before:
-                    if time.time() - outcome.killed_at > 10:
-                        raise TimeoutError(agent.log())
-                    time.sleep(0.005)
-                latencies.append(time.time() - outcome.killed_at)
-    finally:
-        agent.stop()
-    return latencies
 
 
 def bench_enrichment(rounds: int = 200) -> list[tuple[str, str, str, str]]:
@@ -213,12 +170,13 @@ def bench_enrichment(rounds: int = 200) -> list[tuple[str, str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=1_000_000)
-    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--kills", type=int, default=50)
+    parser.add_argument("--entries", type=int, default=1_000_000)
     parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
-    rows = bench_parser(args.lines) + bench_journal()
+    rows = bench_parser(args.lines) + bench_journal_file(args.entries) + bench_journal()
     if not args.skip_latency:
-        rows += bench_latency(args.kills) + bench_enrichment()
+        rows += bench_latency(args.kills, ["journal", "kmsg"]) + bench_enrichment()
     header = ("bench", "what", "result", "ratio vs baseline")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for row in [header, tuple("-" * w for w in widths), *rows]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Protocol
 
@@ -26,8 +26,14 @@ class KernelLogSource(Protocol):
         """Position the source: after ``resume``, else at ``since``, else at this boot's start."""
         ...
 
-    def records(self) -> Iterator[KernelRecord]:
-        """Yield the records available now, in order; return at the current end."""
+    def records(
+        self, prefilter: Callable[[], tuple[bytes, ...] | None] | None = None
+    ) -> Iterator[KernelRecord]:
+        """Yield the records available now, in order; return at the current end.
+
+        A source may skip records that contain none of the words ``prefilter()`` returns
+        (it returns ``None`` when every record matters); others ignore it.
+        """
         ...
 
     def wait(self, timeout: float) -> None:

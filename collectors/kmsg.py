@@ -94,7 +94,10 @@ class KmsgSource:
         elif since is not None:
             self._since_usec = int((since.timestamp() - self._boot_time) * 1e6)
 
-    def records(self) -> Iterator[KernelRecord]:
+    def records(
+        self, prefilter: Callable[[], tuple[bytes, ...] | None] | None = None
+    ) -> Iterator[KernelRecord]:
+        # Every /dev/kmsg read returns one record anyway: nothing to save by skipping.
         while (raw := self._read()) is not None:
             record = parse_kmsg_record(raw)
             if record is None or record.seq <= self._skip_through:

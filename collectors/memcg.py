@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from collectors.cgroup_path import parse_pod_cgroup
 
 DEAD_STATES = frozenset("ZXx")
 
@@ -82,3 +85,74 @@ class MemcgProbe:
                 continue
         found = (self.process(pid) for pid in sorted(pids))
         return [info for info in found if info is not None and info.alive]
+
+
+OOM_KILL_FILES_V1 = ("memory.oom_control",)
+# v2: memory.events counts the cgroup's kills and its descendants' (a container's nested
+# cgroups are the container's), memory.events.local only its own: the walk stops at the
+# container level, so the hierarchical one is wanted; .local is the fallback.
+OOM_KILL_FILES_V2 = ("memory.events", "memory.events.local")
+
+
+def parse_oom_kill_counter(text: str) -> int | None:
+    """The ``oom_kill N`` line of memory.oom_control / memory.events[.local]."""
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            value = value.strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def read_oom_kill_counters(hierarchy: Path) -> dict[str, int]:
+    """The ``oom_kill`` counter of every container memory cgroup under ``hierarchy``.
+
+    Keys are cgroup paths as the kernel prints them (``/kubepods/…/<id>``, with any
+    nesting prefix). One walk of the hierarchy; below a container cgroup nothing is
+    read (its own counter is the container's). Unreadable cgroups (removed while walking)
+    are skipped. cgroup v1 counters are per memcg; on v2 ``memory.events`` (hierarchical).
+    """
+    v1 = (hierarchy / "memory.oom_control").exists() or hierarchy.name == "memory"
+    names = OOM_KILL_FILES_V1 if v1 else OOM_KILL_FILES_V2
+    counters: dict[str, int] = {}
+    stack: list[tuple[str, str]] = [(str(hierarchy), "")]
+    while stack:
+        directory, cgroup = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue
+            path = f"{cgroup}/{entry.name}"
+            pod = parse_pod_cgroup(path) if "kubepods" in path else None
+            if pod is None or pod.container_id is None:
+                stack.append((entry.path, path))
+                continue
+            value = _read_counter(Path(entry.path), names)
+            if value is not None:
+                counters[path] = value
+    return counters
+
+
+def _read_counter(directory: Path, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        try:
+            text = (directory / name).read_text()
+        except OSError:
+            continue
+        value = parse_oom_kill_counter(text)
+        if value is not None:
+            return value
+    return None
+
+
+def read_oom_kill_counter(hierarchy: Path, cgroup_path: str) -> int | None:
+    """One cgroup's ``oom_kill`` counter; ``None`` when it is gone or has none."""
+    directory = hierarchy / cgroup_path.lstrip("/")
+    v1 = (hierarchy / "memory.oom_control").exists() or hierarchy.name == "memory"
+    return _read_counter(directory, OOM_KILL_FILES_V1 if v1 else OOM_KILL_FILES_V2)

@@ -242,6 +242,14 @@ class OomAssembler:
     def idle(self) -> bool:
         return not self._open and self._held is None and self._group is None
 
+    def prefilter(self) -> tuple[bytes, ...] | None:
+        """Words a raw record must contain to matter now (``None``: every record matters).
+
+        The same rule as ``feed``'s fast path, for sources that can skip records before
+        decoding them: with no report open only lines with "oom" or "Kill" matter.
+        """
+        return None if self._open else (b"oom", b"Kill")
+
     @property
     def reading_report(self) -> bool:
         """Whether a report is open (its lines so far must be read again on resume)."""

@@ -14,6 +14,11 @@ feature is read and set with ``pyroute2.ethtool.Ethtool`` (the ``SIOCETHTOOL`` i
 ``AF_INET`` socket: it acts on the network namespace that socket was created in). With
 ``netns`` set, both are created, used and closed inside :func:`run_in_netns`'s short-lived
 thread, which entered the namespace; the calling thread never changes namespace.
+
+Footprint: importing any part of pyroute2 runs ``pyroute2/__init__`` (~160 modules, ~23 MiB
+RSS); no submodule entry point avoids it. So pyroute2 is imported only inside the methods
+that need it, and a scan first lists link names and kinds with one raw ``RTM_GETLINK`` dump
+(:func:`link_kinds`, stdlib only): a node without overlay links never loads pyroute2.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,10 +39,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector as MetricsCollector
-from pyroute2 import IPRoute  # type: ignore[import-untyped]
-from pyroute2.ethtool import Ethtool  # type: ignore[import-untyped]
-from pyroute2.netlink.rtnl import RTM_NEWLINK, RTMGRP_LINK  # type: ignore[import-untyped]
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl  # type: ignore[import-untyped]
 
 from collectors.dns_probe import run_in_netns
 from collectors.finding import Finding, Subject
@@ -47,6 +49,14 @@ log = logging.getLogger(__name__)
 FEATURE = "tx-checksum-ip-generic"
 IPIP_LINK = "tunl0"
 """Calico's IP-in-IP device: reported in the gauge, never flagged (no outer UDP checksum)."""
+
+# Kernel ABI constants (linux/rtnetlink.h, linux/netlink.h, linux/if_link.h).
+RTM_NEWLINK = 16
+RTM_GETLINK = 18
+RTMGRP_LINK = 1
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_IFLA_IFNAME, _IFLA_LINKINFO, _IFLA_INFO_KIND = 3, 18, 1
 
 NatMarks = Callable[[], dict[str, bool]]
 """``{"kube_proxy_mark": …, "flannel_return": …}`` from the nat table (another module)."""
@@ -91,6 +101,59 @@ def parse_snmp(text: str) -> dict[str, dict[str, int]]:
 def udp_in_csum_errors(text: str) -> int | None:
     """``Udp: InCsumErrors`` (UDP datagrams this node dropped for a bad checksum)."""
     return parse_snmp(text).get("Udp", {}).get("InCsumErrors")
+
+
+def _attrs(data: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
+    """Netlink attributes (type without the nested/byte-order flags, payload) from offset."""
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def parse_link_dump(data: bytes) -> tuple[list[tuple[str, str | None]], bool]:
+    """``(name, kind)`` of each RTM_NEWLINK message in one netlink read, and whether the
+    dump is done. ``OSError`` for an NLMSG_ERROR answer."""
+    links: list[tuple[str, str | None]] = []
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, offset)
+        if length < 16:
+            break
+        if kind == _NLMSG_DONE:
+            return links, True
+        if kind == _NLMSG_ERROR:
+            code = -struct.unpack_from("=i", data, offset + 16)[0]
+            raise OSError(code, os.strerror(code))
+        if kind == RTM_NEWLINK:
+            name, link_kind = "", None
+            for attr, payload in _attrs(data[offset : offset + length], 32):
+                if attr == _IFLA_IFNAME:
+                    name = payload.split(b"\0", 1)[0].decode(errors="replace")
+                elif attr == _IFLA_LINKINFO:
+                    for sub, value in _attrs(payload, 0):
+                        if sub == _IFLA_INFO_KIND:
+                            link_kind = value.split(b"\0", 1)[0].decode(errors="replace")
+            links.append((name, link_kind))
+        offset += (length + 3) & ~3
+    return links, False
+
+
+def link_kinds() -> list[tuple[str, str | None]]:
+    """Every link of the calling thread's network namespace as ``(name, kind)``: one
+    RTM_GETLINK dump on a raw netlink socket (no pyroute2)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        request = struct.pack("=IHHII", 32, RTM_GETLINK, _NLM_F_REQUEST_DUMP, 1, 0)
+        sock.send(request + bytes(16))  # struct ifinfomsg, all zero: every link
+        links: list[tuple[str, str | None]] = []
+        done = False
+        while not done:
+            batch, done = parse_link_dump(sock.recv(1 << 16))
+            links.extend(batch)
+        return links
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +265,11 @@ class VxlanCollector:
 
     def _links_here(self) -> list[LinkState]:
         """Overlay links and their feature, read in the current thread's namespace."""
+        if not any(kind == "vxlan" or name == IPIP_LINK for name, kind in link_kinds()):
+            return []  # pyroute2 stays unloaded
+        from pyroute2 import IPRoute  # type: ignore[import-untyped]
+        from pyroute2.ethtool import Ethtool  # type: ignore[import-untyped]
+
         with IPRoute() as ipr:
             links = [link for m in ipr.get_links() if (link := overlay_link(m)) is not None]
         states = []
@@ -225,6 +293,8 @@ class VxlanCollector:
 
     def _disable_here(self, ifname: str) -> bool:
         """Turn the feature off in the current thread's namespace; True if it was on."""
+        from pyroute2.ethtool import Ethtool
+
         with Ethtool() as ethtool:
             features = ethtool.get_features(ifname)
             feature = features.features.get(FEATURE)
@@ -353,9 +423,11 @@ class VxlanCollector:
                 self._fix_quietly(state.link.ifname, why)
 
     def _fix_quietly(self, ifname: str, why: str) -> bool:
-        """Like disable_offload, but a failure is logged, not raised; True when now off."""
+        """Like disable_offload, but a failure is logged, not raised; True when now off
+        (turned off here, or already off: the link watcher may have been first)."""
         try:
-            return self.disable_offload(ifname, why)
+            self.disable_offload(ifname, why)
+            return True
         except (CollectorError, OSError) as error:
             if getattr(error, "errno", None) != errno.ENODEV:
                 log.error("cannot turn %s off on %s: %s", FEATURE, ifname, error)
@@ -376,6 +448,8 @@ class VxlanCollector:
         ``fix=True``. Meant for its own thread; checks ``stop`` every ``poll`` seconds."""
         if not self.fix:
             return
+        from pyroute2.netlink.rtnl.marshal import MarshalRtnl  # type: ignore[import-untyped]
+
         with self._link_socket() as sock:
             sock.settimeout(poll)
             marshal = MarshalRtnl()
