@@ -44,7 +44,7 @@ from typing import Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from collectors.finding import Finding, Subject
+from collectors.finding import Finding
 
 log = logging.getLogger(__name__)
 
@@ -473,13 +473,11 @@ class DnsProbeCollector:
             f" failed: {result.outcome}{how if result.error else ''} after"
             f" {result.seconds:.3f}s: {MEANING[result.outcome]}"
         )
-        return Finding(
-            reason="DNSProbeFailed",
-            severity="warning",
+        return Finding.on_node(
+            "DNSProbeFailed",
+            self.node,
+            message,
             time=datetime.now(UTC),
-            node=self.node,
-            subject=Subject(kind="Node", name=self.node),
-            message=message,
             details={
                 "server": result.server,
                 "protocol": result.protocol,

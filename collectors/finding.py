@@ -35,6 +35,28 @@ class Finding:
     message: str
     details: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def on_node(
+        cls,
+        reason: str,
+        node: str,
+        message: str,
+        details: dict[str, Any],
+        *,
+        severity: Severity = "warning",
+        time: datetime | None = None,
+    ) -> Finding:
+        """A finding whose subject is this node (firewall, offload, DNS probe faults)."""
+        return cls(
+            reason=reason,
+            severity=severity,
+            time=time,
+            node=node,
+            subject=Subject(kind="Node", name=node),
+            message=message,
+            details=details,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "reason": self.reason,

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from collectors.finding import Finding, Subject
+from collectors.finding import Finding, Severity
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 PortRanges = tuple[tuple[int, int], ...]
@@ -793,15 +793,8 @@ class DnsRuleHit:
             "protocols": list(self.protocols),
             "comment": self.comment,
         }
-        return Finding(
-            reason=self.reason,
-            severity="warning" if self.kind == "drop" else "info",
-            time=None,
-            node=node,
-            subject=Subject(kind="Node", name=node),
-            message=message,
-            details=details,
-        )
+        severity: Severity = "warning" if self.kind == "drop" else "info"
+        return Finding.on_node(self.reason, node, message, details, severity=severity)
 
 
 def _ip_version(family: str) -> frozenset[int]:

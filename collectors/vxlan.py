@@ -41,7 +41,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector as MetricsCollector
 
 from collectors.dns_probe import run_in_netns
-from collectors.finding import Finding, Subject
+from collectors.finding import Finding
 from collectors.registry import CollectorError
 
 log = logging.getLogger(__name__)
@@ -383,13 +383,11 @@ class VxlanCollector:
             ' "ChecksumOffloadBroken=true" in the FelixConfiguration), or run nodediag with'
             " --fix-vxlan-offload."
         )
-        return Finding(
-            reason="VXLANChecksumOffload",
-            severity="warning",
+        return Finding.on_node(
+            "VXLANChecksumOffload",
+            self.node,
+            message,
             time=datetime.now(UTC),
-            node=self.node,
-            subject=Subject(kind="Node", name=self.node),
-            message=message,
             details={
                 "interface": link.ifname,
                 "kind": link.kind,
