@@ -157,7 +157,7 @@ class KernelWatch:
         """
         started = time.perf_counter()
         count = 0
-        skipped_before = getattr(self.source, "skipped", 0)
+        skipped_before = self.source.skipped
         for record in self.source.records(self.assembler.prefilter):
             count += 1
             kills = self.assembler.feed(record)
@@ -172,7 +172,7 @@ class KernelWatch:
             self._attribute_headerless()
             if self.assembler.idle:
                 self.save()
-        skipped = getattr(self.source, "skipped", 0) - skipped_before
+        skipped = self.source.skipped - skipped_before
         self.metrics.add_records(self.source.name, count + skipped)
         self.metrics.set_lost(self.source.name, self.source.lost_records)
         if count:

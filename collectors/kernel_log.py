@@ -22,6 +22,9 @@ class KernelLogSource(Protocol):
     lost_records: int
     """Records the source knows it missed (overwritten before they were read)."""
 
+    skipped: int
+    """Records read but left out by the consumer's prefilter (counted as read)."""
+
     def start(self, *, resume: str | None = None, since: datetime | None = None) -> None:
         """Position the source: after ``resume``, else at ``since``, else at this boot's start."""
         ...

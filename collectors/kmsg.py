@@ -74,6 +74,7 @@ class KmsgSource:
     ) -> None:
         self.path = path
         self.lost_records = 0
+        self.skipped = 0  # every record is handed out: the prefilter is not used here
         try:
             self.boot_id = boot_id_path.read_text().strip()
             self._fd = open_device(path, os.O_RDONLY | os.O_NONBLOCK)

@@ -36,6 +36,7 @@ class RecordedSource:
     def __init__(self, messages: list[str]) -> None:
         self.messages = messages
         self.lost_records = 0
+        self.skipped = 0
         self.next = 0
 
     def start(self, *, resume: str | None = None, since: datetime | None = None) -> None:
