@@ -29,6 +29,7 @@ reach the API).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import threading
@@ -240,6 +241,7 @@ class EventSink:
         self._lock = threading.Lock()  # the table
         self._work = threading.Lock()  # one writer at a time (run's thread or flush)
         self._wake = threading.Condition(self._lock)
+        self._kicked = False  # something changed since the worker last looked
         self._series: dict[tuple[str, ...], _Series] = {}
         self._buckets: dict[tuple[str, ...], _Bucket] = {}
         self.group: Group | None = None  # None: not connected (discovery pending)
@@ -274,6 +276,7 @@ class EventSink:
                 series.count += 1
                 series.last_seen = now
                 series.last_time = max(series.last_time, when)
+            self._kicked = True
             self._wake.notify_all()
         if dropped:
             self.counter.labels(reason=finding.reason, result="dropped").inc()
@@ -313,11 +316,16 @@ class EventSink:
     def run(self, stop: threading.Event) -> None:
         """Write Events until ``stop``; then flush what is pending (``final_flush`` seconds)."""
         while not stop.is_set():
+            with self._lock:
+                self._kicked = False
             delay = self.step()
             if delay > 0:
                 with self._wake:
-                    if not stop.is_set():
-                        self._wake.wait(min(delay, 0.5))
+                    # Sleeps until the next write is due or a submit/stop wakes it: an idle
+                    # sink costs no wake-ups. _kicked closes the race with a submit that
+                    # landed while step() ran.
+                    if not stop.is_set() and not self._kicked:
+                        self._wake.wait(None if math.isinf(delay) else delay)
         left = self.flush(self.options.final_flush)
         if left:
             log.warning("stopping with %d finding(s) not written as Events", left)
@@ -330,6 +338,7 @@ class EventSink:
 
     def wake(self) -> None:
         with self._wake:
+            self._kicked = True
             self._wake.notify_all()
 
     def pending(self) -> int:

@@ -5,7 +5,9 @@ Only ``GET`` and ``HEAD`` of those three paths are served: any other method is 4
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -32,6 +34,9 @@ class _QuietHandler(WSGIRequestHandler):
 PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 METHODS = ("GET", "HEAD")
 TEXT = ("Content-Type", "text/plain; charset=utf-8")
+# serve_forever looks for a shutdown request only between two select() timeouts (0.5 s by
+# default: two wake-ups a second on an idle agent); ``stop`` wakes it with a connection.
+IDLE_POLL = 60.0
 
 
 def make_app(registry: CollectorRegistry, healthy: Check, ready: Check) -> Callable[..., Any]:
@@ -82,11 +87,28 @@ class HttpServer:
             host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler
         )
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": IDLE_POLL},
+            name="http",
+            daemon=True,
+        )
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            stopper = threading.Thread(target=self._server.shutdown, daemon=True)
+            stopper.start()
+            while stopper.is_alive():
+                self._poke()
+                stopper.join(0.05)
         self._server.server_close()
+
+    def _poke(self) -> None:
+        """A connection that ends the server's select() at once."""
+        host, port = self._server.server_address[:2]
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(str(host), str(host))
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, port), timeout=1).close()

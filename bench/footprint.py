@@ -1,6 +1,7 @@
 """Footprint of ``nodediag run``: import cost per library, idle RSS/CPU, ``/metrics`` scrape time.
 
-    .venv/bin/python bench/footprint.py [--duration 180] [--warmup 20] [--only imports,idle,scrape]
+    .venv/bin/python bench/footprint.py [--duration 600] [--warmup 20] \
+        [--only imports,idle,load,scrape] [--containers 300] [--kills-per-minute 100]
 
 Prints one table per part (issue 7, benchmark 4). Targets: RSS ≤ 64 MiB, idle CPU ≤ 2
 millicores, scrape ≤ 20 ms.
@@ -11,6 +12,10 @@ millicores, scrape ≤ 20 ms.
   pointing at ``tests/kube_standin.py``'s API stand-in, run in this process); after ``--warmup``
   seconds, RSS is sampled every second for ``--duration`` seconds and CPU is the process's
   utime+stime delta over that window (``/proc/PID/stat``), in millicores.
+- **load**: the same two runs while ``--containers`` throwaway kubepods-style memory cgroups
+  (created before the agents start, so they are known to the counter walk) are OOM-killed at a
+  steady ``--kills-per-minute`` (``tests/stormkit.py``, staggered); "kills / counted" is the
+  cgroups' ``oom_kill`` counter rise vs the rise of the agent's ``nodediag_oom_kills_total``.
 - **scrape**: 300 containers' ``nodediag_oom_kills_total`` series (real ``Finding`` objects fed
   through ``Metrics.record_finding``, one pod per container) plus every periodic collector's
   registered metrics, served by the agent's own ``HttpServer``/``make_app`` on 127.0.0.1; the
@@ -30,6 +35,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -120,8 +126,24 @@ def _wait_up(port: int, timeout: float = 60) -> None:
     raise RuntimeError("agent did not come up")
 
 
-def idle_runs(duration: float, warmup: float, kube: bool) -> list[tuple[str, ...]]:
-    """Both runs at once (separate processes; CPU is per process)."""
+def _kills_counted(port: int) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "nodediag_oom_kills_total"
+    )
+
+
+def idle_runs(
+    duration: float, warmup: float, kube: bool, storm: Any = None
+) -> list[tuple[str, ...]]:
+    """Both runs at once (separate processes; CPU is per process). ``storm``: an entered
+    ``stormkit.Storm`` (its containers exist before the agents start), started after the
+    warm-up."""
     from agentproc import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="nodediag-footprint-"))
@@ -161,6 +183,9 @@ def idle_runs(duration: float, warmup: float, kube: bool) -> list[tuple[str, ...
         for _proc, port, _ in procs.values():
             _wait_up(port)
         time.sleep(warmup)
+        counted0 = {n: _kills_counted(port) for n, (_, port, _) in procs.items()}
+        if storm is not None:
+            storm.start()
         start = {n: (_cpu_seconds(p.pid), time.monotonic()) for n, (p, _, _) in procs.items()}
         samples: dict[str, list[int]] = {n: [] for n in procs}
         anon: dict[str, list[int]] = {n: [] for n in procs}
@@ -170,9 +195,12 @@ def idle_runs(duration: float, warmup: float, kube: bool) -> list[tuple[str, ...
                 samples[n].append(_rss(p.pid))
                 anon[n].append(_rss(p.pid, "RssAnon"))
             time.sleep(1.0)
-        for n, (p, _port, command) in procs.items():
+        kills = sum(storm.deltas().values()) if storm is not None else 0
+        time.sleep(5 if storm is not None else 0)  # the last kills reach /metrics
+        for n, (p, port, command) in procs.items():
             cpu0, t0 = start[n]
             millicores = (_cpu_seconds(p.pid) - cpu0) / (time.monotonic() - t0) * 1000
+            counted = _kills_counted(port) - counted0[n]
             s = samples[n]
             rows.append(
                 (
@@ -182,6 +210,7 @@ def idle_runs(duration: float, warmup: float, kube: bool) -> list[tuple[str, ...
                     f"{max(s) / MiB:.1f}",
                     f"{statistics.median(anon[n]) / MiB:.1f}",
                     f"{millicores:.2f}",
+                    f"{kills} / {counted:.0f}",
                     command,
                 )
             )
@@ -192,6 +221,20 @@ def idle_runs(duration: float, warmup: float, kube: bool) -> list[tuple[str, ...
         if standin is not None:
             standin.stop()
     return rows
+
+
+def load_storm(containers: int, per_minute: float, duration: float) -> Any:
+    """``containers`` throwaway kubepods-style memory cgroups, each killed every
+    ``containers / per_minute`` minutes, staggered: a steady ``per_minute`` kills/min."""
+    import stormkit
+
+    period = containers / per_minute * 60
+    return stormkit.Storm(
+        n=containers,
+        per_container=int(duration // period) + 1,
+        gap=period,
+        stagger=period,
+    )
 
 
 def scrape(
@@ -256,10 +299,14 @@ def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=float, default=180.0, help="idle window (s)")
+    parser.add_argument("--duration", type=float, default=600.0, help="idle window (s)")
     parser.add_argument("--warmup", type=float, default=20.0, help="seconds before measuring")
-    parser.add_argument("--only", default="imports,idle,scrape")
+    parser.add_argument("--only", default="imports,scrape,idle,load")
     parser.add_argument("--no-kube-run", action="store_true", help="skip the stand-in run")
+    parser.add_argument(
+        "--containers", type=int, default=300, help="load: throwaway containers known"
+    )
+    parser.add_argument("--kills-per-minute", type=float, default=100.0, help="load")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     print(
@@ -283,26 +330,31 @@ def main() -> None:
             "/metrics with 300 containers' OOM series (in-process agent HTTP server), target 20 ms:"
         )
         print(table(("exposition", "lines", "bytes", "p50 ms", "p99 ms", "max ms"), rows) + "\n")
+    header = (
+        "run",
+        "window",
+        "RSS median MiB",
+        "RSS max MiB",
+        "RssAnon MiB",
+        "CPU mc",
+        "kills / counted",
+        "command",
+    )
     if "idle" in parts:
         idle = idle_runs(args.duration, args.warmup, kube=not args.no_kube_run)
         print(
             f"Idle footprint (after {args.warmup:.0f} s warm-up; targets RSS ≤ 64 MiB, "
             "CPU ≤ 2 millicores):"
         )
+        print(table(header, idle) + "\n")
+    if "load" in parts:
+        with load_storm(args.containers, args.kills_per_minute, args.duration) as storm:
+            loaded = idle_runs(args.duration, args.warmup, not args.no_kube_run, storm)
         print(
-            table(
-                (
-                    "run",
-                    "window",
-                    "RSS median MiB",
-                    "RSS max MiB",
-                    "RssAnon MiB",
-                    "CPU mc",
-                    "command",
-                ),
-                idle,
-            )
+            f"Under load: {args.kills_per_minute:.0f} OOM kills/min spread over "
+            f"{args.containers} throwaway containers (after {args.warmup:.0f} s warm-up):"
         )
+        print(table(header, loaded))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Detection latency: real OOM kill → the counter rising on a running agent's /metrics.
 
-    sudo .venv/bin/python bench/latency.py [--kills 50] [--source journal --source kmsg]
+    sudo .venv/bin/python bench/latency.py [--kills 50] [--source journal --source kmsg] [--events]
 
 For every kill (tests/realkernel.py, paced under the kernel's OOM report ratelimit) it also
 notes when observers in this process saw the victim's ``Killed process`` line:
@@ -12,7 +12,9 @@ notes when observers in this process saw the victim's ``Killed process`` line:
 
 so the table shows where the time goes. ``t0`` is the test seeing the victim exit; the
 metric time is the first scrape (every 2 ms) showing the counter risen and this kill's
-finding printed (other kills on the host raise the counter too).
+finding printed (other kills on the host raise the counter too). ``--events``: the agent
+writes Events to ``tests/kube_standin.py``'s API stand-in (pods named by its pod watch, each
+kill in a new pod), and the table adds kill → the Event at the stand-in.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 KILLED = re.compile(rb"Killed process (\d+) ")
+NODE = "bench-node"
 
 
 def nearest_rank(values: list[float], q: float) -> float:
@@ -122,22 +125,51 @@ class Observers:
         reader.close()
 
 
-def measure(source: str, kills: int, journald: Any) -> list[dict[str, float]]:
+def _event_seen(standin: Any, pod_uid: str, deadline: float) -> float:
+    """When the API stand-in first holds an Event regarding pod ``pod_uid`` (polled every
+    2 ms; ``standin.events()`` copies under the stand-in's lock)."""
+    while not any(e["regarding"].get("uid") == pod_uid for e in standin.events("bench")):
+        if time.time() > deadline:
+            raise TimeoutError(f"no Event for pod {pod_uid}")
+        time.sleep(0.002)
+    return time.time()
+
+
+def measure(source: str, kills: int, journald: Any, events: bool) -> list[dict[str, float]]:
     import realkernel
     from agentproc import RunningAgent
 
-    args = ["--kernel-log", source, "--state-dir", tempfile.mkdtemp(prefix="nodediag-bench-")]
+    state = Path(tempfile.mkdtemp(prefix="nodediag-bench-"))
+    args = ["--kernel-log", source, "--state-dir", str(state)]
     if source == "journal":
         args += ["--journal-path", str(journald.journal_dir)]
+    standin = None
+    if events:
+        import kube_standin as ks
+
+        standin = ks.KubeStandin().start()
+        standin.add_node(NODE)
+        args += [
+            "--kubeconfig", str(standin.write_kubeconfig(state / "kubeconfig")),
+            "--node-name", NODE,
+            "--containerd-socket", str(state / "no-containerd.sock"),
+        ]  # fmt: skip
+    else:
+        args += ["--no-kube"]
     observers = Observers(journald.journal_dir)
     observers.start()
     agent = RunningAgent(args)
     rows: list[dict[str, float]] = []
     try:
         agent.wait_ready()
-        for _ in range(kills):
+        for n in range(kills):
             before = agent.metric("nodediag_oom_kills_total")
             with realkernel.ThrowawayContainer() as container:
+                if standin is not None:
+                    # The pod watch names the pod (no containerd here): a new pod per kill,
+                    # so each kill makes a new Event (a create, not a series update).
+                    standin.add_pod(_pod(f"bench-{n}", container))
+                    time.sleep(0.2)  # the watch delivers it
                 outcome = container.oom_kill("child")
                 # Other OOM kills on the host raise the counter too: wait for this one's
                 # finding as well (printed right after the counter is raised).
@@ -148,8 +180,12 @@ def measure(source: str, kills: int, journald: Any) -> list[dict[str, float]]:
                         raise TimeoutError(agent.log())
                     time.sleep(0.002)
                 metric_at = time.time()
+                if standin is not None:
+                    event_at = _event_seen(standin, container.pod_uid, outcome.killed_at + 15)
             time.sleep(0.3)  # let the observers catch up
             row = {"t0": outcome.killed_at, "metric": metric_at}
+            if standin is not None:
+                row["event"] = event_at
             for name, seen in observers.seen.items():
                 if outcome.victim_pid in seen:
                     row[name] = seen[outcome.victim_pid]
@@ -157,21 +193,44 @@ def measure(source: str, kills: int, journald: Any) -> list[dict[str, float]]:
     finally:
         agent.stop()
         observers.close()
+        if standin is not None:
+            standin.stop()
     return rows
+
+
+def _pod(name: str, container: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "bench", "uid": container.pod_uid},
+        "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "busybox"}]},
+        "status": {
+            "phase": "Running",
+            "containerStatuses": [
+                {
+                    "name": "app",
+                    "containerID": f"containerd://{container.container_id}",
+                    "image": "busybox:latest",
+                    "imageID": "",
+                    "ready": True,
+                    "restartCount": 0,
+                }
+            ],
+        },
+    }
 
 
 def summarize(source: str, rows: list[dict[str, float]]) -> list[tuple[str, str, str, str]]:
     out = []
-    names = ["kmsg", "journal file", "journal wakeup", "metric"]
+    names = ["kmsg", "journal file", "journal wakeup", "metric", "event"]
     for name in names:
         deltas = [r[name] - r["t0"] for r in rows if name in r]
         if not deltas:
             continue
-        what = (
-            f"kill → /metrics, {source} source, {len(rows)} kills"
-            if name == "metric"
-            else f"  ({source} run) kill → {name} reader sees the line"
-        )
+        if name == "metric":
+            what = f"kill → /metrics, {source} source, {len(rows)} kills"
+        elif name == "event":
+            what = f"kill → Event at the API stand-in, {source} source, {len(rows)} kills"
+        else:
+            what = f"  ({source} run) kill → {name} reader sees the line"
         out.append(
             (
                 "latency",
@@ -184,14 +243,16 @@ def summarize(source: str, rows: list[dict[str, float]]) -> list[tuple[str, str,
     return out
 
 
-def bench_latency(kills: int, sources: list[str]) -> list[tuple[str, str, str, str]]:
+def bench_latency(
+    kills: int, sources: list[str], events: bool = False
+) -> list[tuple[str, str, str, str]]:
     import realkernel
 
     journald = realkernel.ensure_journald()
     rows: list[tuple[str, str, str, str]] = []
     try:
         for source in sources:
-            rows += summarize(source, measure(source, kills, journald))
+            rows += summarize(source, measure(source, kills, journald, events))
     finally:
         if journald.started:
             journald.stop()
@@ -202,8 +263,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--source", action="append", choices=["journal", "kmsg"])
+    parser.add_argument(
+        "--events",
+        action="store_true",
+        help="the agent writes Events to tests/kube_standin.py's API stand-in; also kill → Event",
+    )
     args = parser.parse_args()
-    for row in bench_latency(args.kills, args.source or ["journal", "kmsg"]):
+    for row in bench_latency(args.kills, args.source or ["journal", "kmsg"], args.events):
         print(" | ".join(row))
 
 

@@ -736,8 +736,12 @@ class KubeStandin:
 
     # ----------------------------------------------------------------- lifecycle
 
-    def start(self) -> KubeStandin:
-        server = _Server(("127.0.0.1", 0), _Handler)
+    def start(self, port: int = 0) -> KubeStandin:
+        """Serve on 127.0.0.1:``port`` (0: any free port). After :meth:`stop`, starting
+        again on the old port with the same stored objects is an API server restart."""
+        with self._cond:
+            self._stopping = False
+        server = _Server(("127.0.0.1", port), _Handler)
         server.standin = self
         self._server = server
         self._thread = threading.Thread(

@@ -579,6 +579,55 @@ class JournaldHandle:
         if fresh.started:
             self.process, self.started = fresh.process, True
 
+    def restart(self) -> None:
+        """Stop every running journald and start a fresh one (see :meth:`stop_all`)."""
+        self.stop_all()
+        self.start()
+
+    def stop_all(self) -> None:
+        """SIGTERM every running journald and wait for it to exit; on a host whose PID 1
+        is systemd, ``systemctl stop`` it instead.
+
+        journald remembers the last /dev/kmsg sequence number it stored
+        (/run/systemd/journal/kernel-seqnum), so the next one goes on where it stopped:
+        what the kernel logged meanwhile is ingested from the ring buffer.
+        """
+        if Path("/proc/1/comm").read_text().strip() == "systemd":
+            subprocess.run(["systemctl", "stop", "systemd-journald"], check=True)
+            return
+        pids = journald_pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        self.stop()  # reaps ours
+        deadline = time.monotonic() + 15
+        while any(host_pid_alive(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"systemd-journald {pids} did not exit on SIGTERM")
+            time.sleep(0.02)
+
+    def start(self) -> None:
+        """Start journald (it then belongs to this handle) and wait until it has ingested
+        /dev/kmsg."""
+        if Path("/proc/1/comm").read_text().strip() == "systemd":
+            subprocess.run(["systemctl", "start", "systemd-journald"], check=True)
+        fresh = ensure_journald()
+        self.journal_dir = fresh.journal_dir
+        if fresh.started:
+            self.process, self.started = fresh.process, True
+
+    def journal_files(self) -> list[Path]:
+        return sorted(self.journal_dir.glob("*/*.journal*"))
+
+    def rotate_and_vacuum(self) -> None:
+        """``journalctl --rotate`` then ``--vacuum-files=1``: every file written so far is
+        archived, then the archived ones are deleted."""
+        subprocess.run(["journalctl", "--rotate"], check=True, capture_output=True)
+        subprocess.run(
+            ["journalctl", "-D", str(next(self.journal_dir.iterdir())), "--vacuum-files=1"],
+            check=True,
+            capture_output=True,
+        )
+
     def wait_for_kernel_message(
         self, substring: str, timeout: float, since_realtime: float | None = None
     ) -> dict[str, Any]:

@@ -21,9 +21,11 @@ from agentproc import RunningAgent
 
 # PID 1 of a new pid namespace: joins the container's cgroup, then runs ``$2`` allocators
 # one after the other (``dd`` with a buffer twice the cgroup's limit: the kernel kills it,
-# sh survives), ``$3`` seconds apart, then sleeps (the container keeps running).
+# sh survives), ``$3`` seconds apart, the first after ``$6`` seconds, then sleeps (the
+# container keeps running).
 _STORM_INIT = r"""
 echo 0 > "$1" || exit 125
+[ "$6" = 0 ] || sleep "$6"
 i=0
 while [ "$i" -lt "$2" ]; do
     dd if=/dev/zero of=/dev/null bs=$5 count=1 2>/dev/null
@@ -54,12 +56,20 @@ class StormResult:
 
 
 class Storm:
-    """``n`` throwaway containers, each killed ``per_container`` times, all at once."""
+    """``n`` throwaway containers, each killed ``per_container`` times, ``gap`` seconds
+    apart; all at once, or (``stagger``) container ``i`` starts ``i * stagger / n`` seconds
+    after the first: a steady ``n / stagger`` kills per second when ``gap == stagger``."""
 
     def __init__(
-        self, n: int = 20, per_container: int = 50, gap: float = 0.0, limit_mib: int = 8
+        self,
+        n: int = 20,
+        per_container: int = 50,
+        gap: float = 0.0,
+        limit_mib: int = 8,
+        stagger: float = 0.0,
     ) -> None:
         self.limit_mib = limit_mib
+        self.stagger = stagger
         self.n = n
         self.per_container = per_container
         self.gap = gap
@@ -93,6 +103,7 @@ class Storm:
                 unshare, "--pid", "--fork", "--kill-child", "sh", "-c", _STORM_INIT, "sh",
                 str(container.fs_path / "cgroup.procs"), str(self.per_container),
                 str(self.gap), str(done), f"{2 * self.limit_mib}M",
+                f"{index * self.stagger / self.n:.3f}" if self.stagger else "0",
             ]  # fmt: skip
             self._procs.append(
                 subprocess.Popen(

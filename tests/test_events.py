@@ -430,6 +430,7 @@ def test_oom_storm_makes_a_handful_of_calls_and_a_node_finding_goes_out_at_once(
         assert sink.flush(10) == 0
     finally:
         stop.set()
+        sink.wake()
         worker.join(10)
     storm = only_event(api, "shop")
     assert storm["series"]["count"] == 1000
@@ -807,3 +808,35 @@ def test_events_on_a_real_cluster() -> None:
     finally:
         for event in mine:
             client.request("DELETE", f"{path}/{event['metadata']['name']}")
+
+
+def test_idle_worker_sleeps_until_a_finding_comes(
+    api: ks.KubeStandin, client: KubeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing pending the worker does not poll (an idle agent costs no wake-ups), and
+    a finding submitted while it sleeps is written at once."""
+    sink = EventSink(NODE, client, CollectorRegistry())
+    steps = 0
+    real_step = sink.step
+
+    def counted_step() -> float:
+        nonlocal steps
+        steps += 1
+        return real_step()
+
+    monkeypatch.setattr(sink, "step", counted_step)
+    stop = threading.Event()
+    worker = threading.Thread(target=sink.run, args=(stop,), daemon=True)
+    worker.start()
+    try:
+        time.sleep(2.0)
+        assert steps <= 2  # discovery, then asleep
+        submitted = time.monotonic()
+        sink.submit(node_finding("DNSProbeFailed", server="10.43.0.10"))
+        assert api.wait_for(lambda s: bool(s.events()), timeout=5)
+        assert time.monotonic() - submitted < 0.5
+    finally:
+        stop.set()
+        sink.wake()  # as start_kube's stop watcher does
+        worker.join(10)
+    assert not worker.is_alive()

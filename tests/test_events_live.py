@@ -23,6 +23,20 @@ pytestmark = pytest.mark.root
 MakeContainer = Callable[..., realkernel.ThrowawayContainer]
 
 
+def standin_agent_args(api: ks.KubeStandin, tmp_path: Path) -> list[str]:
+    """``run`` arguments: Events to ``api``, kills from /dev/kmsg, no containerd, and a DNS
+    probe of 127.0.0.1 that fails (a Node finding)."""
+    return [
+        "--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig")),
+        "--kernel-log", "kmsg",
+        "--state-dir", str(tmp_path / "state"),
+        "--node-name", NODE,
+        "--containerd-socket", str(tmp_path / "no-containerd.sock"),
+        "--cluster-dns", "127.0.0.1",
+        "--dns-probe-name", "kubernetes.default.svc.cluster.local",
+    ]  # fmt: skip
+
+
 @pytest.fixture
 def api() -> Iterator[ks.KubeStandin]:
     with ks.running() as standin:
@@ -36,17 +50,7 @@ def agent(
 ) -> Iterator[RunningAgent]:
     monkeypatch.setenv("NODEDIAG_EVENT_FLUSH_INTERVAL", "0.5")
     monkeypatch.setenv("NODEDIAG_EVENT_BACKOFF_CAP", "2")
-    running = RunningAgent(
-        [
-            "--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig")),
-            "--kernel-log", "kmsg",
-            "--state-dir", str(tmp_path / "state"),
-            "--node-name", NODE,
-            "--containerd-socket", str(tmp_path / "no-containerd.sock"),
-            "--cluster-dns", "127.0.0.1",
-            "--dns-probe-name", "kubernetes.default.svc.cluster.local",
-        ]
-    )  # fmt: skip
+    running = RunningAgent(standin_agent_args(api, tmp_path))
     running.wait_ready()
     yield running
     assert running.stop() == 0, running.log()

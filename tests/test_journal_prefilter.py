@@ -140,3 +140,73 @@ def test_forged_facility_is_not_read(tmp_path: Path) -> None:
     source = JournalSource(path)
     source._reader.seek_head()
     assert [r.message for r in source.records()] == ["kernel one", "kernel two"]
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_caught_up_reader_is_reopened_at_its_cursor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After many entries the reader is reopened when caught up: its file mappings go, the
+    position stays, nothing is read twice or lost."""
+    import collectors.journal as journal_module
+
+    messages = [f"line {n} " + "x" * 400 for n in range(20_000)]
+    path = _journal(tmp_path, _export(messages))
+    monkeypatch.setattr(journal_module, "REOPEN_AFTER", 5_000)
+    source = JournalSource(path)
+    source._reader.seek_head()
+    records = source.records()
+    first = [next(records).message for _ in range(4_000)]
+    source.wait(0.01)  # 4,000 visited: below the threshold, an entry is there
+    assert source.reopened == 0
+    rest = [r.message for r in records]
+    mapped = _rss_file_kib()
+    position = source.position()
+    source.wait(0.01)  # caught up with 20,000 visited: reopened
+    assert source.reopened == 1
+    assert source.position() == position
+    assert _rss_file_kib() < mapped - 4_000  # the ~9 MB of entries read are unmapped
+    assert first + rest == messages
+    assert list(source.records()) == []
+
+
+def test_reopen_resumes_after_skipped_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import collectors.journal as journal_module
+
+    monkeypatch.setattr(journal_module, "REOPEN_AFTER", 10)
+    path = _journal(tmp_path, _export([f"noise {n}" for n in range(30)] + ["oom-kill: last"]))
+    source = JournalSource(path)
+    source._reader.seek_head()
+    assert [r.message for r in source.records(lambda: (b"oom",))] == ["oom-kill: last"]
+    assert source.skipped == 30
+    source.wait(0.01)
+    assert source.reopened == 1
+    assert list(source.records()) == []
+
+
+def test_resume_at_a_vacuumed_entry_reads_the_next_file_from_its_first_entry(
+    tmp_path: Path,
+) -> None:
+    """The state file's cursor names an entry whose file was deleted (rotated and vacuumed):
+    reading resumes at the first entry still there, which is not lost, and the position
+    stays the old cursor until a record is handed out."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = JournalSource(_journal(tmp_path / "old", _export(["e1", "e2", "e3"])))
+    old._reader.seek_head()
+    assert [r.message for r in old.records()] == ["e1", "e2", "e3"]
+    cursor = old.position()
+    assert cursor is not None
+    later = _export(["f1", "f2", "f3"]).replace(b"=1700000000", b"=1700000001")
+    source = JournalSource(_journal(tmp_path / "new", later))
+    source.start(resume=cursor)
+    assert source.position() == cursor
+    assert [r.message for r in source.records()] == ["f1", "f2", "f3"]

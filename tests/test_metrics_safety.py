@@ -249,3 +249,25 @@ def test_count_oom_is_bounded_like_findings() -> None:
     assert {k[2] for k in oom_samples(metrics)} == {"b", "c"}
     clock.now += 61
     assert metrics.expire_oom_series() == 2 and metrics.oom_series == 0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_idle_server_stops_at_once(host: str) -> None:
+    """The server thread sleeps in select() for IDLE_POLL seconds between shutdown checks
+    (no wake-ups while idle); stop() still ends it at once."""
+    import time
+
+    from agent import http as agent_http
+
+    assert agent_http.IDLE_POLL >= 10
+    app = make_app(CollectorRegistry(), lambda: (True, ""), lambda: (True, ""))
+    server = HttpServer(host, 0, app)
+    server.start()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    connection.request("GET", "/healthz")
+    assert connection.getresponse().status == 200
+    connection.close()
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 2
+    assert not server._thread.is_alive()
