@@ -110,9 +110,11 @@ def _rss(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime+stime; ``children``: plus the reaped children's (iptables-save, nft, ...)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    own = int(fields[11]) + int(fields[12])
+    return (own + (int(fields[13]) + int(fields[14]) if children else 0)) / TICK
 
 
 def _wait_up(port: int, timeout: float = 60) -> None:
@@ -136,6 +138,18 @@ def _kills_counted(port: int) -> float:
         for sample in family.samples
         if sample.name == "nodediag_oom_kills_total"
     )
+
+
+def _steady_count(port: int, quiet: float = 3.0, timeout: float = 300.0) -> float:
+    """The kill counter once it stopped moving (the journal backlog is read)."""
+    deadline = time.monotonic() + timeout
+    last, since = _kills_counted(port), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.5)
+        value = _kills_counted(port)
+        if value != last:
+            last, since = value, time.monotonic()
+    return last
 
 
 def idle_runs(
@@ -183,10 +197,13 @@ def idle_runs(
         for _proc, port, _ in procs.values():
             _wait_up(port)
         time.sleep(warmup)
-        counted0 = {n: _kills_counted(port) for n, (_, port, _) in procs.items()}
+        counted0 = {n: _steady_count(port) for n, (_, port, _) in procs.items()}
         if storm is not None:
             storm.start()
-        start = {n: (_cpu_seconds(p.pid), time.monotonic()) for n, (p, _, _) in procs.items()}
+        start = {
+            n: (_cpu_seconds(p.pid), _cpu_seconds(p.pid, True), time.monotonic())
+            for n, (p, _, _) in procs.items()
+        }
         samples: dict[str, list[int]] = {n: [] for n in procs}
         anon: dict[str, list[int]] = {n: [] for n in procs}
         end = time.monotonic() + duration
@@ -198,8 +215,10 @@ def idle_runs(
         kills = sum(storm.deltas().values()) if storm is not None else 0
         time.sleep(5 if storm is not None else 0)  # the last kills reach /metrics
         for n, (p, port, command) in procs.items():
-            cpu0, t0 = start[n]
-            millicores = (_cpu_seconds(p.pid) - cpu0) / (time.monotonic() - t0) * 1000
+            cpu0, all0, t0 = start[n]
+            elapsed = time.monotonic() - t0
+            millicores = (_cpu_seconds(p.pid) - cpu0) / elapsed * 1000
+            with_children = (_cpu_seconds(p.pid, True) - all0) / elapsed * 1000
             counted = _kills_counted(port) - counted0[n]
             s = samples[n]
             rows.append(
@@ -210,6 +229,7 @@ def idle_runs(
                     f"{max(s) / MiB:.1f}",
                     f"{statistics.median(anon[n]) / MiB:.1f}",
                     f"{millicores:.2f}",
+                    f"{with_children:.2f}",
                     f"{kills} / {counted:.0f}",
                     command,
                 )
@@ -337,6 +357,7 @@ def main() -> None:
         "RSS max MiB",
         "RssAnon MiB",
         "CPU mc",
+        "+ children mc",
         "kills / counted",
         "command",
     )

@@ -50,7 +50,9 @@ def _valid_ips(values: Iterable[Any]) -> tuple[str, ...]:
 def _load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
+    # ValueError: bytes that are not UTF-8, and scalars PyYAML resolves but cannot build
+    # ("2026-02-30", an int over Python's digit limit); RecursionError: nesting too deep.
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as error:
         log.debug("cluster DNS: cannot read %s: %s", path, error)
         return {}
     return data if isinstance(data, dict) else {}

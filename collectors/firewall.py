@@ -65,7 +65,8 @@ _NFT_FAMILY_KEYWORD = {"ipv4": "ip", "ipv6": "ip6"}
 # or a run of non-blanks.
 _TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
 _UNESCAPE = re.compile(r"\\(.)")
-_COUNTERS = re.compile(r"^\[(\d+):(\d+)\]\s*")
+# Counters are 64-bit: at most 20 digits (more would also exceed int()'s digit limit).
+_COUNTERS = re.compile(r"^\[(\d{1,20}):(\d{1,20})\]\s*")
 _MAX_PATH_VISITS = 20_000
 
 
@@ -407,7 +408,9 @@ def _networks(texts: Iterable[str]) -> tuple[IpNetwork, ...] | None:
 
 def _port(text: str) -> int | None:
     text = text.strip()
-    if text.isdigit():
+    # ASCII digits only (isdigit() alone also takes "²", which int() refuses), and at most
+    # the 5 digits of a port (a longer run could exceed int()'s digit limit).
+    if text.isascii() and text.isdigit() and len(text) <= 5:
         return int(text)
     return _PORT_NAMES.get(text.lower())
 

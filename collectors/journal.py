@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -80,11 +82,23 @@ def find_journal(host_root: Path, explicit: Path | None) -> Path | None:
     return None
 
 
-def _split(keywords: tuple[bytes, ...] | None) -> tuple[bytes | None, bytes, tuple[bytes, ...]]:
-    """(first, last, the others) of a prefilter's keywords; ``first`` is ``None`` to read all."""
+def _split(
+    keywords: tuple[bytes, ...] | None,
+) -> tuple[bytes | None, bytes, Callable[[bytes], object] | None]:
+    """(first, last, a search for the others) of a prefilter's keywords; ``first`` is
+    ``None`` to read all."""
     if not keywords:  # None (every record matters), or nothing to look for: read all
-        return None, b"", ()
-    return keywords[0], keywords[-1], keywords[1:-1]
+        return None, b"", None
+    return keywords[0], keywords[-1], _search(keywords[1:-1])
+
+
+@functools.lru_cache(maxsize=16)
+def _search(keywords: tuple[bytes, ...]) -> Callable[[bytes], object] | None:
+    """One compiled search for any of ``keywords`` (cheaper than a loop of ``in`` tests
+    from three keywords on); ``None`` for none."""
+    if not keywords:
+        return None
+    return re.compile(b"|".join(re.escape(k) for k in keywords)).search
 
 
 class JournalSource:
@@ -154,7 +168,7 @@ class JournalSource:
                     first is not None
                     and first not in raw
                     and last not in raw
-                    and not (middle and any(k in raw for k in middle))
+                    and not (middle and middle(raw))
                 ):
                     skipped += 1
                     found = next_entry()
@@ -165,8 +179,9 @@ class JournalSource:
                 yield KernelRecord(message=message, time=when, uptime=self._uptime())
                 # position() may have fetched this record's cursor meanwhile.
                 self._fresh_cursor = False
-                if prefilter is not None:
-                    first, last, middle = _split(prefilter())
+                if prefilter is not None and (now := prefilter()) is not keywords:
+                    keywords = now
+                    first, last, middle = _split(now)
                 if self._peeked:  # wait() was called meanwhile and stepped onto an entry
                     self._peeked = False
                 else:

@@ -17,7 +17,9 @@ from collectors.records import KernelRecord
 
 KERNEL_FACILITY = 0
 READ_SIZE = 16384
-_HEADER = re.compile(rb"^(?P<prio>\d+),(?P<seq>\d+),(?P<usec>\d+),[^;]*;")
+# Bounded like collectors/logfile.py's: a longer number is no header (and could exceed
+# int()'s digit limit).
+_HEADER = re.compile(rb"^(?P<prio>\d{1,10}),(?P<seq>\d{1,20}),(?P<usec>\d{1,20}),[^;]*;")
 _ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
 
 
@@ -112,7 +114,7 @@ class KmsgSource:
             uptime = record.usec / 1e6
             yield KernelRecord(
                 message=record.message,
-                time=datetime.fromtimestamp(self._boot_time + uptime, UTC),
+                time=_wall_time(self._boot_time + uptime),
                 uptime=uptime,
                 position=f"{self.boot_id}:{record.seq}",
             )
@@ -142,3 +144,12 @@ class KmsgSource:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def _wall_time(seconds: float) -> datetime | None:
+    """The wall-clock time, or ``None`` for a timestamp no datetime can hold (a damaged
+    record's ``usec``)."""
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None

@@ -100,8 +100,36 @@ def parse_oom_kill_counter(text: str) -> int | None:
         key, _, value = line.partition(" ")
         if key == "oom_kill":
             value = value.strip()
-            return int(value) if value.isdigit() else None
+            # A 64-bit counter: ASCII digits ("²" passes isdigit() but not int()), at most 20.
+            return int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else None
     return None
+
+
+# Names of cgroup control files: "<controller or cgroup>.<file>", plus a few bare ones.
+# The walk tells child cgroups from control files by name, not by a stat of each of the
+# ~35 files every cgroup directory holds (the walk runs twice a second after a kill).
+_CONTROL_PREFIXES = frozenset(
+    {
+        "cgroup", "memory", "cpu", "cpuacct", "cpuset", "io", "blkio", "pids", "hugetlb",
+        "rdma", "misc", "devices", "freezer", "net_cls", "net_prio", "perf_event",
+    }
+)  # fmt: skip
+_CONTROL_FILES = frozenset({"tasks", "notify_on_release", "release_agent"})
+
+
+def _child_cgroups(directory: str) -> list[str]:
+    """Names in a cgroup directory that may be child cgroups (control files left out)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:  # removed meanwhile, or not a directory after all
+        return []
+    children = []
+    for name in names:
+        head, dot, _ = name.partition(".")
+        if (dot and head in _CONTROL_PREFIXES) or name in _CONTROL_FILES:
+            continue
+        children.append(name)
+    return children
 
 
 def read_oom_kill_counters(hierarchy: Path) -> dict[str, int]:
@@ -118,33 +146,30 @@ def read_oom_kill_counters(hierarchy: Path) -> dict[str, int]:
     stack: list[tuple[str, str]] = [(str(hierarchy), "")]
     while stack:
         directory, cgroup = stack.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                if not entry.is_dir(follow_symlinks=False):
-                    continue
-            except OSError:
-                continue
-            path = f"{cgroup}/{entry.name}"
+        for name in _child_cgroups(directory):
+            path = f"{cgroup}/{name}"
             pod = parse_pod_cgroup(path) if "kubepods" in path else None
             if pod is None or pod.container_id is None:
-                stack.append((entry.path, path))
+                stack.append((f"{directory}/{name}", path))
                 continue
-            value = _read_counter(Path(entry.path), names)
+            value = _read_counter(f"{directory}/{name}", names)
             if value is not None:
                 counters[path] = value
     return counters
 
 
-def _read_counter(directory: Path, names: tuple[str, ...]) -> int | None:
+def _read_counter(directory: str, names: tuple[str, ...]) -> int | None:
     for name in names:
         try:
-            text = (directory / name).read_text()
+            fd = os.open(f"{directory}/{name}", os.O_RDONLY)
         except OSError:
             continue
+        try:
+            text = os.read(fd, 4096).decode("ascii", "replace")
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
         value = parse_oom_kill_counter(text)
         if value is not None:
             return value
@@ -155,4 +180,4 @@ def read_oom_kill_counter(hierarchy: Path, cgroup_path: str) -> int | None:
     """One cgroup's ``oom_kill`` counter; ``None`` when it is gone or has none."""
     directory = hierarchy / cgroup_path.lstrip("/")
     v1 = (hierarchy / "memory.oom_control").exists() or hierarchy.name == "memory"
-    return _read_counter(directory, OOM_KILL_FILES_V1 if v1 else OOM_KILL_FILES_V2)
+    return _read_counter(str(directory), OOM_KILL_FILES_V1 if v1 else OOM_KILL_FILES_V2)

@@ -117,8 +117,21 @@ _GROUP = re.compile(
     r"Tasks in (?P<memcg>/.*?) are going to be killed due to memory\.oom\.group set"
 )
 _TABLE_TITLE = "Tasks state (memory values in pages):"
-_TABLE_HEADER = re.compile(r"^\[\s*pid\s*\](?P<columns>.*)$")
-_TABLE_ROW = re.compile(r"^\[\s*(?P<pid>\d+)\]\s+(?P<rest>.*)$")
+# A task table line (with ``match``): a row "[  1234]  <values>", or the header "[  pid  ] <names>".
+_TABLE_LINE = re.compile(r"\[\s*(?:(?P<pid>\d+)\]\s+(?P<rest>.*)|pid\s*\](?P<columns>.*))$")
+
+# Which lines matter, cheapest test first. A line that starts, ends or extends a kill holds
+# "oom" ("invoked oom-killer:", "oom-kill:constraint=", "memory.oom.group") or "Kill"
+# ("Killed process", pre-5.0 "Kill process"). Any other line can only be part of an open
+# report's body, and of those only lines with these first characters change the report:
+# "CPU: " (trigger pid), "memory: usage " (memcg usage and limit), "Task in /" (pre-5.0
+# memcgs), "Tasks state" (table title) and "[" (table header and rows). The report's other
+# lines (call trace, registers, memcg stats, Mem-Info, per-node and zone lines) are skipped.
+_BODY_HEADS = "[CmT"
+# ``prefilter``: with no report open only the kill words matter; with one open, also the
+# words of the body lines above ("Task" covers "Task in /" and "Tasks state").
+_IDLE_PREFILTER = (b"oom", b"Kill")
+_REPORT_PREFILTER = (b"[", b"CPU: ", b"memory: usage ", b"Task", b"Kill", b"oom")
 
 
 @dataclass(slots=True)
@@ -138,7 +151,7 @@ class _Report:
     summary_victim: OomVictim | None = None
     memcg_usage_kb: int | None = None
     memcg_limit_kb: int | None = None
-    table_columns: list[str] | None = None
+    table_layout: _TableLayout | None = None  # of the task table header read last
     tasks: list[TaskRow] | None = None
     has_summary: bool = False
     has_body: bool = False  # printed its stack / meminfo / task table
@@ -171,9 +184,9 @@ class _Report:
 def _merge_victims(summary: OomVictim | None, killed: OomVictim | None) -> OomVictim | None:
     if killed is None:
         return summary
-    if summary is None or summary.pid != killed.pid:
+    if summary is None or summary.pid != killed.pid or killed.uid is not None:
         return killed
-    return replace(killed, uid=killed.uid if killed.uid is not None else summary.uid)
+    return replace(killed, uid=summary.uid)
 
 
 def _int_or_none(text: str | None) -> int | None:
@@ -192,7 +205,7 @@ def parse_killed_line(message: str) -> tuple[OomVictim, bool | None] | None:
     match = _KILLED.search(message)
     if match is None:
         return None
-    fields = {m["key"]: int(m["value"]) for m in _TAIL_FIELD.finditer(match["tail"])}
+    fields = {key: int(value) for key, value in _TAIL_FIELD.findall(match["tail"])}
     victim = OomVictim(
         pid=int(match["pid"]),
         comm=match["comm"],
@@ -246,9 +259,11 @@ class OomAssembler:
         """Words a raw record must contain to matter now (``None``: every record matters).
 
         The same rule as ``feed``'s fast path, for sources that can skip records before
-        decoding them: with no report open only lines with "oom" or "Kill" matter.
+        decoding them: with no report open only lines with "oom" or "Kill" matter; with one
+        open also the report lines that change it ("CPU: ", "memory: usage ", "Task", "["),
+        not its call trace, registers, memcg stats or Mem-Info lines.
         """
-        return None if self._open else (b"oom", b"Kill")
+        return _REPORT_PREFILTER if self._open else _IDLE_PREFILTER
 
     @property
     def reading_report(self) -> bool:
@@ -257,12 +272,17 @@ class OomAssembler:
 
     def feed(self, record: KernelRecord) -> list[OomKill]:
         message = record.message
+        # Fast path for the bulk of the log, and of a report: only a line that can start a
+        # report, end one or extend a held kill holds "oom" (trigger, summary and group
+        # lines) or "Kill" ("Killed process", pre-5.0 "Kill process"); any other line is at
+        # most a body line of the open report, which matters only by its first character.
+        # A line longer than MAX_MESSAGE_CHARS cannot be a kernel record: it is ignored
+        # like any other noise.
+        if "oom" not in message and "Kill" not in message:
+            if self._open and message[:1] in _BODY_HEADS and len(message) <= MAX_MESSAGE_CHARS:
+                _on_body_line(self._open[-1], message)
+            return []
         if len(message) > MAX_MESSAGE_CHARS:
-            return []  # cannot be a kernel record: ignore it like any other noise
-        # Fast path for the bulk of the log: with no report open, only a line that can
-        # start one, end one or extend a held kill matters ("oom" covers trigger, summary
-        # and group lines; "Kill" the "Killed process" and pre-5.0 "Kill process" lines).
-        if not self._open and "oom" not in message and "Kill" not in message:
             return []
         done: list[OomKill] = []
         if "Killed process" in message:
@@ -355,32 +375,18 @@ class OomAssembler:
         )
 
     def _on_report_line(self, record: KernelRecord, done: list[OomKill]) -> None:
+        """A line with "oom" or "Kill" that is none of the trigger, summary, group or
+        Killed lines: a pre-5.0 choice line, else a body line (e.g. ``oom_kill_process``
+        in the call trace, a table header with ``oom_score_adj``, a task named "oom…")."""
         message = record.message
-        legacy = _LEGACY_CHOICE.search(message)
-        if legacy is not None:
-            self._on_legacy_choice(legacy, record, done)
-            return
-        report = self._open[-1] if self._open else None
-        if report is None:
-            return
-        if (cpu := _CPU_LINE.search(message)) is not None:
-            report.has_body = True
-            if report.trigger_pid is None:
-                report.trigger_pid = int(cpu["pid"])
-        elif (usage := _MEMCG_USAGE.search(message)) is not None:
-            report.has_body = True
-            report.memcg_usage_kb = int(usage["usage"])
-            report.memcg_limit_kb = int(usage["limit"])
-        elif (task_in := _LEGACY_TASK_IN.search(message)) is not None:
-            report.task_memcg = task_in["task"]
-            report.oom_memcg = task_in["limit"]
-            report.constraint = report.constraint or "CONSTRAINT_MEMCG"
-            report.is_global = False
-        elif message.startswith(_TABLE_TITLE):
-            report.has_body = True
-            report.tasks = []
-        else:
-            self._on_table_line(report, message)
+        # "Kill process " is a literal of _LEGACY_CHOICE: the (slow) search only if it is in.
+        if "Kill process " in message:
+            legacy = _LEGACY_CHOICE.search(message)
+            if legacy is not None:
+                self._on_legacy_choice(legacy, record, done)
+                return
+        if self._open:
+            _on_body_line(self._open[-1], message)
 
     def _on_legacy_choice(
         self, match: re.Match[str], record: KernelRecord, done: list[OomKill]
@@ -401,21 +407,6 @@ class OomAssembler:
             report.is_global = is_global
         if report.constraint is None:
             report.constraint = "CONSTRAINT_NONE" if is_global else "CONSTRAINT_MEMCG"
-
-    def _on_table_line(self, report: _Report, message: str) -> None:
-        header = _TABLE_HEADER.match(message)
-        if header is not None:
-            report.table_columns = header["columns"].split()
-            if report.tasks is None:
-                report.tasks = []
-            return
-        row = _TABLE_ROW.match(message)
-        if row is None or report.table_columns is None or report.tasks is None:
-            return
-        if len(report.tasks) < MAX_TASK_ROWS:
-            parsed = _parse_task_row(report.table_columns, int(row["pid"]), row["rest"])
-            if parsed is not None:
-                report.tasks.append(parsed)
 
     def _on_killed(self, record: KernelRecord, done: list[OomKill]) -> None:
         parsed = parse_killed_line(record.message)
@@ -460,17 +451,110 @@ class OomAssembler:
             self._group.victims.append(held.victim)
 
 
-def _parse_task_row(columns: list[str], pid: int, rest: str) -> TaskRow | None:
-    """Parse a task table row by its header (the column set differs between kernels)."""
-    values = rest.split(None, len(columns) - 1)
-    if len(values) != len(columns) or columns[-1] != "name":
-        return None
-    by_name = dict(zip(columns, values, strict=True))
-    return TaskRow(
-        pid=pid,
-        name=by_name["name"],
-        tgid=_int_or_none(by_name.get("tgid")),
-        uid=_int_or_none(by_name.get("uid")),
-        rss_pages=_int_or_none(by_name.get("rss")),
-        oom_score_adj=_int_or_none(by_name.get("oom_score_adj")),
-    )
+@dataclass(frozen=True, slots=True)
+class _TableLayout:
+    """Where a task table header puts the columns a ``TaskRow`` takes (the column set
+    differs between kernels): computed once per header, not per row."""
+
+    splits: int  # a row's values: ``rest.split(None, splits)`` (the name may hold spaces)
+    tgid: int | None
+    uid: int | None
+    rss: int | None
+    oom_score_adj: int | None
+
+    def row(self, pid: int, rest: str) -> TaskRow | None:
+        """The row ``rest`` (after "[pid]"), or ``None`` if it does not fit the header."""
+        values = rest.split(None, self.splits)
+        if len(values) != self.splits + 1:
+            return None
+        tgid, uid, rss, adj = self.tgid, self.uid, self.rss, self.oom_score_adj
+        try:  # the columns are numbers (one int() each, not a call per column)
+            return TaskRow(
+                pid,
+                values[-1],
+                None if tgid is None else int(values[tgid]),
+                None if uid is None else int(values[uid]),
+                None if rss is None else int(values[rss]),
+                None if adj is None else int(values[adj]),
+            )
+        except ValueError:  # one is not: that one is None
+            return TaskRow(
+                pid,
+                values[-1],
+                _column(values, tgid),
+                _column(values, uid),
+                _column(values, rss),
+                _column(values, adj),
+            )
+
+    @classmethod
+    def of(cls, columns: list[str]) -> _TableLayout | None:
+        """``None`` when no row can be read by this header (its last column is not the
+        name, or it has no columns)."""
+        if not columns or columns[-1] != "name":
+            return None
+        index = {name: i for i, name in enumerate(columns)}  # the last of a repeated name
+        return cls(
+            len(columns) - 1,
+            index.get("tgid"),
+            index.get("uid"),
+            index.get("rss"),
+            index.get("oom_score_adj"),
+        )
+
+
+def _on_body_line(report: _Report, message: str) -> None:
+    """A line of ``report``'s body, dispatched on its first character (the prefixes are
+    distinct, so a line that fails its own pattern matches none of the others either)."""
+    head = message[:1]
+    if head == "[":
+        _on_table_line(report, message)
+    elif head == "C":
+        if message.startswith("CPU: ") and (cpu := _CPU_LINE.match(message)) is not None:
+            report.has_body = True
+            if report.trigger_pid is None:
+                report.trigger_pid = int(cpu["pid"])
+    elif head == "m":
+        if (
+            message.startswith("memory: usage ")
+            and (usage := _MEMCG_USAGE.match(message)) is not None
+        ):
+            report.has_body = True
+            report.memcg_usage_kb = int(usage["usage"])
+            report.memcg_limit_kb = int(usage["limit"])
+    elif head == "T":
+        if (
+            message.startswith("Task in /")
+            and (task_in := _LEGACY_TASK_IN.match(message)) is not None
+        ):
+            report.task_memcg = task_in["task"]
+            report.oom_memcg = task_in["limit"]
+            report.constraint = report.constraint or "CONSTRAINT_MEMCG"
+            report.is_global = False
+        elif message.startswith(_TABLE_TITLE):
+            report.has_body = True
+            report.tasks = []
+
+
+def _on_table_line(report: _Report, message: str) -> None:
+    """A line starting with "[": a task table row or header (else nothing)."""
+    line = _TABLE_LINE.match(message)
+    if line is None:
+        return
+    pid, rest, columns = line.groups()
+    if rest is None:  # the header
+        report.table_layout = _TableLayout.of(columns.split())
+        if report.tasks is None:
+            report.tasks = []
+        return
+    tasks = report.tasks
+    layout = report.table_layout
+    if layout is None or tasks is None or len(tasks) >= MAX_TASK_ROWS:
+        return
+    row = layout.row(int(pid), rest)
+    if row is not None:
+        tasks.append(row)
+
+
+def _column(values: list[str], index: int | None) -> int | None:
+    return None if index is None else _int_or_none(values[index])

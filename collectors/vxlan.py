@@ -125,8 +125,7 @@ def parse_link_dump(data: bytes) -> tuple[list[tuple[str, str | None]], bool]:
         if kind == _NLMSG_DONE:
             return links, True
         if kind == _NLMSG_ERROR:
-            code = -struct.unpack_from("=i", data, offset + 16)[0]
-            raise OSError(code, os.strerror(code))
+            raise _netlink_error(data, offset)
         if kind == RTM_NEWLINK:
             name, link_kind = "", None
             for attr, payload in _attrs(data[offset : offset + length], 32):
@@ -139,6 +138,17 @@ def parse_link_dump(data: bytes) -> tuple[list[tuple[str, str | None]], bool]:
             links.append((name, link_kind))
         offset += (length + 3) & ~3
     return links, False
+
+
+def _netlink_error(data: bytes, offset: int) -> OSError:
+    """The ``OSError`` an NLMSG_ERROR message carries (its errno, negated)."""
+    if offset + 20 > len(data):
+        return OSError(errno.EIO, "truncated netlink error message")
+    code = -struct.unpack_from("=i", data, offset + 16)[0]
+    try:
+        return OSError(code, os.strerror(code))
+    except (ValueError, OverflowError):
+        return OSError(errno.EIO, f"netlink error {code}")
 
 
 def link_kinds() -> list[tuple[str, str | None]]:

@@ -81,3 +81,15 @@ def test_resume_from_another_boot_reads_everything(
     writer.send(b"6,1,1,-;r1")
     source.start(resume="old-boot:900")
     assert [r.message for r in source.records()] == ["r1"]
+
+
+def test_record_with_a_time_no_datetime_holds_has_no_wall_time(
+    device: tuple[socket.socket, KmsgSource],
+) -> None:
+    writer, source = device
+    writer.send(b"6,1,99999999999999999999,-;damaged usec")
+    writer.send(b"6,2,1000000,-;next")
+    source.start()
+    records = list(source.records())
+    assert [r.message for r in records] == ["damaged usec", "next"]
+    assert records[0].time is None and records[1].time is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from collectors import oom
 from collectors.oom import OomAssembler, OomKill, OomVictim, TaskRow, parse_killed_line
 from collectors.records import KernelRecord
 
@@ -675,3 +677,242 @@ def test_overlong_line_is_ignored_quickly() -> None:
     assembler = OomAssembler()
     assert assembler.feed(huge) == []
     assert assembler.idle
+
+
+# ---- the fast paths: skipping records, and the per-line work inside a report -------------
+
+
+def run_all(records: Iterable[KernelRecord], *, final: bool = True) -> list[OomKill]:
+    """Every record fed (``run`` without its end-of-input check, for ``final=False``)."""
+    assembler = OomAssembler()
+    kills = [k for record in records for k in assembler.feed(record)]
+    return kills + assembler.flush(final=final)
+
+
+def run_prefiltered(records: Iterable[KernelRecord], *, final: bool = True) -> list[OomKill]:
+    """``run_all`` as a source that skips records by ``prefilter()`` feeds the assembler:
+    the words are tested on the raw UTF-8 message, before it is decoded (JournalSource)."""
+    assembler = OomAssembler()
+    kills: list[OomKill] = []
+    for record in records:
+        words = assembler.prefilter()
+        raw = record.message.encode("utf-8", "surrogatepass")
+        if words is not None and not any(w in raw for w in words):
+            continue
+        kills.extend(assembler.feed(record))
+    return kills + assembler.flush(final=final)
+
+
+def test_prefilter_skips_report_lines_that_change_nothing() -> None:
+    # Inside a report only its lines that change it are read; the call trace, registers and
+    # memcg stats of this 80-line report are not.
+    records = load("memcg_6_18_kubepods_this_machine.log")
+    assembler = OomAssembler()
+    read = []
+    for record in records:
+        words = assembler.prefilter()
+        if words is None or any(w in record.message.encode() for w in words):
+            read.append(record.message.split()[0])
+            assembler.feed(record)
+    assert read == [
+        "python3",  # invoked oom-killer
+        "CPU:",
+        "oom_kill_process.cold+0x8/0x8a",  # has "oom": read, changes nothing
+        "memory:",
+        "Tasks",
+        "[",
+        "[",
+        "[",
+        "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,"
+        f"oom_memcg={POD_A},task_memcg={POD_A},task=python3,pid=6424,uid=0",
+        "Memory",
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_vector_through_prefilter(name: str) -> None:
+    records = load(name)
+    kills = run_prefiltered(records)
+    assert kills == run(records)  # every field, the task tables included
+    assert_kills(kills, EXPECTED[name])
+    noise = load("noise.log")
+    mixed = [r for i, record in enumerate(records) for r in (noise[i % len(noise)], record)]
+    assert run_prefiltered(mixed) == run(mixed) == kills
+
+
+def test_all_vectors_in_one_log_through_prefilter() -> None:
+    records = [r for name in sorted(EXPECTED) for r in load(name)]
+    for final in (True, False):
+        assert run_prefiltered(records, final=final) == run_all(records, final=final)
+
+
+@st.composite
+def _interleaved_vectors(draw: st.DrawFn) -> list[KernelRecord]:
+    """Two vectors (or one twice) merged line by line in any order, each in its own order."""
+    left = load(draw(st.sampled_from(sorted(EXPECTED))))
+    right = load(draw(st.sampled_from(sorted(EXPECTED))))
+    picks = draw(st.lists(st.booleans(), max_size=len(left) + len(right)))
+    merged: list[KernelRecord] = []
+    for pick in picks:
+        side = left if (pick and left) or not right else right
+        merged.append(side.pop(0))
+    return merged + left + right
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_interleaved_vectors(), st.booleans())
+def test_property_interleaved_vectors_through_prefilter(
+    records: list[KernelRecord], final: bool
+) -> None:
+    assert run_prefiltered(records, final=final) == run_all(records, final=final)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_line, max_size=60), st.booleans())
+def test_property_arbitrary_text_through_prefilter(messages: list[str], final: bool) -> None:
+    records = [KernelRecord(m) for m in messages]
+    assert run_prefiltered(records, final=final) == run_all(records, final=final)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.permutations(OOM_LINES[:80]), st.booleans())
+def test_property_real_oom_lines_shuffled_through_prefilter(
+    messages: list[str], final: bool
+) -> None:
+    records = [KernelRecord(m) for m in messages]
+    assert run_prefiltered(records, final=final) == run_all(records, final=final)
+
+
+def _reference_row(columns: list[str], pid: int, rest: str) -> TaskRow | None:
+    """A task table row read by its header, one dict per row: the straightforward form of
+    what the assembler does with the layout it derives once per header."""
+
+    def number(text: str | None) -> int | None:
+        try:
+            return int(text) if text is not None else None
+        except ValueError:
+            return None
+
+    values = rest.split(None, len(columns) - 1)
+    if not columns or len(values) != len(columns) or columns[-1] != "name":
+        return None
+    by_name = dict(zip(columns, values, strict=True))
+    return TaskRow(
+        pid=pid,
+        name=by_name["name"],
+        tgid=number(by_name.get("tgid")),
+        uid=number(by_name.get("uid")),
+        rss_pages=number(by_name.get("rss")),
+        oom_score_adj=number(by_name.get("oom_score_adj")),
+    )
+
+
+_REAL_HEADERS = sorted({m.split("]", 1)[1] for m in REAL_LINES if re.match(r"\[\s*pid\s*\]", m)})
+_COLUMN = st.sampled_from(
+    ["uid", "tgid", "total_vm", "rss", "nr_ptes", "swapents", "oom_score_adj", "name", "x"]
+)
+_TOKEN = st.one_of(
+    st.integers(-5000, 10**6).map(str),
+    st.text("0123456789-+_abc()", min_size=1, max_size=6),
+)
+_GAP = st.sampled_from([" ", "  ", "      ", "\t", " \t "])
+
+
+@st.composite
+def _table(draw: st.DrawFn) -> tuple[str, list[tuple[int, str]]]:
+    """A header (a real one or made of known and unknown column names) and rows for it
+    (mostly fitting it; values that are no numbers; names with spaces)."""
+    header = draw(
+        st.one_of(
+            st.sampled_from(_REAL_HEADERS),
+            st.lists(_COLUMN, max_size=9).map(lambda c: " " + " ".join(c)),
+        )
+    )
+    width = max(len(header.split()), 1)
+    rows = []
+    for pid in draw(st.lists(st.integers(0, 4_194_304), max_size=12)):
+        count = draw(st.sampled_from([width, width, width, width - 1, width + 2]))
+        tokens = draw(st.lists(_TOKEN, min_size=max(count, 0), max_size=max(count, 0)))
+        spaced_name = draw(st.booleans())
+        if tokens and spaced_name:
+            tokens[-1] += " (with spaces) x"
+        rest = ""
+        for token in tokens:
+            rest += (draw(_GAP) if rest else "") + token
+        rows.append((pid, rest))
+    return header, rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(_table())
+def test_property_task_rows_read_by_their_header(table: tuple[str, list[tuple[int, str]]]) -> None:
+    header, rows = table
+    lines = [
+        "t invoked oom-killer: gfp_mask=0xcc0(GFP_KERNEL), order=0, oom_score_adj=0",
+        "Tasks state (memory values in pages):",
+        "[  pid  ]" + header,
+        *(f"[{pid:>7}] {rest}" for pid, rest in rows),
+        "Memory cgroup out of memory: Killed process 1 (t) total-vm:1kB, anon-rss:1kB",
+    ]
+    (kill,) = run(KernelRecord(line) for line in lines)
+    expected = [_reference_row(header.split(), pid, rest) for pid, rest in rows]
+    assert kill.tasks == tuple(row for row in expected if row is not None)
+
+
+def test_table_header_without_columns() -> None:
+    # Garbage, but it must not raise: a header naming no column reads no row.
+    kills = run(
+        KernelRecord(line)
+        for line in (
+            "t invoked oom-killer: gfp_mask=0xcc0(GFP_KERNEL), order=0, oom_score_adj=0",
+            "[  pid  ]",
+            "[      1]  ",
+            "[      2] 0 2 t",
+            "Memory cgroup out of memory: Killed process 2 (t) total-vm:1kB, anon-rss:1kB",
+        )
+    )
+    assert [k.tasks for k in kills] == [()]
+
+
+class _CountingPattern:
+    """Stands in for a compiled pattern of ``collectors.oom`` and counts its uses."""
+
+    def __init__(self, pattern: re.Pattern[str], name: str, calls: Counter[str]) -> None:
+        self._pattern, self._name, self._calls = pattern, name, calls
+
+    def match(self, text: str) -> re.Match[str] | None:
+        self._calls[self._name] += 1
+        return self._pattern.match(text)
+
+    def search(self, text: str) -> re.Match[str] | None:
+        self._calls[self._name] += 1
+        return self._pattern.search(text)
+
+    def findall(self, text: str) -> list[Any]:
+        self._calls[self._name] += 1
+        return self._pattern.findall(text)
+
+
+def test_report_lines_are_tried_against_their_own_pattern_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An OOM storm is mostly report lines: each one costs a few substring tests, and a
+    # pattern only if it starts the way that pattern's lines do. 80 lines, 10 pattern uses.
+    calls: Counter[str] = Counter()
+    for name, value in vars(oom).items():
+        if isinstance(value, re.Pattern):
+            monkeypatch.setattr(oom, name, _CountingPattern(value, name, calls))
+    assert_kills(
+        run(load("memcg_6_18_kubepods_this_machine.log")),
+        EXPECTED["memcg_6_18_kubepods_this_machine.log"],
+    )
+    assert calls == {
+        "_TRIGGER": 1,
+        "_CPU_LINE": 1,
+        "_MEMCG_USAGE": 1,
+        "_TABLE_LINE": 3,  # the header and two rows
+        "_SUMMARY_HEAD": 1,
+        "_SUMMARY_TAIL": 1,
+        "_KILLED": 1,
+        "_TAIL_FIELD": 1,
+    }

@@ -3,9 +3,11 @@ namespace the test creates (root)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
+import struct
 import subprocess
 import threading
 import time
@@ -17,7 +19,13 @@ import pytest
 import realkernel
 from prometheus_client import CollectorRegistry
 
-from collectors.vxlan import FEATURE, VxlanCollector, parse_snmp, udp_in_csum_errors
+from collectors.vxlan import (
+    FEATURE,
+    VxlanCollector,
+    parse_link_dump,
+    parse_snmp,
+    udp_in_csum_errors,
+)
 
 # /proc/net/snmp of kernel 6.18 (recorded on the test machine, counters changed)
 SNMP_6_18 = """\
@@ -262,3 +270,17 @@ def test_missing_namespace_is_an_error_not_a_new_namespace(tmp_path: Path) -> No
     with pytest.raises(FileNotFoundError):
         collector.collect()
     assert not Path("/run/netns", name).exists()
+
+
+@pytest.mark.parametrize(
+    ("message", "errno_value"),
+    [
+        (struct.pack("=IHHII", 20, 2, 0, 1, 0) + struct.pack("=i", -1), 1),  # EPERM
+        (struct.pack("=IHHII", 16, 2, 0, 1, 0), errno.EIO),  # no room for the errno
+        (struct.pack("=IHHII", 20, 2, 0, 1, 0) + struct.pack("=i", -(2**31)), errno.EIO),
+    ],
+)
+def test_netlink_error_answers_raise_oserror_only(message: bytes, errno_value: int) -> None:
+    with pytest.raises(OSError) as raised:
+        parse_link_dump(message)
+    assert raised.value.errno == errno_value
