@@ -44,6 +44,8 @@ SAVE_INTERVAL = 1.0
 # were lost still get counted then).
 RECONCILE_ACTIVE = 0.5
 RECONCILE_QUIET = 30.0
+# Counter rises with no kill in the log for this long: the log source is probably dead.
+SILENT_LOG_SECONDS = 60.0
 ACTIVE_AFTER_KILL = 30.0
 HEADERLESS_BATCH = 500
 RECENT_KILLS = 512
@@ -129,6 +131,8 @@ class KernelWatch:
         self.counters = counters if counters is not None else _live_ledger(findings)
         self._last_reconcile = 0.0
         self._last_kill = float("-inf")
+        self._started = time.monotonic()
+        self._silence_logged = False
         # Kills reported since (about) the last saved position, saved with it: after a
         # crash, the kills re-read from that position and reported before are skipped.
         self._recent: deque[str] = deque(maxlen=RECENT_KILLS)
@@ -213,6 +217,9 @@ class KernelWatch:
 
     def _report(self, kills: list[OomKill]) -> None:
         self._last_kill = time.monotonic()
+        if self._silence_logged:
+            log.info("the %s shows OOM kills again", self.source.name)
+            self._silence_logged = False
         for kill in kills:
             ledger = self.counters
             if ledger is None or kill.is_global or ledger.before_baseline(kill):
@@ -277,6 +284,26 @@ class KernelWatch:
             return
         for memcg, increment in rises.items():
             self.metrics.count_oom("unknown", self.findings.subject_for(memcg), increment)
+        if rises:
+            self._warn_if_log_silent(sum(rises.values()))
+
+    def _warn_if_log_silent(self, kills: int) -> None:
+        """Once per silence: the counters saw kills the log has not shown for a while (the
+        journal is not being written, e.g. journald stopped)."""
+        since = max(self._last_kill, self._started)
+        silent = time.monotonic() - since
+        if silent < SILENT_LOG_SECONDS or self._silence_logged:
+            return
+        self._silence_logged = True
+        log.warning(
+            "%d OOM kill(s) counted from memory cgroup counters, but the %s has shown no kill "
+            "for %.0f s: is it still being written (systemd-journald running)? Kills stay "
+            'counted (scope "unknown"); victims and pods come only from the log '
+            "(--kernel-log kmsg reads the kernel directly)",
+            kills,
+            self.source.name,
+            silent,
+        )
 
     def save(self) -> None:
         if self.state is None or not self._unsaved:

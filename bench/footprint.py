@@ -158,8 +158,12 @@ def idle_runs(
     """Both runs at once (separate processes; CPU is per process). ``storm``: an entered
     ``stormkit.Storm`` (its containers exist before the agents start), started after the
     warm-up."""
+    import realkernel
     from agentproc import free_port
 
+    # The agents read the journal (their default source): without a journald nothing new
+    # reaches it and the run measures nothing.
+    journald = realkernel.ensure_journald()
     tmp = Path(tempfile.mkdtemp(prefix="nodediag-footprint-"))
     standin = None
     runs: dict[str, list[str]] = {"run --no-kube": ["--no-kube"]}
@@ -212,8 +216,11 @@ def idle_runs(
                 samples[n].append(_rss(p.pid))
                 anon[n].append(_rss(p.pid, "RssAnon"))
             time.sleep(1.0)
-        kills = sum(storm.deltas().values()) if storm is not None else 0
-        time.sleep(5 if storm is not None else 0)  # the last kills reach /metrics
+        kills = 0
+        if storm is not None:
+            storm.stop()  # the kills end with the window
+            kills = sum(storm.deltas().values())
+            time.sleep(5)  # the last kills reach /metrics
         for n, (p, port, command) in procs.items():
             cpu0, all0, t0 = start[n]
             elapsed = time.monotonic() - t0
@@ -240,6 +247,7 @@ def idle_runs(
             proc.wait(timeout=30)
         if standin is not None:
             standin.stop()
+        journald.stop()  # only if this run started it
     return rows
 
 

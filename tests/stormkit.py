@@ -129,12 +129,16 @@ class Storm:
             for c in self.containers
         }
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
+        """End the kills now (the containers stay until ``__exit__``)."""
         for proc in self._procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
         for done in self._done:
             done.unlink(missing_ok=True)
         errors = []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+
+import pytest
 
 from agent.kernel_watch import KernelWatch
 from agent.metrics import Metrics
@@ -144,3 +147,37 @@ def test_counts_records_and_kills(tmp_path: Path) -> None:
         (("container", ""), ("namespace", ""), ("pod", ""), ("scope", "unknown")),
     )
     assert samples[key] == 1
+
+
+def test_counter_kills_with_a_silent_log_are_logged_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory cgroup counters rise but the log shows no kill (journald stopped): one
+    warning, not one per reconcile; a kill in the log ends the silence."""
+    from agent import kernel_watch
+    from agent.oom_counters import OomCounterLedger
+
+    monkeypatch.setattr(kernel_watch, "SILENT_LOG_SECONDS", 0.0)
+    values = {MEMCG: 0}
+    ledger = OomCounterLedger(lambda: dict(values), grace=0.0)
+    ledger.start()
+    source = RecordedSource([])
+    found: list[Finding] = []
+    w = KernelWatch(source, OomFindings("n", live=None), found.append, Metrics(), None, ledger)
+    caplog.set_level(logging.INFO, logger="agent.kernel_watch")
+    for kills in (1, 2, 3):
+        values[MEMCG] = kills
+        w.reconcile()
+    warnings = [r for r in caplog.records if "counted from memory cgroup counters" in r.message]
+    assert len(warnings) == 1 and "journal" in warnings[0].message
+    counted = sum(
+        sample.value
+        for family in w.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "nodediag_oom_kills_total" and sample.labels["scope"] == "unknown"
+    )
+    assert counted == 3  # every kill the counters saw is counted
+    source.messages += report(300)
+    w.drain()
+    w.flush()
+    assert any("shows OOM kills again" in r.message for r in caplog.records)

@@ -180,3 +180,43 @@ def test_storm_every_kill_counted_exactly(tmp_path: Path) -> None:
                 assert rss_after - rss_before < 16 * 1024
         finally:
             assert agent.stop() == 0, agent.log()
+
+
+def _cgroup(root: Path, relative: str, files: dict[str, str]) -> None:
+    directory = root / relative
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+
+
+CID_A = "a" * 64
+CID_B = "b" * 64
+POD = "pod11111111_2222_3333_4444_555555555555"
+
+
+def test_counter_walk_tells_cgroups_from_control_files_by_name(tmp_path: Path) -> None:
+    """v1 tree, systemd driver: directory names with dots (``*.slice``, ``*.scope``) are
+    walked, control files (``memory.*``, ``cgroup.*``, ``tasks``) are not, a stray file with
+    another name is harmless, and nothing below a container cgroup is read."""
+    v1 = {"memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", "tasks": ""}
+    root = tmp_path / "memory"
+    _cgroup(root, "", {"memory.oom_control": "oom_kill 9\n", "cgroup.procs": "", "stray": "x"})
+    pod = f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-{POD}.slice"
+    _cgroup(root, pod, {"memory.oom_control": "oom_kill 5\n", "notify_on_release": "0"})
+    _cgroup(root, f"{pod}/cri-containerd-{CID_A}.scope", v1)
+    nested = f"{pod}/cri-containerd-{CID_A}.scope/nested"
+    _cgroup(root, nested, {"memory.oom_control": "oom_kill 7\n"})
+    _cgroup(root, "system.slice/containerd.service", {"memory.oom_control": "oom_kill 1\n"})
+    assert read_oom_kill_counters(root) == {f"/{pod}/cri-containerd-{CID_A}.scope": 3}
+
+
+def test_counter_walk_on_cgroup_v2_reads_memory_events(tmp_path: Path) -> None:
+    root = tmp_path / "unified"
+    events = "low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\noom_group_kill 0\n"
+    _cgroup(root, "", {"cgroup.controllers": "memory", "cpu.stat": "", "io.stat": ""})
+    _cgroup(root, f"kubepods/burstable/{POD.replace('_', '-')}", {"memory.events": "oom_kill 9\n"})
+    _cgroup(root, f"kubepods/burstable/{POD.replace('_', '-')}/{CID_B}", {"memory.events": events})
+    _cgroup(root, "io", {"memory.events": "oom_kill 1\n"})  # a cgroup named like a controller
+    assert read_oom_kill_counters(root) == {
+        f"/kubepods/burstable/{POD.replace('_', '-')}/{CID_B}": 2
+    }
