@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 KILLED = re.compile(rb"Killed process (\d+) ")
-NODE = "bench-node"
 
 
 def nearest_rank(values: list[float], q: float) -> float:
@@ -146,6 +145,7 @@ def measure(source: str, kills: int, journald: Any, events: bool) -> list[dict[s
     standin = None
     if events:
         import kube_standin as ks
+        from test_events import NODE, pod_object
 
         standin = ks.KubeStandin().start()
         standin.add_node(NODE)
@@ -168,7 +168,14 @@ def measure(source: str, kills: int, journald: Any, events: bool) -> list[dict[s
                 if standin is not None:
                     # The pod watch names the pod (no containerd here): a new pod per kill,
                     # so each kill makes a new Event (a create, not a series update).
-                    standin.add_pod(_pod(f"bench-{n}", container))
+                    standin.add_pod(
+                        pod_object(
+                            f"bench-{n}",
+                            "bench",
+                            container.pod_uid,
+                            {"app": container.container_id},
+                        )
+                    )
                     time.sleep(0.2)  # the watch delivers it
                 outcome = container.oom_kill("child")
                 # Other OOM kills on the host raise the counter too: wait for this one's
@@ -196,26 +203,6 @@ def measure(source: str, kills: int, journald: Any, events: bool) -> list[dict[s
         if standin is not None:
             standin.stop()
     return rows
-
-
-def _pod(name: str, container: Any) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "namespace": "bench", "uid": container.pod_uid},
-        "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "busybox"}]},
-        "status": {
-            "phase": "Running",
-            "containerStatuses": [
-                {
-                    "name": "app",
-                    "containerID": f"containerd://{container.container_id}",
-                    "image": "busybox:latest",
-                    "imageID": "",
-                    "ready": True,
-                    "restartCount": 0,
-                }
-            ],
-        },
-    }
 
 
 def summarize(source: str, rows: list[dict[str, float]]) -> list[tuple[str, str, str, str]]:

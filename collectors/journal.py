@@ -217,11 +217,11 @@ class JournalSource:
         if self._peeked:
             return
         self.position()  # the cursor to report until ``records`` hands the new entry out
-        if self._visited >= REOPEN_AFTER and not self._reader._next():
+        if self._visited >= REOPEN_AFTER:
+            if self._reader._next():
+                self._peeked = True
+                return
             self._reopen()
-        elif self._visited >= REOPEN_AFTER:
-            self._peeked = True
-            return
         reader = self._reader
         deadline = time.monotonic() + timeout
         while True:

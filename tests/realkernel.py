@@ -533,6 +533,10 @@ class ThrowawayContainer:
 # -- journald ------------------------------------------------------------------------------
 
 
+def _systemd_is_pid1() -> bool:
+    return Path("/proc/1/comm").read_text().strip() == "systemd"
+
+
 def journald_pids() -> list[int]:
     """Pids of running (non-zombie) systemd-journald processes."""
     pids = []
@@ -592,7 +596,7 @@ class JournaldHandle:
         (/run/systemd/journal/kernel-seqnum), so the next one goes on where it stopped:
         what the kernel logged meanwhile is ingested from the ring buffer.
         """
-        if Path("/proc/1/comm").read_text().strip() == "systemd":
+        if _systemd_is_pid1():
             subprocess.run(["systemctl", "stop", "systemd-journald"], check=True)
             return
         pids = journald_pids()
@@ -608,7 +612,7 @@ class JournaldHandle:
     def start(self) -> None:
         """Start journald (it then belongs to this handle) and wait until it has ingested
         /dev/kmsg."""
-        if Path("/proc/1/comm").read_text().strip() == "systemd":
+        if _systemd_is_pid1():
             subprocess.run(["systemctl", "start", "systemd-journald"], check=True)
         fresh = ensure_journald()
         self.journal_dir = fresh.journal_dir
