@@ -13,12 +13,11 @@ from typing import Any
 
 from agent import __version__
 from agent.pidinfo import NoSuchProcess
+from agent.report import EXIT_FAILED
 from agent.settings import DEFAULT_CONTAINERD_SOCKETS, Settings, parse_duration, parse_listen
 from collectors.kernel_log import KernelLogError
 
 log = logging.getLogger("nodediag")
-
-EXIT_FAILED = 2
 
 
 class InputError(Exception):

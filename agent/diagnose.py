@@ -53,7 +53,9 @@ def scan(
     periodic = PeriodicCollectors(
         build_collectors(settings, metrics, ClusterDnsSource(settings)), metrics
     )
-    node_findings = periodic.run_once()
+    node_findings: list[Finding] = []
+    for run in periodic.run_once():
+        node_findings += run.findings + run.failures(settings.node_name)
     source.start(since=since)
     kills = assemble(source.records(), f"{source.name} kernel log")
     live = LiveEvidence(MemcgProbe(settings.host_root), settings.live_evidence_window)

@@ -127,6 +127,13 @@ class Metrics:
             ["collector"],
             registry=r,
         )
+        self.collector_source_success = Gauge(
+            "nodediag_collector_source_success",
+            "Whether the collector could read this source (a tool, a file) in its last run"
+            " (1) or not (0); a source that is not there at all has no series.",
+            ["collector", "source"],
+            registry=r,
+        )
         self.collector_duration = Gauge(
             "nodediag_collector_duration_seconds",
             "How long the collector's last run took.",

@@ -16,7 +16,7 @@ from agent.metrics import Metrics
 from agent.settings import Settings
 from collectors.cluster_dns import ClusterDns, discover
 from collectors.finding import Finding
-from collectors.registry import Collector, CollectorSet, run_command
+from collectors.registry import Collector, CollectorRun, CollectorSet, run_command
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +110,20 @@ class PeriodicCollectors:
     def __init__(
         self, collectors: Sequence[Collector], metrics: Metrics, sink: Sink | None = None
     ) -> None:
-        self.set = CollectorSet(collectors, metrics.collector_success, metrics.collector_duration)
+        self.set = CollectorSet(
+            collectors,
+            metrics.collector_success,
+            metrics.collector_duration,
+            metrics.collector_source_success,
+        )
         self.tracker = FindingTracker(sink) if sink is not None else None
 
-    def run_once(self) -> list[Finding]:
-        findings: list[Finding] = []
-        for run in self.set.run_all():
+    def run_once(self) -> list[CollectorRun]:
+        runs = self.set.run_all()
+        for run in runs:
             if run.error is None and self.tracker is not None:
                 self.tracker.update(run.name, run.findings)
-            findings.extend(run.findings)
-        return findings
+        return runs
 
     def loop(self, stop: threading.Event, interval: float) -> None:
         while not stop.is_set():

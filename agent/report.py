@@ -7,10 +7,18 @@ from typing import TextIO
 
 from collectors.finding import Finding
 
+EXIT_CLEAN, EXIT_WARNINGS, EXIT_FAILED = 0, 1, 2
+
 
 def exit_code(findings: Sequence[Finding]) -> int:
-    """0: no warning findings; 1: warning findings (2, the agent failed, is the CLI's)."""
-    return 1 if any(f.severity == "warning" for f in findings) else 0
+    """1: warning findings (a fault to fix, even if something else could not be checked);
+    else 2 when something could not be checked (``error`` findings); else 0: everything
+    was checked and nothing is wrong."""
+    if any(f.severity == "warning" for f in findings):
+        return EXIT_WARNINGS
+    if any(f.severity == "error" for f in findings):
+        return EXIT_FAILED
+    return EXIT_CLEAN
 
 
 def write_json_lines(findings: Sequence[Finding], out: TextIO) -> None:
@@ -19,12 +27,29 @@ def write_json_lines(findings: Sequence[Finding], out: TextIO) -> None:
 
 
 def write_report(findings: Sequence[Finding], out: TextIO, *, title: str) -> None:
-    warnings = sum(1 for f in findings if f.severity == "warning")
-    out.write(f"{title}: {len(findings)} finding(s), {warnings} warning(s)\n")
-    if not findings:
-        out.write("No faults found.\n")
-    for finding in findings:
+    """The faults found, then what could not be checked (never "No faults found" then)."""
+    faults = [f for f in findings if f.severity != "error"]
+    unchecked = [f for f in findings if f.severity == "error"]
+    warnings = sum(1 for f in faults if f.severity == "warning")
+    counts = f"{len(faults)} finding(s), {warnings} warning(s)"
+    if unchecked:
+        counts += f", {len(unchecked)} thing(s) not checked"
+    out.write(f"{title}: {counts}\n")
+    if unchecked:
+        out.write("\nCOULD NOT CHECK (a fault there would not show here):\n")
+        out.writelines(f"  - {_unchecked(f)}\n" for f in unchecked)
+    if not faults:
+        out.write(
+            "\nNo faults found in what could be checked.\n" if unchecked else "No faults found.\n"
+        )
+    for finding in faults:
         out.write("\n" + _describe(finding))
+
+
+def _unchecked(finding: Finding) -> str:
+    details = finding.details
+    what = details.get("source") or f"the {details.get('collector')} collector"
+    return f"{what} ({details.get('collector')}): {details.get('error')}"
 
 
 def _describe(finding: Finding) -> str:

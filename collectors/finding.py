@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-Severity = Literal["warning", "info"]
+Severity = Literal["warning", "info", "error"]
+"""``error``: nodediag could not check something (``CollectorFailed``), not a node fault."""
 SubjectKind = Literal["Pod", "Node"]
 
 

@@ -6,9 +6,12 @@ I/O only; the parsing and analysis are in ``collectors.firewall``. It runs which
 takes the xtables lock, and never ``-t`` with the legacy save, which creates tables); when
 iptables-nft-save has shown tables, nft lists only the other tables (``nft -j list chains``,
 then ``nft -j list table FAMILY NAME``), since nft needs about a minute to print a
-kube-proxy-sized iptables-nft table as JSON. A
-missing tool is skipped; when none works the run fails with one line (reading rules needs
-CAP_NET_ADMIN).
+kube-proxy-sized iptables-nft table as JSON.
+
+Each tool is a source (``nodediag_collector_source_success{collector="firewall",source=TOOL}``):
+a missing tool is skipped, a tool that fails is named (reading rules needs CAP_NET_ADMIN;
+``iptables-legacy-save`` also CAP_NET_RAW) and the others are still read; when none works
+the run fails with one line.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from collectors.firewall import (
     parse_iptables_save,
     parse_nft_json,
 )
-from collectors.registry import CollectorError, Runner, run_command
+from collectors.registry import (
+    CollectorError,
+    Runner,
+    SourceLog,
+    ToolNotFound,
+    collector_failed,
+    run_command,
+)
 
 __all__ = ["SOURCES", "FirewallCollector", "Source", "findings_from_files", "nat_marks"]
 
@@ -46,6 +56,14 @@ class Source:
     @property
     def tool(self) -> str:
         return self.argv[0]
+
+    def explain(self, error: str) -> str:
+        """``error`` and the capabilities reading needs, when it is a permission error."""
+        if "Permission denied" not in error and "Operation not permitted" not in error:
+            return error
+        if self.backend == "iptables-legacy":
+            return f"{error} (needs CAP_NET_ADMIN and CAP_NET_RAW: it opens a raw socket)"
+        return f"{error} (needs CAP_NET_ADMIN)"
 
 
 SOURCES: tuple[Source, ...] = (
@@ -97,7 +115,7 @@ class FirewallCollector:
         self.node = node
         self.cluster_dns = cluster_dns
         self.runner = runner
-        self.sources = tuple(sources)
+        self.rule_sources = tuple(sources)
         self.drop_rules = Gauge(
             "nodediag_dns_drop_rules",
             "Firewall rules that drop or reject DNS (port 53) traffic, found by the last scan.",
@@ -114,36 +132,50 @@ class FirewallCollector:
         self._last_packets: dict[tuple[str, str, str, str, str], int] = {}
         self.last_hits: list[DnsRuleHit] = []
         self.last_nat_marks: dict[str, bool] = {}
-        self.last_errors: list[str] = []
+        self.sources = SourceLog()
 
     def read(self) -> list[Ruleset]:
-        """Run every source that exists; CollectorError when none could be read."""
+        """Run every source that exists, recording each one's outcome in ``sources``;
+        CollectorError when none could be read."""
         read: list[tuple[Source, Ruleset]] = []
         errors: list[str] = []
         self.last_nat_marks = {}
-        for source in self.sources:
+        self.sources.start()
+        for source in self.rule_sources:
             try:
-                if source.backend == "nft":
-                    text = self._read_nft(source, [r for _, r in read])
-                else:
-                    text = self.runner(source.argv)
-            except CollectorError as error:
+                ruleset, text = self._read_one(source, [r for _, r in read])
+            except ToolNotFound as error:
+                self.sources.skipped(source.tool, "not installed")
                 errors.append(str(error))
                 continue
-            ruleset = _parse(source, text)
+            except (CollectorError, OSError) as error:  # OSError: the tool could not start
+                self.sources.failed(source.tool, source.explain(str(error)))
+                errors.append(str(error))
+                continue
+            self.sources.ok(source.tool)
             if source.backend != "nft" and source.family == "ipv4":
                 marks = nat_marks(text)
                 for key, value in marks.items():
                     self.last_nat_marks[key] = self.last_nat_marks.get(key, False) or value
             read.append((source, ruleset))
-        self.last_errors = errors
         rulesets = _drop_duplicates(read)
         if not rulesets:
             missing = all(e.endswith("not found") for e in errors)
             why = "none of them is installed" if missing else "reading rules needs CAP_NET_ADMIN"
-            tools = ", ".join(s.tool for s in self.sources)
+            tools = ", ".join(s.tool for s in self.rule_sources)
             raise CollectorError(f"cannot read firewall rules ({tools}): {why}: {errors[-1]}")
         return rulesets
+
+    def _read_one(self, source: Source, before: Sequence[Ruleset]) -> tuple[Ruleset, str]:
+        """One source's rules and raw text; CollectorError when its output is not rules."""
+        if source.backend == "nft":
+            text = self._read_nft(source, before)
+        else:
+            text = self.runner(source.argv)
+        ruleset = _parse(source, text)
+        if source.backend == "nft" and not ruleset.tables and ruleset.warnings:
+            raise CollectorError(f"{source.tool} printed no rules: {ruleset.warnings[0]}")
+        return ruleset, text
 
     def _read_nft(self, source: Source, iptables: Sequence[Ruleset]) -> str:
         """``nft -j list ruleset``, without the tables iptables-nft-save has already shown:
@@ -222,10 +254,21 @@ def findings_from_files(
 ) -> list[Finding]:
     """Findings from a support bundle: ``iptables_save`` is the *text* of ``iptables-save -c``
     output (ipv4 and/or ipv6, either backend, several concatenated outputs are fine) and
-    ``nft_json`` the text of ``nft -j list ruleset`` (the CLI reads the files)."""
+    ``nft_json`` the text of ``nft -j list ruleset`` (the CLI reads the files). A text that
+    is not what it should be (empty is fine: no rules) gives a ``CollectorFailed`` finding
+    (source ``--iptables-save`` or ``--nft-json``) instead of silence."""
     rulesets: list[Ruleset] = []
+    unreadable: list[Finding] = []
     if iptables_save is not None:
-        rulesets.append(parse_iptables_save(iptables_save, tables=DROP_TABLES))
+        ruleset = parse_iptables_save(iptables_save, tables=DROP_TABLES)
+        if not ruleset.tables and iptables_save.strip():
+            why = "no table (no '*filter' line): not iptables-save output"
+            unreadable.append(collector_failed(node, "firewall", "--iptables-save", why))
+        rulesets.append(ruleset)
     if nft_json is not None:
-        rulesets.append(parse_nft_json(nft_json))
-    return [hit.to_finding(node) for hit in dns_rule_hits(rulesets, cluster_dns)]
+        ruleset = parse_nft_json(nft_json)
+        if not ruleset.tables and ruleset.warnings:
+            why = f"not `nft -j list ruleset` output: {ruleset.warnings[0]}"
+            unreadable.append(collector_failed(node, "firewall", "--nft-json", why))
+        rulesets.append(ruleset)
+    return [hit.to_finding(node) for hit in dns_rule_hits(rulesets, cluster_dns)] + unreadable

@@ -113,13 +113,31 @@ def test_bad_environment_values_are_named(tmp_path: Path) -> None:
     assert "invalid listen address 'nonsense'" in result.stderr
 
 
-def test_garbage_rule_files_do_not_crash_analyze(tmp_path: Path) -> None:
+def test_garbage_rule_files_are_named_as_not_checked(tmp_path: Path) -> None:
+    """A file that holds no rules is not "No faults found": it is named, and exit 2 says
+    something could not be checked."""
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"\xff\xfe*filter\n:INPUT DROP [x:y]\n-A INPUT -p udp --dport 53:\n{[")
     for flag in ("--iptables-save", "--nft-json"):
         result = nodediag("analyze", flag, str(garbage))
-        assert result.returncode in (0, 1), result.stderr
+        assert result.returncode == 2, result.stdout + result.stderr
         assert "Traceback" not in result.stderr
+        assert "No faults found." not in result.stdout
+        assert "COULD NOT CHECK" in result.stdout
+        assert f"{flag} (firewall):" in result.stdout
+        [failed] = json_lines(nodediag("analyze", flag, str(garbage), "--json").stdout)
+        assert failed["reason"] == "CollectorFailed"
+        assert failed["severity"] == "error"
+        assert failed["details"]["source"] == flag
+
+
+def test_an_empty_rule_file_is_no_rules(tmp_path: Path) -> None:
+    """iptables-save prints nothing on a node without tables: that is checked, and clean."""
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    result = nodediag("analyze", "--iptables-save", str(empty))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No faults found." in result.stdout
 
 
 def test_kmsg_needs_the_device(tmp_path: Path) -> None:

@@ -213,7 +213,9 @@ def test_daemonset_contract() -> None:
     security = agent["securityContext"]
     assert security["readOnlyRootFilesystem"] is True
     assert security["runAsUser"] == 0
-    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    # NET_ADMIN reads rules; NET_RAW is iptables-legacy-save's raw socket (see the manifest
+    # and tests/test_capabilities.py, which runs the collector with exactly this set).
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
     assert "privileged" not in security
     assert env(objects) == {
         "NODEDIAG_KERNEL_LOG": "journal",
