@@ -101,6 +101,10 @@ class ResumePoint:
         return None
 
 
+MEMCG_COUNTERS = "memory-cgroup-counters"
+"""The kernel_log collector's source of exact kill counts (see agent/oom_counters.py)."""
+
+
 class KernelWatch:
     """Reads one source; kills become findings handed to ``sink``."""
 
@@ -128,7 +132,15 @@ class KernelWatch:
         self._quiet_position: str | None = None
         self._held_since: float | None = None
         metrics.start_source(source.name)
-        self.counters = counters if counters is not None else _live_ledger(findings)
+        self._counters_error: str | None = None
+        try:
+            self.counters = counters if counters is not None else _live_ledger(findings)
+        except OSError as error:  # no baseline: the log alone counts kills
+            self.counters = None
+            self._counters_read(error)
+        else:
+            if self.counters is not None:
+                self._counters_read(None)
         self._last_reconcile = 0.0
         self._last_kill = float("-inf")
         self._started = time.monotonic()
@@ -260,10 +272,11 @@ class KernelWatch:
         try:
             verdicts = self.counters.headerless(len(kills))
         except OSError as error:
-            log.warning("reading memory cgroup oom_kill counters: %s", error)
+            self._counters_read(error)
             for kill in kills:
                 self._emit(kill, self.findings.finding(kill), count=True)
             return
+        self._counters_read(None)
         for kill, verdict in zip(kills, verdicts, strict=True):
             finding = self.findings.finding(
                 kill,
@@ -280,12 +293,30 @@ class KernelWatch:
         try:
             rises = self.counters.reconcile()
         except OSError as error:
-            log.warning("reading memory cgroup oom_kill counters: %s", error)
+            self._counters_read(error)
             return
+        self._counters_read(None)
         for memcg, increment in rises.items():
             self.metrics.count_oom("unknown", self.findings.subject_for(memcg), increment)
         if rises:
             self._warn_if_log_silent(sum(rises.values()))
+
+    def _counters_read(self, error: OSError | None) -> None:
+        """``nodediag_collector_source_success{collector="kernel_log",source=
+        "memory-cgroup-counters"}``; a failure is logged once until the counters read again."""
+        self.metrics.collector_source_success.labels(
+            collector="kernel_log", source=MEMCG_COUNTERS
+        ).set(0 if error else 1)
+        text = None if error is None else str(error)
+        if text and text != self._counters_error:
+            log.error(
+                "reading memory cgroup oom_kill counters: %s (kills the log loses or "
+                "rate-limits are not counted until they can be read)",
+                text,
+            )
+        elif self._counters_error and not text:
+            log.info("memory cgroup oom_kill counters can be read again")
+        self._counters_error = text
 
     def _warn_if_log_silent(self, kills: int) -> None:
         """Once per silence: the counters saw kills the log has not shown for a while (the

@@ -16,7 +16,13 @@ from agent.metrics import Metrics
 from agent.settings import Settings
 from collectors.cluster_dns import ClusterDns, discover
 from collectors.finding import Finding
-from collectors.registry import Collector, CollectorRun, CollectorSet, run_command
+from collectors.registry import (
+    Collector,
+    CollectorError,
+    CollectorRun,
+    CollectorSet,
+    run_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +44,29 @@ class ClusterDnsSource:
             if found.servers:
                 log.info("cluster DNS %s (from %s)", ", ".join(found.servers), found.source)
             else:
-                log.warning(
-                    "cluster DNS unknown: no kubelet config, K3s/RKE2 config or kubelet flag "
-                    "names it; pass --cluster-dns (DNS probes are skipped)"
-                )
+                log.warning("cluster DNS unknown: %s (DNS probes are skipped)", _unknown(found))
+            for problem in found.problems:
+                log.warning("cluster DNS: cannot read %s", problem)
             self.current = found
         return found.servers
+
+    def required(self) -> Sequence[str]:
+        """The servers; CollectorError saying why when none is known (the DNS probe then
+        cannot run: a thing not checked, not a clean result)."""
+        servers = self.servers()
+        if not servers:
+            raise CollectorError(
+                "cluster DNS unknown: " + _unknown(self.current or ClusterDns((), "none"))
+            )
+        return servers
+
+
+def _unknown(found: ClusterDns) -> str:
+    unreadable = f"; unreadable: {'; '.join(found.problems)}" if found.problems else ""
+    return (
+        "no kubelet config, K3s/RKE2 config or kubelet flag names it; pass --cluster-dns"
+        + unreadable
+    )
 
 
 def build_collectors(
@@ -73,7 +96,7 @@ def build_collectors(
             nat_marks=marks,
             fix=settings.fix_vxlan_offload,
         ),
-        DnsProbeCollector(settings.node_name, dns.servers, registry, name=settings.dns_probe_name),
+        DnsProbeCollector(settings.node_name, dns.required, registry, name=settings.dns_probe_name),
     ]
 
 

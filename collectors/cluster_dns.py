@@ -4,7 +4,9 @@ Sources, first that answers wins: the kubelet's config file (kubeadm
 ``/var/lib/kubelet/config.yaml``, or the file its ``--config`` flag names), K3s/RKE2 kubelet
 drop-ins (``/var/lib/rancher/{k3s,rke2}/agent/etc/kubelet.conf.d/*`` merged in name order),
 the ``cluster-dns`` key of ``/etc/rancher/{rke2,k3s}/config.yaml``, and ``--cluster-dns``
-on a kubelet's command line in ``/proc``. All paths are under the host root.
+on a kubelet's command line in ``/proc``. All paths are under the host root. A file that
+is there but cannot be read or parsed is named in ``ClusterDns.problems`` (never silently
+taken for "not configured").
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class ClusterDns:
 
     servers: tuple[str, ...]
     source: str
+    problems: tuple[str, ...] = ()
+    """Config files that exist but could not be read or parsed, each with why."""
 
 
 def _valid_ips(values: Iterable[Any]) -> tuple[str, ...]:
@@ -47,33 +51,39 @@ def _valid_ips(values: Iterable[Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def _load_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
+    """The file's mapping; ``{}`` when it is missing or empty, or (named in ``problems``)
+    unreadable, not YAML or not a mapping."""
     try:
         data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return {}
     # ValueError: bytes that are not UTF-8, and scalars PyYAML resolves but cannot build
     # ("2026-02-30", an int over Python's digit limit); RecursionError: nesting too deep.
     except (OSError, ValueError, RecursionError, yaml.YAMLError) as error:
-        log.debug("cluster DNS: cannot read %s: %s", path, error)
+        problems.append(f"{path}: {str(error).splitlines()[0] if str(error) else error!r}")
         return {}
+    if data is not None and not isinstance(data, dict):
+        problems.append(f"{path}: not a YAML mapping")
     return data if isinstance(data, dict) else {}
 
 
-def _from_kubelet_config(path: Path) -> tuple[str, ...]:
-    value = _load_yaml(path).get("clusterDNS")
+def _from_kubelet_config(path: Path, problems: list[str]) -> tuple[str, ...]:
+    value = _load_yaml(path, problems).get("clusterDNS")
     return _valid_ips(value if isinstance(value, list) else [value] if value else [])
 
 
-def _from_drop_ins(directory: Path) -> tuple[str, ...]:
+def _from_drop_ins(directory: Path, problems: list[str]) -> tuple[str, ...]:
     if not directory.is_dir():
         return ()
     merged: tuple[str, ...] = ()
     for path in sorted(p for p in directory.iterdir() if p.is_file()):
-        merged = _from_kubelet_config(path) or merged  # a later file overrides
+        merged = _from_kubelet_config(path, problems) or merged  # a later file overrides
     return merged
 
 
-def _from_rancher_config(path: Path) -> tuple[str, ...]:
-    value = _load_yaml(path).get("cluster-dns")
+def _from_rancher_config(path: Path, problems: list[str]) -> tuple[str, ...]:
+    value = _load_yaml(path, problems).get("cluster-dns")
     return _valid_ips(value if isinstance(value, list) else [value] if value else [])
 
 
@@ -101,14 +111,16 @@ def flag_values(argv: list[str], flag: str) -> list[str]:
     return values
 
 
-def _from_kubelet_process(host_root: Path) -> tuple[tuple[str, ...], str] | None:
+def _from_kubelet_process(
+    host_root: Path, problems: list[str]
+) -> tuple[tuple[str, ...], str] | None:
     for argv in kubelet_command_lines(host_root / "proc"):
         servers = _valid_ips(flag_values(argv, "--cluster-dns"))
         if servers:
             return servers, "kubelet --cluster-dns flag"
         for config in flag_values(argv, "--config"):
             path = host_root / config.lstrip("/")
-            servers = _from_kubelet_config(path)
+            servers = _from_kubelet_config(path, problems)
             if servers:
                 return servers, f"kubelet config {config} (from kubelet --config)"
     return None
@@ -119,16 +131,17 @@ def discover(host_root: Path = Path("/"), explicit: Iterable[str] = ()) -> Clust
     given = _valid_ips(explicit)
     if given:
         return ClusterDns(given, "--cluster-dns")
+    problems: list[str] = []
     kubeadm = host_root / KUBEADM_CONFIG
-    if servers := _from_kubelet_config(kubeadm):
-        return ClusterDns(servers, f"kubelet config /{KUBEADM_CONFIG}")
+    if servers := _from_kubelet_config(kubeadm, problems):
+        return ClusterDns(servers, f"kubelet config /{KUBEADM_CONFIG}", tuple(problems))
     for directory in DROP_IN_DIRS:
-        if servers := _from_drop_ins(host_root / directory):
-            return ClusterDns(servers, f"kubelet drop-ins /{directory}")
+        if servers := _from_drop_ins(host_root / directory, problems):
+            return ClusterDns(servers, f"kubelet drop-ins /{directory}", tuple(problems))
     for config in RANCHER_CONFIGS:
-        if servers := _from_rancher_config(host_root / config):
-            return ClusterDns(servers, f"cluster-dns in /{config}")
-    found = _from_kubelet_process(host_root)
+        if servers := _from_rancher_config(host_root / config, problems):
+            return ClusterDns(servers, f"cluster-dns in /{config}", tuple(problems))
+    found = _from_kubelet_process(host_root, problems)
     if found is not None:
-        return ClusterDns(*found)
-    return ClusterDns((), "none")
+        return ClusterDns(*found, tuple(problems))
+    return ClusterDns((), "none", tuple(problems))

@@ -45,6 +45,7 @@ from typing import Literal, TypeVar
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from collectors.finding import Finding
+from collectors.registry import CollectorError, SourceLog
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +414,10 @@ MEANING: dict[Outcome, str] = {
 
 
 class DnsProbeCollector:
-    """Probes each cluster DNS server over UDP and TCP; ``DNSProbeFailed`` for each failure."""
+    """Probes each cluster DNS server over UDP and TCP; ``DNSProbeFailed`` for each failure.
+
+    ``servers`` may raise CollectorError (the cluster DNS is unknown): source
+    ``cluster-dns`` failed, nothing probed. No server at all is the same failure."""
 
     name = "dns_probe"
 
@@ -446,9 +450,23 @@ class DnsProbeCollector:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0),
         )
         self._series: set[tuple[str, str]] = set()
+        self.sources = SourceLog()
+
+    def _servers(self) -> list[str]:
+        try:
+            servers = list(dict.fromkeys(self.servers()))
+        except CollectorError as error:
+            self.sources.failed("cluster-dns", str(error))
+            return []
+        if servers:
+            self.sources.ok("cluster-dns")
+        else:
+            self.sources.failed("cluster-dns", "no cluster DNS server to probe")
+        return servers
 
     def collect(self) -> list[Finding]:
-        servers = list(dict.fromkeys(self.servers()))
+        self.sources.start()
+        servers = self._servers()
         findings: list[Finding] = []
         seen: set[tuple[str, str]] = set()
         for server in servers:

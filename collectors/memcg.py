@@ -117,11 +117,14 @@ _CONTROL_PREFIXES = frozenset(
 _CONTROL_FILES = frozenset({"tasks", "notify_on_release", "release_agent"})
 
 
-def _child_cgroups(directory: str) -> list[str]:
-    """Names in a cgroup directory that may be child cgroups (control files left out)."""
+def _child_cgroups(directory: str, *, top: bool = False) -> list[str]:
+    """Names in a cgroup directory that may be child cgroups (control files left out).
+    Raises OSError only for the ``top`` of the walk (the hierarchy is not there)."""
     try:
         names = os.listdir(directory)
     except OSError:  # removed meanwhile, or not a directory after all
+        if top:
+            raise
         return []
     children = []
     for name in names:
@@ -138,7 +141,8 @@ def read_oom_kill_counters(hierarchy: Path) -> dict[str, int]:
     Keys are cgroup paths as the kernel prints them (``/kubepods/…/<id>``, with any
     nesting prefix). One walk of the hierarchy; below a container cgroup nothing is
     read (its own counter is the container's). Unreadable cgroups (removed while walking)
-    are skipped. cgroup v1 counters are per memcg; on v2 ``memory.events`` (hierarchical).
+    are skipped; an unreadable ``hierarchy`` is an OSError (not "no containers"). cgroup v1
+    counters are per memcg; on v2 ``memory.events`` (hierarchical).
     """
     v1 = (hierarchy / "memory.oom_control").exists() or hierarchy.name == "memory"
     names = OOM_KILL_FILES_V1 if v1 else OOM_KILL_FILES_V2
@@ -146,7 +150,7 @@ def read_oom_kill_counters(hierarchy: Path) -> dict[str, int]:
     stack: list[tuple[str, str]] = [(str(hierarchy), "")]
     while stack:
         directory, cgroup = stack.pop()
-        for name in _child_cgroups(directory):
+        for name in _child_cgroups(directory, top=not cgroup):
             path = f"{cgroup}/{name}"
             pod = parse_pod_cgroup(path) if "kubepods" in path else None
             if pod is None or pod.container_id is None:

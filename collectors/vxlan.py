@@ -42,11 +42,12 @@ from prometheus_client.registry import Collector as MetricsCollector
 
 from collectors.dns_probe import run_in_netns
 from collectors.finding import Finding
-from collectors.registry import CollectorError
+from collectors.registry import CollectorError, SourceLog
 
 log = logging.getLogger(__name__)
 
 FEATURE = "tx-checksum-ip-generic"
+SNMP = "/proc/net/snmp"
 IPIP_LINK = "tunl0"
 """Calico's IP-in-IP device: reported in the gauge, never flagged (no outer UDP checksum)."""
 
@@ -270,6 +271,8 @@ class VxlanCollector:
             "UDP datagrams this node dropped for a bad checksum (Udp InCsumErrors, kernel total).",
         )
         registry.register(self.csum_errors)
+        self.sources = SourceLog()
+        """``/proc/net/snmp`` (the receiver-side evidence): read, or named as failed."""
 
     # -- reading
 
@@ -327,12 +330,8 @@ class VxlanCollector:
             return changed
 
     def _read_csum_errors(self) -> int | None:
-        try:
-            text = (self.proc / "net" / "snmp").read_text()
-        except OSError as error:
-            log.debug("cannot read %s/net/snmp: %s", self.proc, error)
-            return None
-        return udp_in_csum_errors(text)
+        text = self.sources.read(SNMP, (self.proc / "net" / "snmp").read_text)
+        return None if text is None else udp_in_csum_errors(text)
 
     def _double_nat(self) -> dict[str, bool] | None:
         if self.nat_marks is None:
@@ -344,6 +343,7 @@ class VxlanCollector:
             return None
 
     def collect(self) -> list[Finding]:
+        self.sources.start()
         states = run_in_netns(self.netns, self._links_here)
         csum_errors = self._read_csum_errors()
         self.csum_errors.value = csum_errors

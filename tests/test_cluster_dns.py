@@ -67,6 +67,18 @@ def test_nothing_found_and_broken_files(tmp_path: Path) -> None:
     write(tmp_path, "etc/rancher/k3s/config.yaml", "- just\n- a list\n")
     found = discover(tmp_path)
     assert (found.servers, found.source) == ((), "none")
+    # Broken files are named, never taken silently for "not configured".
+    [kubeadm, k3s] = found.problems
+    assert kubeadm.startswith(f"{tmp_path}/var/lib/kubelet/config.yaml: ")
+    assert k3s == f"{tmp_path}/etc/rancher/k3s/config.yaml: not a YAML mapping"
+
+
+def test_missing_and_empty_files_are_no_problem(tmp_path: Path) -> None:
+    # The DaemonSet's FileOrCreate mount makes an empty kubelet config on K3s/RKE2 nodes.
+    write(tmp_path, "var/lib/kubelet/config.yaml", "")
+    write(tmp_path, "etc/rancher/rke2/config.yaml", "cluster-dns: 10.43.0.10\n")
+    found = discover(tmp_path)
+    assert found.servers == ("10.43.0.10",) and found.problems == ()
 
 
 def test_flag_values_forms() -> None:
