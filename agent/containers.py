@@ -45,6 +45,11 @@ class ContainerLookup:
         self._reachable()
         return task
 
+    @property
+    def down_reason(self) -> str | None:
+        """Why containerd did not answer the last lookup; None when it did (or none yet)."""
+        return self._down_reason
+
     def _unreachable(self, reason: str) -> None:
         self._count("unreachable")
         if self._down_reason is None:

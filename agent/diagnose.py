@@ -19,6 +19,7 @@ from collectors.logfile import read_kernel_log_file
 from collectors.memcg import MemcgProbe
 from collectors.oom import OomAssembler, OomKill
 from collectors.records import KernelRecord
+from collectors.registry import collector_failed
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,11 @@ def scan(
     kills = assemble(source.records(), f"{source.name} kernel log")
     live = LiveEvidence(MemcgProbe(settings.host_root), settings.live_evidence_window)
     containers = ContainerLookup(containerd_client(settings))
-    return oom_findings(kills, OomFindings(settings.node_name, live, containers)) + node_findings
+    oom = oom_findings(kills, OomFindings(settings.node_name, live, containers))
+    if containers.down_reason is not None:  # the kills are there, their pod names are not
+        why = f"{containers.down_reason}: OOM findings carry pod uid and container id only"
+        node_findings.append(collector_failed(settings.node_name, "kernel_log", "containerd", why))
+    return oom + node_findings
 
 
 def analyze(

@@ -184,3 +184,72 @@ def test_unreadable_legacy_tables_are_never_no_faults_found(node: Netns, tmp_pat
     clean = scan(node, capabilities, not escalation, tmp_path)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "No faults found.\n" in clean.stdout
+
+
+def _http(ns: Netns, port: int, path: str) -> tuple[int, str]:
+    script = (
+        "import sys, urllib.request, urllib.error\n"
+        "try:\n"
+        f"    r = urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=5)\n"
+        "    print(r.status); print(r.read().decode())\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code); print(e.read().decode())\n"
+    )
+    status, _, body = ns.run(["python3", "-c", script]).partition("\n")
+    return int(status), body
+
+
+@pytest.mark.parametrize("capabilities", [["NET_ADMIN"], None], ids=["net-admin-only", "shipped"])
+def test_run_exports_the_source_and_stays_healthy(
+    node: Netns, capabilities: list[str] | None, tmp_path: Path
+) -> None:
+    """``run``: the legacy source's series says whether it was read; the collector still
+    runs (collector_success 1) and a source it cannot read does not fail /healthz or
+    /readyz (a restart would not give the pod a capability)."""
+    from agentproc import free_port
+    from prometheus_client.parser import text_string_to_metric_families
+
+    node.run(["iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"])
+    shipped, escalation = shipped_capabilities()
+    port = free_port()
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    err = (tmp_path / "stderr").open("w+")
+    agent = subprocess.Popen(
+        ["ip", "netns", "exec", node.name, *setpriv(capabilities or shipped, not escalation),
+         sys.executable, "-m", "agent", "run", "--no-kube", "--kernel-log", "journal",
+         "--journal-path", str(journal), "--listen", f"127.0.0.1:{port}",
+         "--state-dir", str(tmp_path / "state"), "--cluster-dns", CLUSTER_DNS],
+        stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+    )  # fmt: skip
+    try:
+        legacy: float | None = None
+        samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        deadline = time.monotonic() + 60
+        while legacy is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                _, text = _http(node, port, "/metrics")
+            except (RuntimeError, ValueError):
+                continue  # not listening yet
+            samples = {
+                (s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            key = frozenset({("collector", "firewall"), ("source", "iptables-legacy-save")})
+            legacy = samples.get(("nodediag_collector_source_success", key))
+        assert legacy == (0 if capabilities else 1), samples
+        firewall = ("nodediag_collector_success", frozenset({("collector", "firewall")}))
+        assert samples[firewall] == 1
+        assert _http(node, port, "/healthz")[0] == 200
+        assert _http(node, port, "/readyz")[0] == 200
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+    err.seek(0)
+    log = err.read()
+    failed = log.count("collector firewall source iptables-legacy-save failed")
+    assert failed == (1 if capabilities else 0), log
+    if capabilities:
+        assert "CAP_NET_RAW" in log

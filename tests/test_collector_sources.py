@@ -389,3 +389,23 @@ def test_a_ledger_that_cannot_take_its_baseline_is_not_used(tmp_path: Path) -> N
     assert watch.counters is None
     labels = {"collector": "kernel_log", "source": MEMCG_COUNTERS}
     assert metrics.registry.get_sample_value("nodediag_collector_source_success", labels) == 0
+
+
+def test_scan_names_containerd_when_it_cannot_name_the_pods(tmp_path: Path) -> None:
+    """The kill is reported (uid and container id from the memory cgroup); that its pod's
+    name could not be looked up is said, not left to a null field."""
+    from test_kernel_watch import report
+
+    from agent.diagnose import scan
+
+    settings = Settings(
+        node_name="n1", host_root=tmp_path, containerd_sockets=("/run/none/containerd.sock",)
+    )
+    findings = scan(settings, RecordedSource(report(4242)), None, Metrics())
+    [kill] = [f for f in findings if f.details.get("pid") == 4242]
+    assert kill.subject.name is None and kill.subject.uid is not None
+    [containerd] = [f for f in findings if f.details.get("source") == "containerd"]
+    assert containerd.reason == "CollectorFailed"
+    assert containerd.details["collector"] == "kernel_log"
+    assert "/run/none/containerd.sock" in containerd.details["error"]
+    assert exit_code(findings) == 1  # the kill is a warning: there is a fault to see to
