@@ -40,14 +40,12 @@ class ClusterDnsSource:
 
     def servers(self) -> Sequence[str]:
         found = discover(self.settings.host_root, self.settings.cluster_dns)
-        if found != self.current:
-            if found.servers:
-                log.info("cluster DNS %s (from %s)", ", ".join(found.servers), found.source)
-            else:
-                log.warning("cluster DNS unknown: %s (DNS probes are skipped)", _unknown(found))
+        if found != self.current and found.servers:
+            # Unknown is the dns_probe collector's failed source "cluster-dns" (logged there).
+            log.info("cluster DNS %s (from %s)", ", ".join(found.servers), found.source)
             for problem in found.problems:
                 log.warning("cluster DNS: cannot read %s", problem)
-            self.current = found
+        self.current = found
         return found.servers
 
     def required(self) -> Sequence[str]:

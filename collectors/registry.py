@@ -150,11 +150,15 @@ class CollectorRun:
 
 def collector_failed(node: str, collector: str, source: str | None, error: str) -> Finding:
     """What nodediag could not check: the whole ``collector`` (``source`` None) or one source."""
-    what = f"the {collector} collector" if source is None else f"{source} ({collector} collector)"
+    what = (
+        f"nodediag's {collector} collector failed"
+        if source is None
+        else f"nodediag could not read {source} ({collector} collector)"
+    )
     return Finding.on_node(
         "CollectorFailed",
         node,
-        f"nodediag could not read {what}, so what it covers was not checked: {error}",
+        f"{what}, so what it covers was not checked: {error}",
         {"collector": collector, "source": source, "error": error},
         severity="error",
         time=datetime.now(UTC),
