@@ -78,7 +78,11 @@ def build_collectors(
     registry = metrics.registry
     # iptables-save of a kube-proxy-sized nft-backend rule set can take tens of seconds.
     firewall = FirewallCollector(
-        settings.node_name, dns.servers, registry, runner=partial(run_command, timeout=120)
+        settings.node_name,
+        dns.servers,
+        registry,
+        runner=partial(run_command, timeout=120),
+        proc=settings.resolve("/proc"),
     )
 
     def marks() -> dict[str, bool]:

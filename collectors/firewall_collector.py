@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -43,6 +44,10 @@ from collectors.registry import (
 )
 
 __all__ = ["SOURCES", "FirewallCollector", "Source", "findings_from_files", "nat_marks"]
+
+
+LEGACY_TABLE_NAMES = {"ipv4": "ip_tables_names", "ipv6": "ip6_tables_names"}
+"""Files in /proc/net listing the legacy (x_tables) tables the kernel holds, by family."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +116,12 @@ class FirewallCollector:
         registry: CollectorRegistry,
         runner: Runner = run_command,
         sources: Sequence[Source] = SOURCES,
+        proc: Path = Path("/proc"),
     ) -> None:
+        """``proc``: where ``net/ip_tables_names`` tells whether legacy tables exist when
+        ``iptables-legacy-save`` is not installed."""
         self.node = node
+        self.proc = proc
         self.cluster_dns = cluster_dns
         self.runner = runner
         self.rule_sources = tuple(sources)
@@ -145,7 +154,7 @@ class FirewallCollector:
             try:
                 ruleset, text = self._read_one(source, [r for _, r in read])
             except ToolNotFound as error:
-                self.sources.skipped(source.tool, "not installed")
+                self._not_installed(source)
                 errors.append(str(error))
                 continue
             except (CollectorError, OSError) as error:  # OSError: the tool could not start
@@ -165,6 +174,24 @@ class FirewallCollector:
             tools = ", ".join(s.tool for s in self.rule_sources)
             raise CollectorError(f"cannot read firewall rules ({tools}): {why}: {errors[-1]}")
         return rulesets
+
+    def _not_installed(self, source: Source) -> None:
+        """Skipped, unless the kernel holds tables only this tool could have shown."""
+        names = LEGACY_TABLE_NAMES.get(source.family or "")
+        tables: list[str] = []
+        if source.backend == "iptables-legacy" and names:
+            try:
+                tables = (self.proc / "net" / names).read_text().split()
+            except OSError:
+                tables = []  # cannot tell: as if there were none
+        if tables:
+            self.sources.failed(
+                source.tool,
+                f"not installed, but the kernel holds legacy tables ({', '.join(tables)} in"
+                f" /proc/net/{names}): their rules are not read",
+            )
+        else:
+            self.sources.skipped(source.tool, "not installed")
 
     def _read_one(self, source: Source, before: Sequence[Ruleset]) -> tuple[Ruleset, str]:
         """One source's rules and raw text; CollectorError when its output is not rules."""
