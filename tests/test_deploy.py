@@ -563,6 +563,7 @@ def test_dashboard_panels() -> None:
         "nodediag_vxlan_tx_checksum_offload",
         "nodediag_dns_probe_duration_seconds_bucket",
         "nodediag_collector_success",
+        "nodediag_collector_source_success",
         "up{",
     ):
         assert needed in exprs, needed
