@@ -218,7 +218,7 @@ class CollectorSet:
             if result.status == "skipped":
                 self._log_skip(what, result.detail or "")
                 continue
-            self._log_change(what, result.detail if result.status == "failed" else None)
+            self._log_change(what, result.detail if result.status == "failed" else None, "")
             exported.add(result.source)
             if self.source_success is not None:
                 value = 1 if result.status == "ok" else 0
@@ -234,11 +234,13 @@ class CollectorSet:
         self._last_skip[what] = why
         self._last_error.pop(what, None)
 
-    def _log_change(self, what: str, error: str | None) -> None:
+    def _log_change(
+        self, what: str, error: str | None, after: str = " (other collectors go on)"
+    ) -> None:
         """``what``: ``collector NAME`` or ``collector NAME source SOURCE``."""
         previous = self._last_error.get(what)
         if error and error != previous:
-            log.error("%s failed: %s (the others go on)", what, error)
+            log.error("%s failed: %s%s", what, error, after)
         elif previous and not error:
             log.info("%s works again", what)
         self._last_error[what] = error
