@@ -43,11 +43,6 @@ def assemble(records: Iterable[KernelRecord], what: str) -> list[OomKill]:
     return kills
 
 
-def oom_findings(kills: list[OomKill], builder: OomFindings) -> list[Finding]:
-    # Each kill may be judged by the reports after it (a later kill in the same container).
-    return [builder.finding(kill, later=kills[i + 1 :]) for i, kill in enumerate(kills)]
-
-
 def scan(
     settings: Settings, source: KernelLogSource, since: datetime | None, metrics: Metrics
 ) -> list[Finding]:
@@ -61,7 +56,7 @@ def scan(
     kills = assemble(source.records(), f"{source.name} kernel log")
     live = LiveEvidence(MemcgProbe(settings.host_root), settings.live_evidence_window)
     containers = ContainerLookup(containerd_client(settings))
-    oom = oom_findings(kills, OomFindings(settings.node_name, live, containers))
+    oom = OomFindings(settings.node_name, live, containers).for_log(kills)
     if containers.down_reason is not None:  # the kills are there, their pod names are not
         why = f"{containers.down_reason}: OOM findings carry pod uid and container id only"
         node_findings.append(collector_failed(settings.node_name, "kernel_log", "containerd", why))
@@ -77,7 +72,7 @@ def analyze(
     findings: list[Finding] = []
     if kernel_log is not None:
         kills = assemble(read_kernel_log_file(kernel_log), str(kernel_log))
-        findings += oom_findings(kills, OomFindings(settings.node_name, live=None))
+        findings += OomFindings(settings.node_name, live=None).for_log(kills)
     if iptables_save is not None or nft_json is not None:
         from collectors.firewall_collector import findings_from_files
 

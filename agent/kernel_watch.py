@@ -28,7 +28,7 @@ from agent.oom_counters import OomCounterLedger
 from agent.oom_findings import OomFindings
 from agent.settings import Settings
 from agent.state import StateFile
-from collectors.cgroup_path import parse_pod_cgroup
+from collectors.cgroup_path import container_cgroup
 from collectors.finding import Finding
 from collectors.journal import JournalSource, find_journal, has_kernel_entries
 from collectors.kernel_log import KernelLogError, KernelLogSource
@@ -48,6 +48,9 @@ RECONCILE_QUIET = 30.0
 SILENT_LOG_SECONDS = 60.0
 ACTIVE_AFTER_KILL = 30.0
 HEADERLESS_BATCH = 500
+# Kills of the backlog read at a start, judged together (a later kill of a container shows
+# it survived an earlier one): at most this many at a time.
+BACKLOG_BATCH = 500
 RECENT_KILLS = 512
 Sink = Callable[[Finding], None]
 STATE_FILE = "kernel-log.json"
@@ -152,6 +155,9 @@ class KernelWatch:
         self._reported_before: frozenset[str] = frozenset()
         # Header-less kills read but not yet attributed: one counter walk serves a batch.
         self._headerless: list[OomKill] = []
+        # Kills of the backlog (read before catching up) not yet reported: judged together
+        # from the log, as `analyze` judges a file, at the end of each read.
+        self._backlog: list[OomKill] = []
 
     def resume_point(self) -> str | None:
         if self.state is None:
@@ -181,10 +187,12 @@ class KernelWatch:
                 self._report(kills)
             self._track_position(bool(kills))
             if self._held_since is not None and time.monotonic() - self._held_since > hold:
-                self.flush()  # a busy log never goes quiet: report a held kill anyway
+                # A busy log never goes quiet: report a held kill anyway (the backlog's
+                # kills at the end of this read).
+                self.flush(backlog=False)
             if stop is not None and count % 10_000 == 0 and stop.is_set():
                 break
-        if self._headerless:
+        if self._headerless or self._backlog:
             self._attribute_headerless()
             if self.assembler.idle:
                 self.save()
@@ -206,8 +214,8 @@ class KernelWatch:
         if assembler.idle:
             self._quiet_position = None
             self._unsaved = True
-            if self._headerless:
-                return  # saved once they are attributed (one counter walk per batch)
+            if self._headerless or self._backlog:
+                return  # saved once they are reported (one counter walk / judgement per batch)
             if reported or time.monotonic() - self._last_save >= SAVE_INTERVAL:
                 self.save()
         elif not assembler.reading_report:
@@ -217,11 +225,14 @@ class KernelWatch:
             self._write_position(self._quiet_position)
             self._quiet_position = None
 
-    def flush(self, *, final: bool = False) -> None:
+    def flush(self, *, final: bool = False, backlog: bool = True) -> None:
+        """Report held kills; with ``backlog`` also the backlog's kills read so far."""
         self._held_since = None
         kills = self.assembler.flush(final=final)
         if kills:
             self._report(kills)
+        if self._backlog and not backlog:
+            return
         self._attribute_headerless()
         if self.assembler.idle:
             self._unsaved = True
@@ -235,7 +246,12 @@ class KernelWatch:
         for kill in kills:
             ledger = self.counters
             if ledger is None or kill.is_global or ledger.before_baseline(kill):
-                self._emit(kill, self.findings.finding(kill), count=True)
+                if self.caught_up:
+                    self._emit(kill, self.findings.finding(kill), count=True)
+                    continue
+                self._backlog.append(kill)
+                if len(self._backlog) >= BACKLOG_BATCH:
+                    self._report_backlog()
                 continue
             memcg = kill.group_memcg or kill.task_memcg
             if memcg is None:
@@ -263,9 +279,18 @@ class KernelWatch:
     def _state_data(self, position: str | None) -> dict[str, object]:
         return {"source": self.source.name, "position": position, "recent": list(self._recent)}
 
+    def _report_backlog(self) -> None:
+        """Report the backlog's kills, each judged with the others of its container (live
+        evidence, where there is any, still comes first)."""
+        kills, self._backlog = self._backlog, []
+        for kill, finding in zip(kills, self.findings.for_log(kills), strict=True):
+            self._emit(kill, finding, count=True)
+
     def _attribute_headerless(self) -> None:
         """Attribute the pending header-less kills from one walk of the counters (taken
-        now, after their records were read, so their own increments are in it)."""
+        now, after their records were read, so their own increments are in it); report
+        the backlog's kills read so far."""
+        self._report_backlog()
         kills, self._headerless = self._headerless, []
         if not kills or self.counters is None:
             return
@@ -391,18 +416,6 @@ def _live_ledger(findings: OomFindings) -> OomCounterLedger | None:
     )
     ledger.start()
     return ledger
-
-
-def container_cgroup(memcg: str) -> str | None:
-    """The container-level prefix of a memory cgroup path (nested cgroups inside a
-    container belong to it); ``None`` outside a container."""
-    levels = memcg.split("/")
-    for end in range(1, len(levels) + 1):
-        prefix = "/".join(levels[:end])
-        pod = parse_pod_cgroup(prefix) if "kubepods" in prefix else None
-        if pod is not None and pod.container_id is not None:
-            return prefix
-    return None
 
 
 def kill_key(kill: OomKill) -> str:

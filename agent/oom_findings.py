@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from agent.containers import ContainerLookup
-from collectors.cgroup_path import PodCgroup, parse_pod_cgroup
+from collectors.cgroup_path import PodCgroup, container_cgroup, parse_pod_cgroup
 from collectors.containerd import ContainerInfo, TaskInfo
 from collectors.finding import Finding, Subject
 from collectors.memcg import MemcgProbe, ProcessInfo
-from collectors.oom import OomKill
+from collectors.oom import OomKill, TaskRow
 
 SETTLE_SECONDS = 0.3
 SETTLE_STEP = 0.05
@@ -41,6 +41,9 @@ class Verdict:
 INVISIBLE = ("InvisibleOOMKill", "invisible")
 CONTAINER = ("ContainerOOMKill", "container")
 UNKNOWN = ("OOMKill", "unknown")
+# Processes of the pod sandbox, in no container: the pause container's, CRI-O's monitor.
+SANDBOX_PROCESSES = frozenset({"pause", "conmon"})
+OOM_SCORE_ADJ_MIN = -1000  # "never kill": memory.oom.group kills spare such tasks
 
 
 class LiveEvidence:
@@ -118,10 +121,14 @@ def verdict_from_task(kill: OomKill, task: TaskInfo | None) -> Verdict | None:
     """Decide from containerd's task: its init pid and whether it still runs."""
     if task is None or task.pid == 0:
         return None
-    if task.pid == kill.victim.pid:
+    killed = {kill.victim.pid} | {member.pid for member in kill.group_victims}
+    if task.pid in killed:
         return Verdict(
             *CONTAINER,
-            f"the victim was the container's init (containerd task pid {task.pid})",
+            f"the victim was the container's init (containerd task pid {task.pid})"
+            if task.pid == kill.victim.pid
+            else f"memory.oom.group: the container's init (containerd task pid {task.pid}) "
+            "was one of the processes killed",
             task.pid,
         )
     if task.status in ("RUNNING", "PAUSED", "PAUSING"):
@@ -133,12 +140,17 @@ def verdict_from_task(kill: OomKill, task: TaskInfo | None) -> Verdict | None:
     return None
 
 
-def verdict_from_log(kill: OomKill, later: Sequence[OomKill]) -> Verdict:
-    """Decide from the log alone: later reports of the same container, else the task table."""
-    successor = next(
-        (k for k in later if k.task_memcg == kill.task_memcg and k.victim.pid != kill.victim.pid),
-        None,
-    )
+def verdict_from_log(
+    kill: OomKill, later: Sequence[OomKill] = (), earlier: Sequence[OomKill] = ()
+) -> Verdict:
+    """Decide from the log alone.
+
+    ``later`` and ``earlier`` are the log's other kills after and before this one in the
+    file; a kill of the same container *after this one in time* shows that the container
+    survived. Else a ``memory.oom.group`` kill of the container (or above), else the
+    report's task table.
+    """
+    successor = _successor(kill, later, earlier)
     if successor is not None:
         when = successor.time.isoformat() if successor.time else f"uptime {successor.uptime}s"
         return Verdict(
@@ -146,15 +158,177 @@ def verdict_from_log(kill: OomKill, later: Sequence[OomKill]) -> Verdict:
             f"a later OOM kill in the same container (pid {successor.victim.pid} at {when}) "
             "shows it kept running",
         )
-    if kill.tasks is not None and kill.oom_memcg == kill.task_memcg:
-        processes = {row.tgid if row.tgid is not None else row.pid for row in kill.tasks}
-        if processes == {kill.victim.pid}:
-            return Verdict(
-                *CONTAINER,
-                "the victim was the only process in the container's "
-                "memory cgroup (the report's task table)",
-            )
-    return Verdict(*UNKNOWN, "the log does not show whether the container survived the kill")
+    return (
+        _verdict_from_group(kill)
+        or verdict_from_table(kill)
+        or Verdict(*UNKNOWN, "the log does not show whether the container survived the kill")
+    )
+
+
+def kill_container(kill: OomKill) -> str | None:
+    """The container memory cgroup of a kill's victim (``None``: not in a container)."""
+    memcg = kill.task_memcg or kill.group_memcg
+    return container_cgroup(memcg) if memcg else None
+
+
+def _successor(
+    kill: OomKill, later: Sequence[OomKill], earlier: Sequence[OomKill]
+) -> OomKill | None:
+    """A kill of another process of the same container that happened after ``kill``: by
+    the time stamps where both have one, else by the order in the file."""
+    container = kill_container(kill)
+    if container is None:
+        return None
+
+    def same_container(other: OomKill) -> bool:
+        return other.victim.pid != kill.victim.pid and kill_container(other) == container
+
+    for other in later:
+        if same_container(other) and _compare_time(other, kill) in (1, 0, None):
+            return other
+    for other in earlier:
+        if same_container(other) and _compare_time(other, kill) == 1:
+            return other
+    return None
+
+
+def _compare_time(a: OomKill, b: OomKill) -> int | None:
+    """1 if ``a`` happened after ``b``, -1 if before, 0 at the same time; ``None`` when the
+    stamps cannot tell (one of them has none, or they are of different kinds)."""
+    first: float | datetime | None = None
+    second: float | datetime | None = None
+    if a.time is not None and b.time is not None:
+        first, second = a.time, b.time
+    elif a.uptime is not None and b.uptime is not None:
+        first, second = a.uptime, b.uptime
+    if first is None or second is None:
+        return None
+    return (first > second) - (first < second)  # type: ignore[operator]
+
+
+def _verdict_from_group(kill: OomKill) -> Verdict | None:
+    """A memory.oom.group kill of the container's memory cgroup, or of one above it
+    (the pod's), killed every process in it: the container ended.
+
+    The kernel spares only tasks with oom_score_adj -1000 (and the global init): when the
+    report's table lists one outside the pod sandbox, the group kill proves nothing.
+    """
+    group = kill.group_memcg
+    container = kill_container(kill)
+    if group is None or container is None:
+        return None
+    if container != group and not container.startswith(group.rstrip("/") + "/"):
+        return None  # a cgroup nested inside the container: only part of it was killed
+    spared = [
+        row
+        for row in kill.tasks or ()
+        if row.oom_score_adj == OOM_SCORE_ADJ_MIN and row.name not in SANDBOX_PROCESSES
+    ]
+    if spared:
+        return None
+    where = "the container's memory cgroup" if group == container else "a cgroup above it"
+    return Verdict(
+        *CONTAINER,
+        f"memory.oom.group: the kernel killed every process of {group} ({where}), "
+        f"{len(kill.group_victims)} process(es)",
+    )
+
+
+def verdict_from_table(kill: OomKill) -> Verdict | None:
+    """Decide from the report's task table (the processes of the OOM memory cgroup).
+
+    Which rows are the victim's container: when the limit hit was the container's own
+    (or one inside it), every row is; when it was the pod's (or above), the sandbox's
+    processes (``pause``, CRI-O's ``conmon``) belong to no container and the table does
+    not say which container any other row is in. The kernel lists a memory cgroup's
+    processes in the order they joined it, so a container's init (its first process)
+    is listed before the processes it started.
+    """
+    if kill.tasks is None or kill.oom_memcg is None or kill.task_memcg is None:
+        return None
+    container = container_cgroup(kill.task_memcg)
+    victim = _victim_row(kill)
+    if container is None or victim is None:
+        return None
+    processes = _processes(kill.tasks)
+    others = [row for row in processes if _process_id(row) != _process_id(victim)]
+    oom_memcg = kill.oom_memcg.rstrip("/")
+    if oom_memcg == container or oom_memcg.startswith(container + "/"):
+        before = processes[: processes.index(victim)]
+        return _container_table_verdict(others, before, whole=oom_memcg == container)
+    if not container.startswith(oom_memcg + "/"):
+        return None
+    others = [row for row in others if row.name not in SANDBOX_PROCESSES]
+    level = "the pod's" if _is_pod_cgroup(oom_memcg) else "above the pod"
+    if not others:
+        return Verdict(
+            *CONTAINER,
+            f"the report's task table ({oom_memcg}, {level}) lists no process but the "
+            "victim outside the pod sandbox (pause, conmon): it was its container's only "
+            "process",
+        )
+    return Verdict(
+        *UNKNOWN,
+        f"the report's task table ({oom_memcg}, {level}) lists {len(others)} other "
+        f"process(es) ({_names(others)}) and does not say which container each is in",
+    )
+
+
+def _container_table_verdict(
+    others: list[TaskRow], before: list[TaskRow], *, whole: bool
+) -> Verdict | None:
+    """The table lists only the container's processes (``whole``: all of them); ``before``
+    are those listed before the victim."""
+    if not others:
+        if not whole:
+            return None  # the container may have processes outside the cgroup that hit
+        return Verdict(
+            *CONTAINER,
+            "the victim was the only process in the container's memory cgroup "
+            "(the report's task table)",
+        )
+    if not before:
+        return Verdict(
+            *UNKNOWN,
+            f"the report's task table lists the victim first of its container's "
+            f"{len(others) + 1} processes: it may have been the container's init",
+        )
+    return Verdict(
+        *INVISIBLE,
+        f"the report's task table lists {len(others)} other process(es) of the container, "
+        f"which the kernel did not kill ({_names(others)}); the victim was listed after "
+        f"{before[0].name} (pid {_process_id(before[0])}), so it was not the container's init",
+    )
+
+
+def _process_id(row: TaskRow) -> int:
+    return row.tgid if row.tgid is not None else row.pid
+
+
+def _processes(rows: Sequence[TaskRow]) -> list[TaskRow]:
+    """One row per process (the first of its thread group), in table order."""
+    seen: set[int] = set()
+    processes = []
+    for row in rows:
+        if _process_id(row) not in seen:
+            seen.add(_process_id(row))
+            processes.append(row)
+    return processes
+
+
+def _victim_row(kill: OomKill) -> TaskRow | None:
+    pid = kill.victim.pid
+    return next((row for row in _processes(kill.tasks or ()) if pid in (row.pid, row.tgid)), None)
+
+
+def _is_pod_cgroup(memcg: str) -> bool:
+    pod = parse_pod_cgroup(memcg)
+    return pod is not None and pod.container_id is None
+
+
+def _names(rows: Sequence[TaskRow], shown: int = 5) -> str:
+    names = ", ".join(f"{row.name} (pid {_process_id(row)})" for row in rows[:shown])
+    return names + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,15 +369,17 @@ class OomFindings:
         kill: OomKill,
         later: Sequence[OomKill] = (),
         *,
+        earlier: Sequence[OomKill] = (),
         counter_memcg: str | None = None,
         candidates: Sequence[str] = (),
     ) -> Finding:
-        """``counter_memcg``: a header-less kill's container, from the memory cgroups'
+        """``later``/``earlier``: the log's other kills after/before this one (file order);
+        ``counter_memcg``: a header-less kill's container, from the memory cgroups'
         ``oom_kill`` counters (``agent.oom_counters``); ``candidates``: the containers it
         may belong to when the counters cannot tell which."""
-        memcg = kill.group_memcg or kill.task_memcg or counter_memcg
+        memcg = kill.task_memcg or kill.group_memcg or counter_memcg
         who = self._attribute(memcg)
-        verdict = self._verdict(kill, memcg, who, later)
+        verdict = self._verdict(kill, memcg, who, later, earlier)
         if counter_memcg is not None and memcg == counter_memcg:
             verdict = Verdict(
                 verdict.reason,
@@ -238,6 +414,22 @@ class OomFindings:
             details=details,
         )
 
+    def for_log(self, kills: Sequence[OomKill]) -> list[Finding]:
+        """The findings of a log's kills (in file order), each judged with the others of
+        its container: a later one shows that the container survived."""
+        containers = [kill_container(kill) for kill in kills]
+        by_container: dict[str | None, list[OomKill]] = {}
+        place: list[int] = []  # each kill's index among its container's kills
+        for kill, container in zip(kills, containers, strict=True):
+            same = by_container.setdefault(container, [])
+            place.append(len(same))
+            same.append(kill)
+        return [
+            self.finding(kill, later=same[i + 1 :], earlier=same[:i])
+            for kill, container, i in zip(kills, containers, place, strict=True)
+            for same in (by_container[container],)
+        ]
+
     def subject_for(self, memcg: str) -> Subject:
         """Who a container memory cgroup belongs to (for counts taken from its counter)."""
         who = self._attribute(memcg)
@@ -257,7 +449,12 @@ class OomFindings:
         return Attribution(pod, container, task)
 
     def _verdict(
-        self, kill: OomKill, memcg: str | None, who: Attribution, later: Sequence[OomKill]
+        self,
+        kill: OomKill,
+        memcg: str | None,
+        who: Attribution,
+        later: Sequence[OomKill],
+        earlier: Sequence[OomKill],
     ) -> Verdict:
         pod = who.pod
         if kill.is_global:
@@ -269,8 +466,8 @@ class OomFindings:
         if memcg is None:
             return Verdict(
                 *UNKNOWN,
-                "the kernel printed no memory cgroup for this kill "
-                "(its report header was rate-limited or cut off)",
+                "the kernel printed no memory cgroup for this kill (its report header was "
+                "rate-limited or cut off): which container, if any, is unknown",
             )
         if pod is None:
             return Verdict(
@@ -278,14 +475,14 @@ class OomFindings:
             )
         if pod.container_id is None:
             return Verdict(*UNKNOWN, "the memory cgroup is the pod's, not one container's")
-        by_task = verdict_from_task(kill, who.task) if not kill.is_group else None
+        by_task = verdict_from_task(kill, who.task)
         if by_task is not None:
             return by_task
         if self.live is not None:
             live = self.live.verdict(kill, memcg)
             if live is not None:
                 return live
-        return verdict_from_log(kill, later)
+        return verdict_from_log(kill, later, earlier)
 
 
 def _subject(who: Attribution) -> Subject:
@@ -322,7 +519,10 @@ def _message(kill: OomKill, verdict: Verdict, subject: Subject, node: str) -> st
         "ContainerOOMKill": f"the init {victim} of {where} was OOM-killed{limit}; the container "
         "ended (Kubernetes shows OOMKilled). Raise its memory limit or fix its memory use",
         "OOMKill": f"{victim} in {where} was OOM-killed{limit}; whether the container "
-        "survived is unknown",
+        "survived is unknown"
+        if subject.kind == "Pod"
+        else f"{victim} on node {node} was killed at a memory cgroup limit; the kernel "
+        "printed no memory cgroup, so which container (if any) is unknown",
         "SystemOOMKill": f"{victim} in {where} was killed because node {node} ran out of "
         "memory. Check node memory requests/limits and system reservations",
         "NodeProcessOOMKill": f"{victim} in {where} was OOM-killed{limit}. Raise that "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 QosClass = Literal["guaranteed", "burstable", "besteffort"]
@@ -81,6 +82,19 @@ def container_id_from_cgroup(path: str) -> str | None:
         match = _CONTAINER_RE.fullmatch(level)
         if match is not None:
             return match["id"]
+    return None
+
+
+@lru_cache(maxsize=4096)
+def container_cgroup(memcg: str) -> str | None:
+    """The container-level prefix of a memory cgroup path (nested cgroups inside a
+    container belong to it); ``None`` outside a container."""
+    levels = memcg.split("/")
+    for end in range(1, len(levels) + 1):
+        prefix = "/".join(levels[:end])
+        pod = parse_pod_cgroup(prefix) if "kubepods" in prefix else None
+        if pod is not None and pod.container_id is not None:
+            return prefix
     return None
 
 

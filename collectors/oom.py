@@ -33,6 +33,14 @@ MAX_GROUP_VICTIMS = 10_000
 # 5.10). Longer "records" come from garbage input, and some patterns below are quadratic in
 # the line length (a 70 000-character line with "Killed process" in it took minutes).
 MAX_MESSAGE_CHARS = 2048
+# The lines of one report are printed within moments (under oom_lock); a report line
+# further than this from an open report's start belongs to another report (a paste that
+# cut the other report's header).
+MAX_REPORT_SECONDS = 60.0
+# A process name (task->comm) has at most TASK_COMM_LEN - 1 = 15 bytes: a longer
+# "name" before "invoked oom-killer:" is a line with a prefix not understood.
+MAX_COMM_CHARS = 15
+KEPT_NOT_UNDERSTOOD = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +91,7 @@ class OomKill:
     group_memcg: str | None = None
     group_victims: tuple[OomVictim, ...] = ()
     complete: bool = True
+    year_inferred: bool = False  # the year of ``time`` was not in the log line
 
     @property
     def is_group(self) -> bool:
@@ -90,7 +99,7 @@ class OomKill:
 
 
 _TRIGGER = re.compile(
-    r"(?P<comm>.*?) invoked oom-killer: gfp_mask=(?P<gfp>0x[0-9a-fA-F]+)"
+    rf"(?P<comm>.{{1,{MAX_COMM_CHARS}}}?) invoked oom-killer: gfp_mask=(?P<gfp>0x[0-9a-fA-F]+)"
     r"(?:\([^)]*\))?,(?: nodemask=\S+,)? order=(?P<order>-?\d+), oom_score_adj=(?P<adj>-?\d+)"
 )
 _CPU_LINE = re.compile(r"^CPU: \d+ (?:UID: \d+ )?PID: (?P<pid>\d+) Comm: ")
@@ -155,12 +164,18 @@ class _Report:
     tasks: list[TaskRow] | None = None
     has_summary: bool = False
     has_body: bool = False  # printed its stack / meminfo / task table
+    has_header: bool = False  # its "invoked oom-killer:" line was read
     position: str | None = None
+    year_inferred: bool = False
 
     def finish(self, victim: OomVictim | None, record: KernelRecord | None) -> OomKill | None:
         chosen = _merge_victims(self.summary_victim, victim)
         if chosen is None:
             return None
+        from_record = record is not None and record.time is not None
+        # Without its header a report that printed more than the Killed line (summary,
+        # body) was cut; a lone Killed line is all the kernel prints when it ratelimits.
+        cut = not self.has_header and (self.has_summary or self.has_body)
         return OomKill(
             victim=chosen,
             time=record.time if record and record.time else self.time,
@@ -177,8 +192,18 @@ class _Report:
             memcg_usage_kb=self.memcg_usage_kb,
             memcg_limit_kb=self.memcg_limit_kb,
             tasks=tuple(self.tasks) if self.tasks is not None else None,
-            complete=victim is not None,
+            complete=victim is not None and not cut,
+            year_inferred=record.year_inferred if record and from_record else self.year_inferred,
         )
+
+    def near(self, record: KernelRecord) -> bool:
+        """Whether ``record`` can belong to this report by its time stamps (``True`` when
+        they cannot tell)."""
+        if self.uptime is not None and record.uptime is not None:
+            return abs(record.uptime - self.uptime) <= MAX_REPORT_SECONDS
+        if self.time is not None and record.time is not None:
+            return abs((record.time - self.time).total_seconds()) <= MAX_REPORT_SECONDS
+        return True
 
 
 def _merge_victims(summary: OomVictim | None, killed: OomVictim | None) -> OomVictim | None:
@@ -202,7 +227,7 @@ def parse_killed_line(message: str) -> tuple[OomVictim, bool | None] | None:
     The second item is ``None`` when the line has no ``…out of memory:`` prefix
     (pre-5.0 kernels), so the line alone cannot tell.
     """
-    match = _KILLED.search(message)
+    match = _KILLED.match(message)
     if match is None:
         return None
     fields = {key: int(value) for key, value in _TAIL_FIELD.findall(match["tail"])}
@@ -250,6 +275,16 @@ class OomAssembler:
         self._open: deque[_Report] = deque()
         self._held: OomKill | None = None
         self._group: _Group | None = None
+        self.not_understood = 0
+        """Lines worded like a report's trigger, summary, group or Killed line that do not
+        have its shape (a prefix not understood, a line cut short): skipped."""
+        self.not_understood_positions: list[str | None] = []
+        """The positions of the first ``KEPT_NOT_UNDERSTOOD`` of them."""
+
+    def _skip(self, record: KernelRecord) -> None:
+        self.not_understood += 1
+        if len(self.not_understood_positions) < KEPT_NOT_UNDERSTOOD:
+            self.not_understood_positions.append(record.position)
 
     @property
     def idle(self) -> bool:
@@ -321,7 +356,12 @@ class OomAssembler:
             self._held = None
 
     def _open_report(self, record: KernelRecord, done: list[OomKill]) -> _Report:
-        report = _Report(time=record.time, uptime=record.uptime, position=record.position)
+        report = _Report(
+            time=record.time,
+            uptime=record.uptime,
+            position=record.position,
+            year_inferred=record.year_inferred,
+        )
         self._open.append(report)
         if len(self._open) > MAX_OPEN_REPORTS:
             stale = self._open.popleft().finish(None, None)
@@ -330,11 +370,14 @@ class OomAssembler:
         return report
 
     def _on_trigger(self, record: KernelRecord, done: list[OomKill]) -> None:
-        match = _TRIGGER.search(record.message)
+        match = _TRIGGER.match(record.message)
         if match is None:
+            self._skip(record)
             return
         self._close_abandoned(done)
+        self._close_distant(record, done)
         report = self._open_report(record, done)
+        report.has_header = True
         report.trigger_comm = match["comm"].strip() or None
         report.gfp_mask = match["gfp"]
         report.order = int(match["order"])
@@ -353,11 +396,22 @@ class OomAssembler:
             if kill is not None:
                 done.append(kill)
 
+    def _close_distant(self, record: KernelRecord, done: list[OomKill]) -> None:
+        """Close open reports too far in time from ``record`` to be its report's (their
+        end was cut off): kept open they would lend this report their header."""
+        for report in [r for r in self._open if not r.near(record)]:
+            self._open.remove(report)
+            kill = report.finish(None, None)
+            if kill is not None:
+                done.append(kill)
+
     def _on_summary(self, record: KernelRecord, done: list[OomKill]) -> None:
-        head = _SUMMARY_HEAD.search(record.message)
+        head = _SUMMARY_HEAD.match(record.message)
         tail = _SUMMARY_TAIL.search(record.message)
         if head is None or tail is None:
+            self._skip(record)
             return
+        self._close_distant(record, done)
         report = next((r for r in self._open if not r.has_summary), None)
         if report is None:
             report = self._open_report(record, done)
@@ -381,7 +435,7 @@ class OomAssembler:
         message = record.message
         # "Kill process " is a literal of _LEGACY_CHOICE: the (slow) search only if it is in.
         if "Kill process " in message:
-            legacy = _LEGACY_CHOICE.search(message)
+            legacy = _LEGACY_CHOICE.match(message)
             if legacy is not None:
                 self._on_legacy_choice(legacy, record, done)
                 return
@@ -391,6 +445,7 @@ class OomAssembler:
     def _on_legacy_choice(
         self, match: re.Match[str], record: KernelRecord, done: list[OomKill]
     ) -> None:
+        self._close_distant(record, done)
         report = next((r for r in self._open if not r.has_summary), None)
         if report is None:
             if any(
@@ -411,15 +466,22 @@ class OomAssembler:
     def _on_killed(self, record: KernelRecord, done: list[OomKill]) -> None:
         parsed = parse_killed_line(record.message)
         if parsed is None:
+            self._skip(record)
             return
         victim, line_is_global = parsed
+        self._close_distant(record, done)
         report = self._report_for_victim(victim.pid)
         if report is None and self._group is not None:
             self._group.add(victim, record)
             return
         self._release(done)
         if report is None:
-            report = _Report(time=record.time, uptime=record.uptime, position=record.position)
+            report = _Report(
+                time=record.time,
+                uptime=record.uptime,
+                position=record.position,
+                year_inferred=record.year_inferred,
+            )
         if report.is_global is None and line_is_global is not None:
             report.is_global = line_is_global
             report.constraint = "CONSTRAINT_NONE" if line_is_global else "CONSTRAINT_MEMCG"
@@ -438,8 +500,9 @@ class OomAssembler:
         return chosen
 
     def _on_group(self, record: KernelRecord, done: list[OomKill]) -> None:
-        match = _GROUP.search(record.message)
+        match = _GROUP.match(record.message)
         if match is None:
+            self._skip(record)
             return
         held = self._held
         self._held = None

@@ -33,10 +33,11 @@ def test_analyze_dmesg_reports_the_kill_as_json() -> None:
     assert finding["details"]["pid"] == 1796
     assert finding["details"]["comm"] == "python3"
     assert finding["details"]["memory_limit_kb"] == 51200
-    # The task table shows a second process (sh) in the container: the log cannot tell
-    # whether the container survived, so it is not guessed.
-    assert finding["reason"] == "OOMKill"
-    assert finding["details"]["scope"] == "unknown"
+    # The task table lists sh before the victim in the container's own memory cgroup: sh
+    # (the container's init) was not killed, so the container kept running.
+    assert finding["reason"] == "InvisibleOOMKill"
+    assert finding["details"]["scope"] == "invisible"
+    assert "sh (pid 1795)" in finding["details"]["basis"]
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in VECTORS.glob("oom_*.log")))

@@ -181,3 +181,28 @@ def test_counter_kills_with_a_silent_log_are_logged_once(
     w.drain()
     w.flush()
     assert any("shows OOM kills again" in r.message for r in caplog.records)
+
+
+def test_backlog_is_judged_from_the_log_like_analyze(tmp_path: Path) -> None:
+    """Kills read while catching up after a start are judged together: a later kill of
+    the same container shows that it survived the earlier one."""
+    found: list[Finding] = []
+    source = RecordedSource([*report(100), "noise", *report(200)])
+    w = watch(source, StateFile(tmp_path / "s.json"), found)
+    w.drain(hold=0.0)
+    assert [(f.details["pid"], f.reason) for f in found] == [
+        (100, "InvisibleOOMKill"),
+        (200, "OOMKill"),
+    ]
+    assert "pid 200" in found[0].details["basis"]
+    assert w.state is not None and w.state.load()["position"] == str(len(source.messages) - 1)
+
+
+def test_kills_after_catching_up_are_reported_at_once(tmp_path: Path) -> None:
+    found: list[Finding] = []
+    source = RecordedSource([])
+    w = watch(source, StateFile(tmp_path / "s.json"), found)
+    w.caught_up = True
+    source.messages += [*report(100), "noise"]
+    w.drain(hold=0.0)
+    assert [f.details["pid"] for f in found] == [100]

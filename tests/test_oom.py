@@ -112,6 +112,12 @@ DEBIAN_GROUP = (
     "/kubepods/burstable/pod3902af1e-8ce1-42e1-a2a5-dc04f4240c4f/"
     "ed9dcd836d0c7e3e379b2387ef5e15e70f1c932dbce0fce685606bb2f4d62036"
 )
+GROUP_V2 = (
+    "/kubepods.slice/kubepods-burstable.slice/"
+    "kubepods-burstable-pod7c1e4a52_93b0_4d6e_a1f2_58c9d0e3b4a7.slice/"
+    "cri-containerd-5d2c8e1f7a9b3c4d6e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d.scope"
+)
+POD_V1 = "/kubepods/burstable/pod2f9d6c3a-1b4e-4f7a-9c2d-8e5f0a1b3c4d"
 MEMCG = "CONSTRAINT_MEMCG"
 NONE = "CONSTRAINT_NONE"
 
@@ -378,6 +384,50 @@ EXPECTED: dict[str, list[dict[str, Any]]] = {
             "task_memcg": None,
             "group_memcg": None,
         },
+    ],
+    # --- made by us from the kernel's printk formats (README) ---
+    # memory.oom.group on a container (cgroup v2, systemd driver): the chosen victim, then
+    # every member (the victim again).
+    "made_group_v2_container_limit_6x.log": [
+        {
+            "victim.pid": 21507,
+            "task_memcg": GROUP_V2,
+            "oom_memcg": GROUP_V2,
+            "group_memcg": GROUP_V2,
+            "group_pids": (21507, 21401),
+            "n_tasks": 2,
+            "complete": True,
+        }
+    ],
+    # Pod-level limits: the table is the pod's (pause / conmon rows included).
+    "made_pod_limit_v1_pause_and_victim_6x.log": [
+        {"victim.pid": 30517, "oom_memcg": POD_V1, "n_tasks": 2, "complete": True}
+    ],
+    "made_pod_limit_v1_two_containers_6x.log": [
+        {"victim.pid": 30844, "oom_memcg": POD_V1, "n_tasks": 3}
+    ],
+    "made_pod_limit_v2_crio_conmon_6x.log": [{"victim.pid": 5220, "n_tasks": 4}],
+    # 4.14: "Task in", a 4.x table header, "Kill process … or sacrifice child".
+    "made_container_limit_child_4_14_v1.log": [
+        {"victim.pid": 18230, "trigger_comm": "java", "n_tasks": 2, "constraint": MEMCG}
+    ],
+    # A report that ended without a kill ("no killable processes"), then 1,625 s later a
+    # report whose header was cut: its trigger is unknown (not the earlier report's java)
+    # and it is not complete.
+    "made_header_cut_after_unfinished_report_6x.log": [
+        {
+            "victim.pid": 43120,
+            "uptime": 5864.683397,
+            "trigger_comm": None,
+            "trigger_pid": None,
+            "n_tasks": None,
+            "complete": False,
+        }
+    ],
+    # The later kill pasted first: the file order is not the order in time.
+    "made_same_container_pasted_out_of_order_6x.log": [
+        {"victim.pid": 7302, "uptime": 1095.021606},
+        {"victim.pid": 7201, "uptime": 1000.011924},
     ],
     # "(sd-pam)": parentheses inside the comm; mems_allowed=0-1. The trailing trigger has no
     # summary (cut off): nothing comes of it.

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from test_oom import load, run
 
-from agent.oom_findings import LiveEvidence, OomFindings, verdict_from_log
+from agent.oom_findings import LiveEvidence, OomFindings, verdict_from_log, verdict_from_task
+from collectors.containerd import TaskInfo
+from collectors.finding import Finding
 from collectors.memcg import MemcgProbe, parse_status
 from collectors.oom import OomKill, OomVictim, TaskRow
 
@@ -172,16 +176,117 @@ def test_log_evidence_later_kill_in_same_container_means_survived() -> None:
     assert "pid 11" in verdict.basis
 
 
-def test_log_evidence_only_task_means_container_kill() -> None:
+def test_log_evidence_task_table_decides() -> None:
     alone = kill(pid=10, tasks=(TaskRow(pid=10, tgid=10, name="worker"),))
     assert verdict_from_log(alone, later=[]).reason == "ContainerOOMKill"
     crowded = kill(
         pid=10, tasks=(TaskRow(pid=9, tgid=9, name="sh"), TaskRow(pid=10, tgid=10, name="w"))
     )
-    assert verdict_from_log(crowded, later=[]).reason == "OOMKill"
+    assert verdict_from_log(crowded, later=[]).reason == "InvisibleOOMKill"
 
 
 def test_offline_findings_never_read_the_host() -> None:
     finding = OomFindings("n", live=None).finding(kill(), later=[])
     assert finding.reason == "OOMKill"
     assert finding.to_dict()["subject"]["name"] is None
+
+
+# --- from the log alone (analyze, scan, run's backlog) -------------------------------------
+
+# vector (tests/vectors/oom) -> the reason of each kill, judged from the log alone.
+LOG_REASONS = {
+    # The task table lists sh before the victim: sh is the container's init, not killed.
+    "memcg_6_18_kubepods_this_machine.log": ["InvisibleOOMKill"],
+    "memcg_6_18_two_kills_spaces_commas_this_machine.log": ["InvisibleOOMKill", "OOMKill"],
+    "made_container_limit_child_4_14_v1.log": ["InvisibleOOMKill"],
+    # memory.oom.group on the container: every process of it was killed.
+    "made_group_v2_container_limit_6x.log": ["ContainerOOMKill"],
+    "group_systemd_cgroup_aks_npd.log": ["ContainerOOMKill"],
+    # Pod-level limits: pause/conmon are in no container; other rows may be in any.
+    "made_pod_limit_v1_pause_and_victim_6x.log": ["ContainerOOMKill"],
+    "made_pod_limit_v1_two_containers_6x.log": ["OOMKill"],
+    "made_pod_limit_v2_crio_conmon_6x.log": ["OOMKill"],
+    "made_header_cut_after_unfinished_report_6x.log": ["OOMKill"],
+    # The kill 95 s earlier (pasted second) is the one the later kill shows survived.
+    "made_same_container_pasted_out_of_order_6x.log": ["OOMKill", "InvisibleOOMKill"],
+    "memcg_6_18_ratelimited_this_machine.log": ["ContainerOOMKill"] + ["OOMKill"] * 3,
+    "group_5_0_lkml_tetsuo.log": ["NodeProcessOOMKill"],
+    "legacy_3_10_sacrificed_child_k8s56891.log": ["OOMKill"],
+}
+
+
+def log_findings(name: str) -> list[Finding]:
+    return OomFindings("n", live=None).for_log(run(load(name)))
+
+
+@pytest.mark.parametrize("name", sorted(LOG_REASONS))
+def test_reasons_from_the_log_alone(name: str) -> None:
+    assert [f.reason for f in log_findings(name)] == LOG_REASONS[name]
+
+
+def test_child_listed_after_other_processes_names_them() -> None:
+    [finding] = log_findings("memcg_6_18_kubepods_this_machine.log")
+    assert "sh (pid 6423)" in finding.details["basis"]
+    assert "not the container's init" in finding.details["basis"]
+
+
+def test_group_kill_of_the_container_is_one_container_kill() -> None:
+    [finding] = log_findings("made_group_v2_container_limit_6x.log")
+    assert finding.details["scope"] == "container"
+    assert "memory.oom.group" in finding.details["basis"]
+    assert [v["pid"] for v in finding.details["group_victims"]] == [21507, 21401]
+
+
+def test_group_kill_of_a_cgroup_inside_the_container_proves_nothing() -> None:
+    nested = replace(kill(), group_memcg=MEMCG + "/workers", group_victims=(OomVictim(1, "a"),))
+    assert verdict_from_log(nested).reason == "OOMKill"
+
+
+def test_group_kill_sparing_a_never_kill_task_proves_nothing() -> None:
+    rows = (TaskRow(pid=7, tgid=7, name="keep", oom_score_adj=-1000),)
+    group = replace(kill(tasks=rows), group_memcg=MEMCG, group_victims=(OomVictim(4885, "w"),))
+    assert verdict_from_log(group).reason == "OOMKill"
+
+
+def test_group_kill_is_judged_by_containerd_when_it_can_tell() -> None:
+    members = (OomVictim(4885, "w"), OomVictim(4001, "app"))
+    group = replace(kill(), group_memcg=MEMCG, group_victims=members)
+    killed_init = verdict_from_task(group, TaskInfo(4001, "RUNNING", 0))  # not reaped yet
+    assert killed_init is not None and killed_init.reason == "ContainerOOMKill"
+    assert "memory.oom.group" in killed_init.basis
+    spared_init = verdict_from_task(group, TaskInfo(4002, "RUNNING", 0))
+    assert spared_init is not None and spared_init.reason == "InvisibleOOMKill"
+
+
+def test_pod_table_names_the_processes_it_cannot_place() -> None:
+    [finding] = log_findings("made_pod_limit_v2_crio_conmon_6x.log")
+    basis = finding.details["basis"]
+    assert "sh (pid 5133)" in basis and "conmon" not in basis.split("lists")[1]
+    assert "does not say which container" in basis
+
+
+def test_victim_listed_first_may_be_the_init() -> None:
+    rows = (TaskRow(pid=4885, tgid=4885, name="w"), TaskRow(pid=4890, tgid=4890, name="c"))
+    verdict = verdict_from_log(kill(tasks=rows))
+    assert verdict.reason == "OOMKill"
+    assert "may have been the container's init" in verdict.basis
+
+
+def test_threads_of_the_victim_are_not_other_processes() -> None:
+    rows = (TaskRow(pid=4885, tgid=4885, name="w"), TaskRow(pid=4886, tgid=4885, name="w"))
+    assert verdict_from_log(kill(tasks=rows)).reason == "ContainerOOMKill"
+
+
+def test_later_kill_follows_time_not_file_order() -> None:
+    first_in_file = kill(pid=11, age=0)
+    earlier_in_time = kill(pid=10, age=95)
+    assert verdict_from_log(first_in_file, later=[earlier_in_time]).reason == "OOMKill"
+    verdict = verdict_from_log(earlier_in_time, earlier=[first_in_file])
+    assert verdict.reason == "InvisibleOOMKill" and "pid 11" in verdict.basis
+
+
+def test_kill_without_memcg_says_that_the_container_is_unknown() -> None:
+    finding = OomFindings("node-1", live=None).finding(kill(memcg=None))
+    assert (finding.reason, finding.subject.kind) == ("OOMKill", "Node")
+    assert "which container (if any) is unknown" in finding.message
+    assert "the container survived" not in finding.message
