@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--iptables-save", type=Path, metavar="FILE", help="`iptables-save -c` output"
     )
     analyze.add_argument("--nft-json", type=Path, metavar="FILE", help="`nft -j list ruleset`")
+    analyze.add_argument(
+        "--year",
+        type=_typed(_year),
+        help="the year of the kernel log's first year-less time stamp (syslog, journalctl "
+        "-o short); default: inferred",
+    )
     analyze.add_argument("--json", action="store_true", help="JSON lines instead of a report")
     pid = commands.add_parser(
         "pid", parents=[common], help="which pod and container a host process belongs to"
@@ -179,6 +185,12 @@ def _dns_name(text: str) -> str:
     except DnsFormatError as error:
         raise ValueError(f"invalid DNS name {text!r}: {error}") from None
     return text
+
+
+def _year(text: str) -> int:
+    if not (text.isdigit() and 1970 <= int(text) <= datetime.now(UTC).year):
+        raise ValueError(f"invalid year {text!r} (1970 to this year)")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -269,7 +281,9 @@ def _analyze(args: argparse.Namespace, settings: Settings) -> int:
     for flag, path in given.items():
         if path is not None and not path.is_file():
             raise InputError(f"{flag} {path}: no such file")
-    findings = analyze(settings, args.kernel_log_file, args.iptables_save, args.nft_json)
+    findings = analyze(
+        settings, args.kernel_log_file, args.iptables_save, args.nft_json, year=args.year
+    )
     names = ", ".join(str(p) for p in given.values() if p)
     return _print_findings(args, findings, f"nodediag analysis of {names}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from agent.periodic import ClusterDnsSource, PeriodicCollectors, build_collector
 from agent.settings import Settings
 from collectors.finding import Finding
 from collectors.kernel_log import KernelLogSource
-from collectors.logfile import read_kernel_log_file
+from collectors.logfile import LogReading, read_kernel_log_file
 from collectors.memcg import MemcgProbe
 from collectors.oom import OomAssembler, OomKill
 from collectors.records import KernelRecord
@@ -40,7 +40,19 @@ def assemble(records: Iterable[KernelRecord], what: str) -> list[OomKill]:
             next_progress = time.monotonic() + PROGRESS_EVERY
     kills.extend(assembler.flush(final=True))
     log.info("%s: %d records read, %d OOM kills", what, count, len(kills))
+    if assembler.not_understood:
+        log.warning(
+            "%s: %d OOM report line(s) not understood, skipped (%s)",
+            what,
+            assembler.not_understood,
+            _listed(assembler.not_understood_positions, assembler.not_understood),
+        )
     return kills
+
+
+def _listed(positions: Sequence[str | None], count: int) -> str:
+    shown = ", ".join(str(p) for p in positions)
+    return shown + (", …" if count > len(positions) else "")
 
 
 def scan(
@@ -68,10 +80,17 @@ def analyze(
     kernel_log: Path | None,
     iptables_save: Path | None = None,
     nft_json: Path | None = None,
+    *,
+    year: int | None = None,
 ) -> list[Finding]:
+    """``year``: of the first year-less time stamp (syslog, ``journalctl -o short``)."""
     findings: list[Finding] = []
     if kernel_log is not None:
-        kills = assemble(read_kernel_log_file(kernel_log), str(kernel_log))
+        reading = LogReading()
+        kills = assemble(
+            read_kernel_log_file(kernel_log, year=year, reading=reading), str(kernel_log)
+        )
+        _say_what_was_not_read(kernel_log, reading)
         findings += OomFindings(settings.node_name, live=None).for_log(kills)
     if iptables_save is not None or nft_json is not None:
         from collectors.firewall_collector import findings_from_files
@@ -83,6 +102,24 @@ def analyze(
             settings.node_name,
         )
     return findings
+
+
+def _say_what_was_not_read(path: Path, reading: LogReading) -> None:
+    if reading.not_understood:
+        lines = [f"line {n}" for n in reading.not_understood_lines]
+        log.warning(
+            "%s: %d line(s) in no log format understood, skipped (%s)",
+            path,
+            reading.not_understood,
+            _listed(lines, reading.not_understood),
+        )
+    if reading.year_source is not None and reading.year_source != "--year":
+        log.info(
+            "%s: its time stamps have no year; %s (findings say year_inferred; "
+            "--year YYYY sets it)",
+            path,
+            reading.year_source,
+        )
 
 
 def _read_text(path: Path | None) -> str | None:

@@ -570,6 +570,7 @@ def _details(kill: OomKill, verdict: Verdict, who: Attribution) -> dict[str, Any
         "basis": verdict.basis,
         "uptime": kill.uptime,
         "complete": kill.complete,
+        "year_inferred": kill.year_inferred,
     }
     if kill.is_group:
         details["group_memcg"] = kill.group_memcg

@@ -1,15 +1,19 @@
 """Kernel log text from a support bundle → :class:`KernelRecord` values.
 
-Understands raw ``/dev/kmsg`` dumps, ``dmesg`` (also ``-x``, ``-T``), and ``journalctl -k``
-in its short forms; any other line is kept as a plain message. Parsing is pure and never
-raises on malformed text; only :func:`read_kernel_log_file` touches the file system.
+Understands raw ``/dev/kmsg`` dumps, ``dmesg`` (also ``-x``, ``-T``), ``journalctl -k`` in
+its short forms (also ``--no-hostname``) and syslog files (with or without the host name).
+In a file with none of these stamps every line is a plain message (``dmesg -t``, bare
+messages); once a line with a stamp was seen, a line in no known form is not understood:
+it is skipped and counted in :class:`LogReading`, never read as a message. Parsing is
+pure and never raises on malformed text; only :func:`read_kernel_log_file` touches the
+file system.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain, islice
 from pathlib import Path
@@ -28,6 +32,7 @@ MAX_LINE_LENGTH = 64 * 1024
 """Longer lines are cut to this many characters (bytes when reading a file)."""
 
 DETECT_SAMPLE_LINES = 20
+KEPT_LINE_NUMBERS = 5
 
 _MONTHS = {
     name: number
@@ -39,8 +44,12 @@ _MONTHS = {
 _MONTH = "(?P<month>" + "|".join(_MONTHS) + ")"
 _WEEKDAY = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
 _CLOCK = r"(?P<clock>\d\d:\d\d:\d\d(?:\.\d{1,6})?)"
-# "<hostname> <identifier>[<pid>]: " — the identifier of kernel records is always "kernel".
-_JOURNAL_SOURCE = r" (?P<host>\S+) (?P<ident>[^\s\[:]+)(?:\[\d{1,10}\])?:(?: |$)(?P<message>.*)"
+# "[<hostname> ]<identifier>[<pid>]: " — the identifier of kernel records is always
+# "kernel"; syslog files and `journalctl --no-hostname` print no hostname. A hostname does
+# not end in ":" (else "kernel: CPU: 1 …" would be host "kernel:", identifier "CPU").
+_JOURNAL_SOURCE = (
+    r"(?: (?P<host>\S*[^\s:]))? (?P<ident>[^\s\[:]+)(?:\[\d{1,10}\])?:(?: |$)(?P<message>.*)"
+)
 
 # prio,seq,usec,flags[,more fields];message
 _KMSG_RE = re.compile(
@@ -83,6 +92,24 @@ class _Line:
     uptime: float | None = None
     seq: int | None = None
     from_kernel: bool = True
+    year_inferred: bool = False
+
+
+@dataclass
+class LogReading:
+    """What reading a log file could not use, and where the year of year-less stamps
+    came from (for the reader to say)."""
+
+    not_understood: int = 0
+    not_understood_lines: list[int] = field(default_factory=list)
+    """The line numbers of the first ``KEPT_LINE_NUMBERS`` lines not understood."""
+    year_source: str | None = None
+    """``None``: no year-less stamp in the file; else how their year was found."""
+
+    def skip(self, number: int) -> None:
+        self.not_understood += 1
+        if len(self.not_understood_lines) < KEPT_LINE_NUMBERS:
+            self.not_understood_lines.append(number)
 
 
 class _YearClock:
@@ -90,11 +117,13 @@ class _YearClock:
 
     A drop of six months or more between consecutive records is taken as a new year
     (December → January); a smaller drop is a clock that went back, not a new year.
+    ``inferred``: ``year`` was not given by the user.
     """
 
-    def __init__(self, year: int | None) -> None:
+    def __init__(self, year: int | None, *, inferred: bool = False) -> None:
         self._year = year
         self._month: int | None = None
+        self.inferred = inferred
 
     @property
     def year(self) -> int | None:
@@ -111,19 +140,27 @@ _LineParser = Callable[[str, _YearClock], _Line | None]
 
 
 def parse_kernel_log_text(
-    lines: Iterable[str], *, year: int | None = None
+    lines: Iterable[str],
+    *,
+    year: int | None = None,
+    year_inferred: bool = False,
+    reading: LogReading | None = None,
 ) -> Iterator[KernelRecord]:
     """Yield the kernel records in ``lines`` of kernel log text, whatever its format.
 
-    ``year`` is the year of the first record of year-less formats (``journalctl -o short``);
-    without it those records have ``time=None``. Records written by userspace (a kmsg
-    facility other than kernel, ``dmesg -x`` lines of another facility, journal lines of
-    another identifier) are skipped, as are journal markers and kmsg continuation lines.
+    ``year`` is the year of the first record of year-less formats (``journalctl -o short``,
+    syslog); without it those records have ``time=None``; ``year_inferred`` marks their
+    records (``KernelRecord.year_inferred``). Records written by userspace (a kmsg facility
+    other than kernel, ``dmesg -x`` lines of another facility, journal lines of another
+    identifier) are skipped, as are journal markers and kmsg continuation lines; lines
+    not understood are skipped and counted in ``reading``.
     """
     iterator = iter(lines)
     sample = list(islice(iterator, DETECT_SAMPLE_LINES))
-    parsers = _parsers_trying_first(detect_format(sample))
-    clock = _YearClock(year)
+    detected = detect_format(sample)
+    parsers = _parsers_trying_first(detected)
+    clock = _YearClock(year, inferred=year_inferred)
+    stamped = detected != PLAIN  # plain lines are messages only in a file without stamps
     after_kmsg = False
     for number, raw in enumerate(chain(sample, iterator), start=1):
         text = _clean(raw)
@@ -133,22 +170,37 @@ def parse_kernel_log_text(
             continue
         line = _parse_line(text, parsers, clock)
         after_kmsg = line.format == KMSG
+        if line.format == PLAIN and stamped:
+            if reading is not None:
+                reading.skip(number)
+            continue
+        stamped = stamped or line.format != PLAIN
         if line.from_kernel:
             yield _to_record(line, number)
 
 
-def read_kernel_log_file(path: Path) -> Iterator[KernelRecord]:
-    """Yield the kernel records of a log file; year-less stamps are dated by the file's mtime.
+def read_kernel_log_file(
+    path: Path, *, year: int | None = None, reading: LogReading | None = None
+) -> Iterator[KernelRecord]:
+    """Yield the kernel records of a log file.
 
-    The mtime dates the end of the file, so the first record's year is the mtime's year
-    minus the year boundaries the file crosses. Iterating raises ``OSError`` if the file
-    cannot be read.
+    Year-less stamps (syslog, ``journalctl -o short``) get ``year`` for the first of them
+    when given; else the year the file's dated lines (``dmesg -T``, ISO stamps) show; else
+    the latest year that puts the file's last year-less stamp no later than the file's
+    mtime (nor now). The years after the first follow the stamps' months. ``reading``
+    receives what could not be used and where the year came from. Iterating raises
+    ``OSError`` if the file cannot be read.
     """
-    mtime_year = datetime.fromtimestamp(path.stat().st_mtime, UTC).year
+    modified = min(datetime.fromtimestamp(path.stat().st_mtime, UTC), datetime.now(UTC))
     with path.open("rb") as file:
-        first_year = mtime_year - _year_boundaries_crossed(_decoded_lines(file))
+        years = _scan_years(_decoded_lines(file))
+        first_year, source = _first_year(years, year, modified)
+        if reading is not None:
+            reading.year_source = source if years.has_yearless else None
         file.seek(0)
-        yield from parse_kernel_log_text(_decoded_lines(file), year=first_year)
+        yield from parse_kernel_log_text(
+            _decoded_lines(file), year=first_year, year_inferred=year is None, reading=reading
+        )
 
 
 def detect_format(sample_lines: list[str]) -> str:
@@ -182,7 +234,13 @@ def _parse_line(text: str, parsers: list[_LineParser], clock: _YearClock) -> _Li
 
 def _to_record(line: _Line, number: int) -> KernelRecord:
     position = f"seq {line.seq}" if line.seq is not None else f"line {number}"
-    return KernelRecord(line.message, time=line.time, uptime=line.uptime, position=position)
+    return KernelRecord(
+        line.message,
+        time=line.time,
+        uptime=line.uptime,
+        position=position,
+        year_inferred=line.year_inferred,
+    )
 
 
 def _parse_kmsg(text: str, _clock: _YearClock) -> _Line | None:
@@ -238,7 +296,9 @@ def _parse_journal_short(text: str, clock: _YearClock) -> _Line | None:
     year = clock.year_for(month)
     # No zone is printed (journalctl --utc neither): the time is taken as UTC.
     time = None if year is None else _build_time(year, month, match["day"], match["clock"])
-    return _journal_line(JOURNAL_SHORT, match, time)
+    return _journal_line(
+        JOURNAL_SHORT, match, time, year_inferred=clock.inferred and time is not None
+    )
 
 
 def _parse_journal_iso(text: str, _clock: _YearClock) -> _Line | None:
@@ -264,13 +324,22 @@ def _parse_journal_unix(text: str, _clock: _YearClock) -> _Line | None:
     return _journal_line(JOURNAL_ISO, match, time)
 
 
-def _journal_line(line_format: str, match: re.Match[str], time: datetime | None) -> _Line:
+def _journal_line(
+    line_format: str, match: re.Match[str], time: datetime | None, *, year_inferred: bool = False
+) -> _Line:
     message = match["message"]
     uptime = None
     embedded = _UPTIME_PREFIX_RE.fullmatch(message)
     if embedded is not None:
         message, uptime = embedded["message"], float(embedded["uptime"])
-    return _Line(line_format, message, time, uptime, from_kernel=match["ident"] == "kernel")
+    return _Line(
+        line_format,
+        message,
+        time,
+        uptime,
+        from_kernel=match["ident"] == "kernel",
+        year_inferred=year_inferred,
+    )
 
 
 def _build_time(year: int, month: int, day: str, clock: str) -> datetime | None:
@@ -329,15 +398,55 @@ _PARSER_FORMATS: dict[_LineParser, str] = {
     _parse_journal_unix: JOURNAL_ISO,
 }
 _PARSERS = list(_PARSER_FORMATS)
+_DATED_PARSERS: list[_LineParser] = [
+    _parse_dmesg,
+    _parse_journal_iso,
+    _parse_journal_full,
+    _parse_journal_unix,
+]
 
 
-def _year_boundaries_crossed(lines: Iterable[str]) -> int:
+@dataclass
+class _Years:
+    """What a first pass over a file tells about the years of its year-less stamps."""
+
+    crossed: int = 0  # year boundaries between the first and the last year-less stamp
+    last: tuple[int, int] | None = None  # month and day of the last year-less stamp
+    dated_first_year: int | None = None  # the first one's year, by a dated line
+    has_yearless: bool = False
+
+
+def _scan_years(lines: Iterable[str]) -> _Years:
+    """Count the year boundaries the year-less stamps cross; the first dated line (one
+    whose stamp has a year) dates them, by the years counted up to it."""
     clock = _YearClock(0)
+    years = _Years()
     for raw in lines:
-        match = _JOURNAL_SHORT_RE.fullmatch(_clean(raw))
+        text = _clean(raw)
+        match = _JOURNAL_SHORT_RE.fullmatch(text)
         if match is not None:
-            clock.year_for(_MONTHS[match["month"]])
-    return clock.year or 0
+            month = _MONTHS[match["month"]]
+            clock.year_for(month)
+            years.has_yearless = True
+            years.last = (month, int(match["day"]))
+        elif years.dated_first_year is None and text[:1] not in ("", " "):
+            dated = _parse_line(text, _DATED_PARSERS, clock).time
+            if dated is not None:
+                years.dated_first_year = dated.year - (clock.year_for(dated.month) or 0)
+    years.crossed = clock.year or 0
+    return years
+
+
+def _first_year(years: _Years, given: int | None, modified: datetime) -> tuple[int, str]:
+    """The year of the first year-less stamp, and where it came from."""
+    if given is not None:
+        return given, "--year"
+    if years.dated_first_year is not None:
+        return years.dated_first_year, "inferred from the file's dated lines"
+    last_year = modified.year
+    if years.last is not None and years.last > (modified.month, modified.day):
+        last_year -= 1  # that day of this year is still to come: the log is older
+    return last_year - years.crossed, "inferred: the latest year not after the file's mtime"
 
 
 def _decoded_lines(file: BinaryIO) -> Iterator[str]:
@@ -359,6 +468,7 @@ __all__ = [
     "JOURNAL_SHORT",
     "KMSG",
     "PLAIN",
+    "LogReading",
     "detect_format",
     "parse_kernel_log_text",
     "read_kernel_log_file",

@@ -146,3 +146,47 @@ def test_kmsg_needs_the_device(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cannot open" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_analyze_syslog_without_hostname_finds_the_memcg_kill() -> None:
+    result = nodediag(
+        "analyze", "--kernel-log", str(VECTORS / "oom_syslog_no_hostname.log"), "--json"
+    )
+    [finding] = json_lines(result.stdout)
+    assert (finding["reason"], finding["subject"]["kind"]) == ("InvisibleOOMKill", "Pod")
+    assert finding["details"]["constraint"] == "CONSTRAINT_MEMCG"
+    assert finding["details"]["trigger"]["comm"] == "python3"
+    assert finding["details"]["year_inferred"] is True
+    assert "have no year" in result.stderr
+
+
+def test_analyze_year_flag_dates_year_less_stamps() -> None:
+    log = str(VECTORS / "oom_journal_short.log")
+    result = nodediag("analyze", "--kernel-log", log, "--json", "--year", "2015")
+    [finding] = json_lines(result.stdout)
+    assert finding["time"].startswith("2015-11-25T07:41:49")
+    assert finding["details"]["year_inferred"] is False
+    bad = nodediag("analyze", "--kernel-log", log, "--year", "15")
+    assert bad.returncode == 2 and "argument --year: invalid year '15'" in bad.stderr
+
+
+def test_analyze_skips_and_names_lines_it_does_not_understand(tmp_path: Path) -> None:
+    # An unknown stamp on every line: no line is a kernel message, none may become a finding.
+    lines = (VECTORS / "oom_dmesg.log").read_text().splitlines()
+    log = tmp_path / "unknown-stamps.log"
+    log.write_text("".join(f"2026-11-25 07:41:49,123 node-1 kernel: {line}\n" for line in lines))
+    result = nodediag("analyze", "--kernel-log", str(log), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json_lines(result.stdout) == []
+    assert "3 OOM report line(s) not understood, skipped (line 6, line 84, line 85)" in (
+        result.stderr
+    )
+
+
+def test_analyze_counts_unstamped_lines_in_a_stamped_file(tmp_path: Path) -> None:
+    log = tmp_path / "dmesg.log"
+    text = (VECTORS / "oom_dmesg.log").read_text()
+    log.write_text(text + "Killed process 1796 (python3) pasted without its stamp\n")
+    result = nodediag("analyze", "--kernel-log", str(log), "--json")
+    assert [f["details"]["pid"] for f in json_lines(result.stdout)] == [1796]
+    assert "1 line(s) in no log format understood, skipped (line 86)" in result.stderr

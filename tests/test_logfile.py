@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from collectors.logfile import (
     MAX_LINE_LENGTH,
+    LogReading,
     detect_format,
     parse_kernel_log_text,
     read_kernel_log_file,
@@ -70,6 +71,8 @@ VECTOR_FORMATS = [
     ("oom_journal_short_iso_precise.log", "journal-iso", 85),
     ("oom_journal_short_full.log", "journal-iso", 85),
     ("oom_journal_short_unix.log", "journal-iso", 85),
+    ("oom_journal_short_no_hostname.log", "journal-short", 85),  # --no-hostname
+    ("oom_syslog_no_hostname.log", "journal-short", 85),  # syslog, "kernel: [uptime] …"
     ("oom_journal_short_monotonic.log", "dmesg", 85),
     ("oom_kmsg.log", "kmsg", 89),  # 98 lines: 8 continuation lines, 1 userspace record
 ]
@@ -346,13 +349,14 @@ def test_mixed_formats_fall_back_line_by_line() -> None:
             "garbage \x00\x01 line",
         ]
     )
-    assert parse(text, year=2026) == [
+    reading = LogReading()
+    assert list(parse_kernel_log_text(text.splitlines(), year=2026, reading=reading)) == [
         KernelRecord("dmesg", uptime=1.0, position="line 1"),
         KernelRecord("kmsg", uptime=2.0, position="seq 7"),
         KernelRecord("dmesg -T", time=JOURNAL_TIME, position="line 4"),
         KernelRecord("journal", time=JOURNAL_TIME, position="line 5"),
-        KernelRecord("garbage \x00\x01 line", position="line 6"),
     ]
+    assert (reading.not_understood, reading.not_understood_lines) == (1, [6])
 
 
 def test_crlf_and_empty_lines() -> None:
@@ -414,13 +418,15 @@ def test_file_long_lines_are_cut_in_bytes(tmp_path: Path) -> None:
     path = tmp_path / "dmesg.log"
     long_line = b"[ 1.000000] " + b"y" * (MAX_LINE_LENGTH * 3)
     path.write_bytes(long_line + b"\n[ 2.000000] after\n" + b"z" * MAX_LINE_LENGTH + b"\n")
-    records = list(read_kernel_log_file(path))
+    reading = LogReading()
+    records = list(read_kernel_log_file(path, reading=reading))
     assert [len(record.message.encode()) for record in records] == [
         MAX_LINE_LENGTH - len(b"[ 1.000000] "),
         len("after"),
-        MAX_LINE_LENGTH,
     ]
-    assert [record.position for record in records] == ["line 1", "line 2", "line 3"]
+    assert [record.position for record in records] == ["line 1", "line 2"]
+    # The third line has no stamp in a dmesg file: not understood, skipped and counted.
+    assert (reading.not_understood, reading.not_understood_lines) == (1, [3])
 
 
 def test_vector_file_reads_like_text(tmp_path: Path) -> None:
@@ -470,3 +476,82 @@ def test_never_raises_on_almost_valid_lines(parts: list[tuple[str, str]], year: 
     records = list(parse_kernel_log_text(lines, year=year))
     assert len(records) <= len(lines)
     detect_format(lines)
+
+
+# --- syslog without a host name, lines not understood, years -------------------------------
+
+
+def test_syslog_without_hostname() -> None:
+    text = (
+        "Jan  5 15:19:27 kernel: [ 5864.708440] Memory cgroup out of memory: Killed process 1 (a)"
+    )
+    (record,) = parse(text, year=2015)
+    assert record == KernelRecord(
+        "Memory cgroup out of memory: Killed process 1 (a)",
+        time=datetime(2015, 1, 5, 15, 19, 27, tzinfo=UTC),
+        uptime=5864.70844,
+        position="line 1",
+    )
+
+
+def test_no_hostname_report_lines_keep_their_colons() -> None:
+    # "kernel: CPU: 1 …" is not host "kernel:" with identifier "CPU".
+    text = "Jan  5 15:19:27 kernel: CPU: 1 PID: 7 Comm: a Not tainted\nJan  5 15:19:27 h kernel: x"
+    assert messages(text) == ["CPU: 1 PID: 7 Comm: a Not tainted", "x"]
+
+
+def test_line_not_understood_in_a_stamped_file_is_skipped_and_counted() -> None:
+    text = "\n".join(
+        ["Jan  5 15:19:27 h kernel: a"]
+        + ["2015-01-05 15:19:27,123 h kernel: python3 invoked oom-killer: gfp_mask=0xcc0"] * 7
+    )
+    reading = LogReading()
+    records = list(parse_kernel_log_text(text.splitlines(), year=2015, reading=reading))
+    assert [r.message for r in records] == ["a"]
+    assert (reading.not_understood, reading.not_understood_lines) == (7, [2, 3, 4, 5, 6])
+
+
+def dated_file(tmp_path: Path, text: str, mtime: datetime) -> Path:
+    path = tmp_path / "syslog"
+    path.write_text(text)
+    set_mtime(path, mtime)
+    return path
+
+
+def test_year_is_never_in_the_future(tmp_path: Path) -> None:
+    # Read in February: a November stamp is last year's, not a date nine months ahead.
+    path = dated_file(tmp_path, "Nov 25 07:41:49 h kernel: msg\n", datetime(2026, 2, 1, tzinfo=UTC))
+    reading = LogReading()
+    (record,) = read_kernel_log_file(path, reading=reading)
+    assert record.time == datetime(2025, 11, 25, 7, 41, 49, tzinfo=UTC)
+    assert record.year_inferred
+    assert reading.year_source is not None and "mtime" in reading.year_source
+
+
+def test_year_from_the_files_dated_lines(tmp_path: Path) -> None:
+    text = (
+        "[Mon Dec 28 10:00:00 2015] a\nDec 31 23:59:59 h kernel: b\nJan  5 15:19:27 h kernel: c\n"
+    )
+    path = dated_file(tmp_path, text, datetime(2026, 11, 30, tzinfo=UTC))
+    reading = LogReading()
+    times = [r.time for r in read_kernel_log_file(path, reading=reading)]
+    assert times == [
+        datetime(2015, 12, 28, 10, 0, tzinfo=UTC),
+        datetime(2015, 12, 31, 23, 59, 59, tzinfo=UTC),
+        datetime(2016, 1, 5, 15, 19, 27, tzinfo=UTC),
+    ]
+    assert reading.year_source == "inferred from the file's dated lines"
+
+
+def test_given_year_is_not_inferred(tmp_path: Path) -> None:
+    path = dated_file(tmp_path, "Jan  5 15:19:27 kernel: x\n", datetime(2026, 11, 30, tzinfo=UTC))
+    (record,) = read_kernel_log_file(path, year=2015)
+    assert record.time == datetime(2015, 1, 5, 15, 19, 27, tzinfo=UTC)
+    assert not record.year_inferred
+
+
+def test_stamps_with_a_year_are_not_inferred(tmp_path: Path) -> None:
+    path = dated_file(tmp_path, "[ 1.000000] x\n", datetime(2026, 11, 30, tzinfo=UTC))
+    reading = LogReading()
+    (record,) = read_kernel_log_file(path, reading=reading)
+    assert not record.year_inferred and reading.year_source is None
