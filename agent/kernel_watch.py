@@ -51,6 +51,7 @@ HEADERLESS_BATCH = 500
 # Kills of the backlog read at a start, judged together (a later kill of a container shows
 # it survived an earlier one): at most this many at a time.
 BACKLOG_BATCH = 500
+BACKLOG_TASK_ROWS = 100_000  # and at most this many task-table rows (~10 MB)
 RECENT_KILLS = 512
 Sink = Callable[[Finding], None]
 STATE_FILE = "kernel-log.json"
@@ -158,6 +159,7 @@ class KernelWatch:
         # Kills of the backlog (read before catching up) not yet reported: judged together
         # from the log, as `analyze` judges a file, at the end of each read.
         self._backlog: list[OomKill] = []
+        self._backlog_rows = 0
 
     def resume_point(self) -> str | None:
         if self.state is None:
@@ -246,11 +248,12 @@ class KernelWatch:
         for kill in kills:
             ledger = self.counters
             if ledger is None or kill.is_global or ledger.before_baseline(kill):
-                if self.caught_up:
+                if self.caught_up or kill.is_global:  # a global kill is judged alone
                     self._emit(kill, self.findings.finding(kill), count=True)
                     continue
                 self._backlog.append(kill)
-                if len(self._backlog) >= BACKLOG_BATCH:
+                self._backlog_rows += len(kill.tasks or ())
+                if len(self._backlog) >= BACKLOG_BATCH or self._backlog_rows > BACKLOG_TASK_ROWS:
                     self._report_backlog()
                 continue
             memcg = kill.group_memcg or kill.task_memcg
@@ -283,6 +286,7 @@ class KernelWatch:
         """Report the backlog's kills, each judged with the others of its container (live
         evidence, where there is any, still comes first)."""
         kills, self._backlog = self._backlog, []
+        self._backlog_rows = 0
         for kill, finding in zip(kills, self.findings.for_log(kills), strict=True):
             self._emit(kill, finding, count=True)
 

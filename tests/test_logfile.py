@@ -4,7 +4,9 @@ The ``tests/vectors/oom_*.log`` files are real output of one machine around one 
 memory-cgroup OOM kill: ``dmesg``, ``dmesg -x``, ``dmesg -T``, ``journalctl -k -o
 short|short-precise|short-iso|short-iso-precise|short-monotonic|short-full|short-unix``
 (systemd 252) and a raw ``/dev/kmsg`` dump. short-full and short-unix count as journal-iso,
-short-monotonic as dmesg.
+short-monotonic as dmesg. ``oom_journal_short_no_hostname.log`` (``--no-hostname``) and
+``oom_syslog_no_hostname.log`` (syslog's "<date> kernel: [uptime] message") were made from
+``oom_journal_short.log`` and ``oom_dmesg.log`` by dropping / adding those prefixes.
 """
 
 from __future__ import annotations
