@@ -38,8 +38,10 @@ MAX_MESSAGE_CHARS = 2048
 # cut the other report's header).
 MAX_REPORT_SECONDS = 60.0
 # A process name (task->comm) has at most TASK_COMM_LEN - 1 = 15 bytes: a longer
-# "name" before "invoked oom-killer:" is a line with a prefix not understood.
+# "name" before "invoked oom-killer:" is a line with a prefix not understood. (A raw
+# /dev/kmsg dump shows a byte outside printable ASCII as "\xNN".)
 MAX_COMM_CHARS = 15
+_KMSG_ESCAPE = re.compile(r"\\x[0-9a-fA-F]{2}")
 KEPT_NOT_UNDERSTOOD = 5
 
 
@@ -99,7 +101,7 @@ class OomKill:
 
 
 _TRIGGER = re.compile(
-    rf"(?P<comm>.{{1,{MAX_COMM_CHARS}}}?) invoked oom-killer: gfp_mask=(?P<gfp>0x[0-9a-fA-F]+)"
+    r"(?P<comm>.+?) invoked oom-killer: gfp_mask=(?P<gfp>0x[0-9a-fA-F]+)"
     r"(?:\([^)]*\))?,(?: nodemask=\S+,)? order=(?P<order>-?\d+), oom_score_adj=(?P<adj>-?\d+)"
 )
 _CPU_LINE = re.compile(r"^CPU: \d+ (?:UID: \d+ )?PID: (?P<pid>\d+) Comm: ")
@@ -204,6 +206,10 @@ class _Report:
         if self.time is not None and record.time is not None:
             return abs((record.time - self.time).total_seconds()) <= MAX_REPORT_SECONDS
         return True
+
+
+def _is_comm(text: str) -> bool:
+    return len(text) <= MAX_COMM_CHARS or len(_KMSG_ESCAPE.sub("?", text)) <= MAX_COMM_CHARS
 
 
 def _merge_victims(summary: OomVictim | None, killed: OomVictim | None) -> OomVictim | None:
@@ -371,7 +377,7 @@ class OomAssembler:
 
     def _on_trigger(self, record: KernelRecord, done: list[OomKill]) -> None:
         match = _TRIGGER.match(record.message)
-        if match is None:
+        if match is None or not _is_comm(match["comm"]):
             self._skip(record)
             return
         self._close_abandoned(done)

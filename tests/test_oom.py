@@ -966,3 +966,26 @@ def test_report_lines_are_tried_against_their_own_pattern_only(
         "_KILLED": 1,
         "_TAIL_FIELD": 1,
     }
+
+
+def test_lines_with_a_prefix_not_understood_never_become_kills() -> None:
+    # A syslog form no reader understood leaves its prefix on every message: none of the
+    # report's lines may be read as a kill (a memcg kill once came out as a global OOM
+    # whose trigger comm was the whole line); each is counted with its position.
+    prefix = "Jan  5 15:19:27 kernel: [ 5864.708440] "
+    records = [
+        KernelRecord(prefix + r.message, position=f"line {i}")
+        for i, r in enumerate(load("memcg_6_18_kubepods_this_machine.log"), start=1)
+    ]
+    assembler = OomAssembler()
+    kills = [k for r in records for k in assembler.feed(r)] + assembler.flush(final=True)
+    assert kills == []
+    assert assembler.not_understood == 3  # trigger, summary, Killed
+    assert assembler.not_understood_positions == ["line 1", "line 79", "line 80"]
+
+
+def test_trigger_comm_escaped_by_kmsg_is_a_comm() -> None:
+    comm = r"\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e"  # 9 bytes, escaped in a /dev/kmsg dump
+    trigger = f"{comm} invoked oom-killer: gfp_mask=0xcc0(GFP_KERNEL), order=0, oom_score_adj=0"
+    records = [KernelRecord(trigger), *load("memcg_6_18_kubepods_this_machine.log")[1:]]
+    assert [k.trigger_comm for k in run(records)] == [comm]
