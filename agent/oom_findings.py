@@ -195,15 +195,11 @@ def _successor(
 def _compare_time(a: OomKill, b: OomKill) -> int | None:
     """1 if ``a`` happened after ``b``, -1 if before, 0 at the same time; ``None`` when the
     stamps cannot tell (one of them has none, or they are of different kinds)."""
-    first: float | datetime | None = None
-    second: float | datetime | None = None
     if a.time is not None and b.time is not None:
-        first, second = a.time, b.time
-    elif a.uptime is not None and b.uptime is not None:
-        first, second = a.uptime, b.uptime
-    if first is None or second is None:
-        return None
-    return (first > second) - (first < second)  # type: ignore[operator]
+        return (a.time > b.time) - (a.time < b.time)
+    if a.uptime is not None and b.uptime is not None:
+        return (a.uptime > b.uptime) - (a.uptime < b.uptime)
+    return None
 
 
 def _verdict_from_group(kill: OomKill) -> Verdict | None:
@@ -516,8 +512,13 @@ def _message(kill: OomKill, verdict: Verdict, subject: Subject, node: str) -> st
         "InvisibleOOMKill": f"{victim} in {where} was OOM-killed{limit}; the container kept "
         "running, so Kubernetes shows no OOMKilled and no restart. Raise the container's "
         "memory limit or fix the process's memory use",
-        "ContainerOOMKill": f"the init {victim} of {where} was OOM-killed{limit}; the container "
-        "ended (Kubernetes shows OOMKilled). Raise its memory limit or fix its memory use",
+        "ContainerOOMKill": (
+            f"{victim} in {where} were OOM-killed together{limit}"
+            if kill.is_group
+            else f"the init {victim} of {where} was OOM-killed{limit}"
+        )
+        + "; the container ended (Kubernetes shows OOMKilled). Raise its memory limit or fix "
+        "its memory use",
         "OOMKill": f"{victim} in {where} was OOM-killed{limit}; whether the container "
         "survived is unknown"
         if subject.kind == "Pod"
