@@ -160,6 +160,7 @@ class KernelWatch:
         # from the log, as `analyze` judges a file, at the end of each read.
         self._backlog: list[OomKill] = []
         self._backlog_rows = 0
+        self._not_understood_logged = 0
 
     def resume_point(self) -> str | None:
         if self.state is None:
@@ -198,6 +199,7 @@ class KernelWatch:
             self._attribute_headerless()
             if self.assembler.idle:
                 self.save()
+        self._say_not_understood()
         skipped = self.source.skipped - skipped_before
         self.metrics.add_records(self.source.name, count + skipped)
         self.metrics.set_lost(self.source.name, self.source.lost_records)
@@ -206,6 +208,21 @@ class KernelWatch:
                 time.perf_counter() - started
             )
         return count
+
+    def _say_not_understood(self) -> None:
+        """Log lines worded like OOM report lines the assembler skipped: the first one,
+        then each time their count reaches ten times the count logged last."""
+        count = self.assembler.not_understood
+        if count == 0 or count < 10 * self._not_understood_logged:
+            return
+        self._not_understood_logged = count
+        first = next((p for p in self.assembler.not_understood_positions if p), None)
+        log.warning(
+            "%d %s line(s) worded like OOM report lines were not understood and skipped%s",
+            count,
+            self.source.name,
+            f" (the first at {first})" if first else "",
+        )
 
     def _track_position(self, reported: bool) -> None:
         assembler = self.assembler

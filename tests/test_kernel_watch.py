@@ -206,3 +206,18 @@ def test_kills_after_catching_up_are_reported_at_once(tmp_path: Path) -> None:
     source.messages += [*report(100), "noise"]
     w.drain(hold=0.0)
     assert [f.details["pid"] for f in found] == [100]
+
+
+def test_lines_not_understood_are_logged_not_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = "Jan  5 15:19:27 kernel: "
+    found: list[Finding] = []
+    source = RecordedSource([prefix + line for line in report(100)])
+    w = watch(source, StateFile(tmp_path / "s.json"), found)
+    caplog.set_level(logging.WARNING, logger="agent.kernel_watch")
+    w.drain()
+    w.flush()
+    assert found == []
+    [warning] = [r for r in caplog.records if "not understood" in r.message]
+    assert warning.message.startswith("3 journal line(s) worded like OOM report lines")
