@@ -26,8 +26,10 @@ sys.path.insert(0, str(REPO))
 from prometheus_client import CollectorRegistry  # noqa: E402
 from test_firewall_netns import Netns, kube_proxy_rules  # noqa: E402
 
-from collectors.firewall import DROP_TABLES, dns_rule_hits, parse_iptables_save  # noqa: E402
 from collectors.firewall_collector import FirewallCollector  # noqa: E402
+from collectors.netfilter.dns_rules import dns_rule_hits  # noqa: E402
+from collectors.netfilter.iptables import parse_iptables_save  # noqa: E402
+from collectors.netfilter.model import DROP_TABLES  # noqa: E402
 
 CLUSTER_DNS = ("10.43.0.10", "169.254.20.10")
 

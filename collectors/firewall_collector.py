@@ -1,6 +1,6 @@
 """The firewall collector: reads the node's rules and reports the ones that drop DNS.
 
-I/O only; the parsing and analysis are in ``collectors.firewall``. It runs whichever of
+I/O only; the parsing and analysis are in ``collectors.netfilter``. It runs whichever of
 ``iptables-save -c``, ``ip6tables-save -c``, ``iptables-legacy-save -c``,
 ``ip6tables-legacy-save -c`` and ``nft -j list ruleset`` exist (never ``iptables -L``, which
 takes the xtables lock, and never ``-t`` with the legacy save, which creates tables); when
@@ -25,15 +25,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from collectors.finding import Finding
-from collectors.firewall import (
-    DROP_TABLES,
-    DnsRuleHit,
-    Ruleset,
-    dns_rule_hits,
-    nat_marks,
-    parse_iptables_save,
-    parse_nft_json,
-)
+from collectors.netfilter.dns_rules import DnsRuleHit, dns_rule_hits
+from collectors.netfilter.iptables import nat_marks, parse_iptables_save
+from collectors.netfilter.model import DROP_TABLES, Ruleset
+from collectors.netfilter.nft import parse_nft_json
 from collectors.registry import (
     CollectorError,
     Runner,

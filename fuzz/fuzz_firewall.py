@@ -1,11 +1,11 @@
-"""Fuzz the ``iptables-save -c`` parser and the DNS-drop analysis (collectors/firewall.py),
+"""Fuzz the ``iptables-save -c`` parser and the DNS-drop analysis (collectors/netfilter/),
 the way ``nodediag analyze --iptables-save FILE`` and the firewall collector use them.
 
 Input: ``iptables-save``/``ip6tables-save`` text (either backend, concatenated outputs).
 Seeds: tests/vectors/firewall/*-save, the rule sets in tests/vectors/firewall/src, and each
 table of the recorded outputs on its own.
 
-Invariants (by design, see the module doc of collectors/firewall.py):
+Invariants (by design, see the module doc of collectors/netfilter/):
 - nothing raises (``parse_iptables_save``, ``parse_iptables_rule``, ``tokenize`` are
   documented as never raising; the analysis and the findings have no error path);
 - every hit is a rule of the input: its text is a ``-A <chain> …`` line of the input, at the
@@ -29,17 +29,10 @@ import atheris
 
 _common.enable_hooks(atheris)
 with atheris.instrument_imports(include=["collectors"]):
-    from collectors.firewall import (
-        DROP_TABLES,
-        DnsRuleHit,
-        Ruleset,
-        Table,
-        dns_rule_hits,
-        nat_marks,
-        parse_iptables_rule,
-        parse_iptables_save,
-    )
     from collectors.firewall_collector import findings_from_files
+    from collectors.netfilter.dns_rules import DnsRuleHit, dns_rule_hits
+    from collectors.netfilter.iptables import nat_marks, parse_iptables_rule, parse_iptables_save
+    from collectors.netfilter.model import DROP_TABLES, Ruleset, Table
 
 CLUSTER_DNS = ("10.43.0.10", "169.254.20.10", "fd00:10:96::a")
 NODE = "fuzz-node"

@@ -1,11 +1,11 @@
-"""Fuzz the ``nft -j list ruleset`` parser and the DNS-drop analysis (collectors/firewall.py),
+"""Fuzz the ``nft -j list ruleset`` parser and the DNS-drop analysis (collectors/netfilter/),
 the way ``nodediag analyze --nft-json FILE`` and the firewall collector use them.
 
 Input: JSON text. Seeds: tests/vectors/firewall/*.nft.json, whole and cut into one document
 per table (small documents mutate faster). A structure-aware mutator edits the parsed
 document most of the time (byte mutations of JSON mostly give invalid JSON).
 
-Invariants (by design, see the module doc of collectors/firewall.py):
+Invariants (by design, see the module doc of collectors/netfilter/):
 - nothing raises (``parse_nft_json`` is documented as never raising: bad JSON gives an empty
   ruleset with a warning, odd objects are skipped);
 - every hit is a rule of the input: a ``rule`` object of a ``table`` object of the input,
@@ -30,8 +30,10 @@ from fuzz_firewall import CLUSTER_DNS, NODE, table_of
 
 _common.enable_hooks(atheris)
 with atheris.instrument_imports(include=["collectors"]):
-    from collectors.firewall import DnsRuleHit, Ruleset, dns_rule_hits, parse_nft_json
     from collectors.firewall_collector import findings_from_files
+    from collectors.netfilter.dns_rules import DnsRuleHit, dns_rule_hits
+    from collectors.netfilter.model import Ruleset
+    from collectors.netfilter.nft import parse_nft_json
 
 
 def check_nft_hit(ruleset: Ruleset, hit: DnsRuleHit) -> None:
@@ -65,7 +67,7 @@ def test_one_input(data: bytes) -> None:
         finding.to_json()
 
 
-# Values a mutation may put anywhere in the document: the shapes collectors/firewall.py
+# Values a mutation may put anywhere in the document: the shapes collectors/netfilter/
 # looks for, and the odd ones it must survive.
 _VALUES: list[Any] = [
     53,

@@ -16,18 +16,16 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from test_firewall_netns import EXPECTED, SCENARIOS, Expected, kube_proxy_rules
 
-from collectors.firewall import (
-    DROP_TABLES,
-    DnsRuleHit,
-    Ruleset,
-    dns_rule_hits,
+from collectors.firewall_collector import FirewallCollector, findings_from_files
+from collectors.netfilter.dns_rules import DnsRuleHit, dns_rule_hits
+from collectors.netfilter.iptables import (
     nat_marks,
     parse_iptables_rule,
     parse_iptables_save,
-    parse_nft_json,
     tokenize,
 )
-from collectors.firewall_collector import FirewallCollector, findings_from_files
+from collectors.netfilter.model import DROP_TABLES, Ruleset
+from collectors.netfilter.nft import parse_nft_json
 from collectors.registry import CollectorError, Runner, ToolNotFound
 
 VECTORS = Path(__file__).parent / "vectors" / "firewall"

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from collectors.cluster_dns import discover
-from collectors.firewall import dns_rule_hits, parse_iptables_rule, parse_iptables_save
 from collectors.firewall_collector import findings_from_files
 from collectors.kmsg import parse_kmsg_record
 from collectors.memcg import parse_oom_kill_counter, read_oom_kill_counters
+from collectors.netfilter.dns_rules import dns_rule_hits
+from collectors.netfilter.iptables import parse_iptables_rule, parse_iptables_save
 
 # --- collectors/cluster_dns.py -----------------------------------------------------------
 
@@ -55,7 +56,7 @@ def test_kubelet_config_yaml_that_cannot_be_built_is_no_answer(
     assert discover(tmp_path).source == "none"
 
 
-# --- collectors/firewall.py ---------------------------------------------------------------
+# --- collectors/netfilter/ ---------------------------------------------------------------
 
 # fuzz_firewall (-max_len=1024): this rule line of a recorded iptables-save output, with
 # "²" put before the port. "²".isdigit() is true but int("²") raises: ValueError escaped
