@@ -53,7 +53,9 @@ from collectors.netfilter.model import (
     Rule,
     Ruleset,
     Table,
+    distinct_tables,
 )
+from collectors.netfilter.owners import iptables_tool
 
 Kind = Literal["drop", "no_endpoints"]
 
@@ -218,34 +220,20 @@ def _fix(table: Table, rule: Rule, manager: str | None) -> str:
         keyword = NFT_FAMILY_KEYWORD.get(table.family, table.family)
         handle = rule.handle if rule.handle is not None else "<handle>"
         return f"nft delete rule {keyword} {table.name} {rule.chain} handle {handle}"
-    tool = "ip6tables" if table.family == "ipv6" else "iptables"
-    if table.backend == "iptables-nft":
-        tool += "-nft"
-    elif table.backend == "iptables-legacy":
-        tool += "-legacy"
+    tool = iptables_tool(table)
     spec = rule.text[3:] if rule.text.startswith("-A ") else rule.text
     return f"{tool} -t {table.name} -D {spec}"
 
 
 def _tables_to_analyse(rulesets: Iterable[Ruleset]) -> list[Table]:
-    rulesets = list(rulesets)
-    xtables_seen = {
-        (t.family, t.name)
-        for rs in rulesets
-        for t in rs.tables
-        if t.backend in ("iptables-nft", "iptables")
-    }
     chosen: list[Table] = []
-    for ruleset in rulesets:
-        for table in ruleset.tables:
-            if table.backend == "nft":
-                if table.xtables and (table.family, table.name) in xtables_seen:
-                    continue  # the same kernel table, already read through iptables-nft-save
-                if table.family in ("ipv4", "ipv6") and table.name == "kube-proxy":
-                    continue  # kube-proxy's nftables mode: its own rules, not foreign drops
-            elif table.name not in DROP_TABLES or not table.parsed:
-                continue
-            chosen.append(table)
+    for table in distinct_tables(rulesets):
+        if table.backend == "nft":
+            if table.family in ("ipv4", "ipv6") and table.name == "kube-proxy":
+                continue  # kube-proxy's nftables mode: its own rules, not foreign drops
+        elif table.name not in DROP_TABLES or not table.parsed:
+            continue
+        chosen.append(table)
     return chosen
 
 

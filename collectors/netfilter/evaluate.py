@@ -1,16 +1,69 @@
-"""Does a flow pass this node's rules? Walks each packet of a flow through every base chain of
-every table of every backend on each hook of its path, in hook-priority order. Pure."""
+"""Does a flow pass this node's rules? Each packet of a flow is walked through every base chain
+of every table of every backend (iptables-legacy, iptables-nft, native nft tables of any name,
+kube-proxy's included) on each hook of its path, in hook-priority order:
+
+- the path: a packet arriving on an interface crosses PREROUTING, then INPUT when its
+  destination (after PREROUTING's DNAT) is the node's own, else FORWARD and POSTROUTING; a
+  packet the host sends crosses OUTPUT, is routed again (OUTPUT's DNAT), then POSTROUTING;
+- on a hook, base chains run by priority (iptables tables: raw -300, conntrack -200, mangle
+  -150, nat -100 (DNAT) / 100 (SNAT), filter 0, security 50; nft chains by their declared
+  priority). DROP/REJECT in any of them is final; ACCEPT ends only that base chain; a chain's
+  policy is a verdict; nat chains see only the first packet of a tracked connection;
+- in a chain: jump, goto, RETURN, implicit return at the end of a user chain; marks set by
+  MARK/CONNMARK/``meta mark set`` are seen by later rules; NOTRACK makes the packet untracked
+  (it then skips nat); DNAT changes the destination for the later hooks.
+
+A match the evaluator cannot decide (an ipset, ``-m recent``, a random endpoint choice…) is
+followed both ways; the packet's verdict is ``drop`` when every way is stopped, ``pass`` when
+none is, ``may-drop`` otherwise. Rules after an unconditional verdict are never reached, so
+never reported. Pure.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+import bisect
+import ipaddress
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
-from collectors.netfilter.flows import Flow
-from collectors.netfilter.model import Ruleset
+from collectors.netfilter.flows import Flow, Packet, Route
+from collectors.netfilter.iptables_steps import compile_iptables
+from collectors.netfilter.model import Chain, Rule, Ruleset, Table, distinct_tables
+from collectors.netfilter.nft_steps import NftCompiler
+from collectors.netfilter.owners import Hook, fix_for, owner_of
+from collectors.netfilter.steps import (
+    PROTO_NUMBERS,
+    Address,
+    Compiled,
+    Effect,
+    IpNetwork,
+    Lookup,
+    State,
+    Test,
+    Verdict,
+)
 
-Verdict = Literal["pass", "drop", "may-drop", "unknown"]
+Outcome = Literal["pass", "drop", "may-drop", "unknown"]
+
+#: iptables tables' priorities on each hook (the kernel's NF_IP_PRI_*).
+XTABLES_PRIORITY = {
+    "raw": {"prerouting": -300, "output": -300},
+    "mangle": dict.fromkeys(("prerouting", "input", "forward", "output", "postrouting"), -150),
+    "nat": {"prerouting": -100, "output": -100, "input": 100, "postrouting": 100},
+    "filter": {"input": 0, "forward": 0, "output": 0},
+    "security": {"input": 50, "forward": 50, "output": 50},
+}
+CONNTRACK_PRIORITY = -200
+NO_ENDPOINTS_MAPS = frozenset({"no-endpoint-services", "no-endpoint-nodeports"})
+NO_ENDPOINTS_COMMENTS = ("has no endpoints", "has no local endpoints")
+MAX_BRANCHES = 512
+MAX_STEPS = 400_000
+MAX_DEPTH = 64
+#: Chains at least this long get a destination index (kube-proxy's KUBE-SERVICES).
+INDEX_MIN_RULES = 64
+_HOST_DST = re.compile(r"(?:^|\s)(!\s+)?(?:-d|--destination|--dst)\s+([0-9A-Fa-f.:]+)(/\d+)?\s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,8 +71,9 @@ class Stop:
     """The rule or chain policy that stops a packet. ``position`` is the rule's 1-based place in
     its chain (``None`` for a policy), ``handle`` its nft handle; ``rule`` its text (``None`` for
     a policy); ``target`` DROP/REJECT (nft drop/reject, or the policy); ``owner`` ufw,
-    firewalld, docker, kube-proxy, flannel, calico, cilium or None (hand-written);
-    ``fix`` how to let the flow through in the owner's own terms."""
+    firewalld, docker, kube-proxy, flannel, calico, cilium or None (hand-written); ``fix``
+    how to let the flow through in the owner's own terms; ``no_endpoints``: kube-proxy's
+    reject of a Service without endpoints (reported as ``DNSNoEndpointsReject``)."""
 
     family: str
     backend: str
@@ -35,6 +89,8 @@ class Stop:
     owner: str | None = None
     fix: str = ""
     comment: str | None = None
+    no_endpoints: bool = False
+    certain: bool = True
 
     @property
     def is_policy(self) -> bool:
@@ -44,18 +100,599 @@ class Stop:
 @dataclass(frozen=True, slots=True)
 class FlowVerdict:
     """``verdict``: ``pass``; ``drop`` (every way the packets can take is stopped);
-    ``may-drop`` (some way is stopped, or a match on the way could not be decided:
-    ``undecided`` names them); ``unknown`` (the flow's inputs are unknown: ``reason``).
-    ``stopped_by`` is the first stop found; ``path`` the chains walked to it (or to the end)."""
+    ``may-drop`` (some way is stopped, or could be: ``undecided`` names the matches that could
+    not be decided); ``unknown`` (the flow's inputs are unknown: ``reason``). ``stopped_by``
+    is the first stop found; ``path`` the chains walked to it."""
 
     flow: Flow
-    verdict: Verdict
+    verdict: Outcome
     stopped_by: Stop | None = None
     path: tuple[str, ...] = ()
     undecided: tuple[str, ...] = ()
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class BaseChain:
+    priority: int
+    table: Table
+    chain: Chain
+    hook: str
+    nat: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """One way a packet can go: its state, the chains walked, the undecided matches taken."""
+
+    state: State
+    path: tuple[str, ...] = ()
+    undecided: tuple[str, ...] = ()
+    via_map: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """How a branch left a base chain (or the whole path): ``stop`` None means it passed."""
+
+    branch: Branch
+    stop: Stop | None = None
+
+
+@dataclass(slots=True)
+class _Budget:
+    branches: int = 1
+    steps: int = 0
+
+    def exhausted(self) -> bool:
+        return self.branches > MAX_BRANCHES or self.steps > MAX_STEPS
+
+
+@dataclass(frozen=True, slots=True)
+class _Next:
+    """A rule's result: ``kind`` next (go on), accept, drop, return, jump, goto, or maybe (a
+    stop that may happen: an unknown target, a queue)."""
+
+    kind: str
+    branch: Branch
+    verdict: Verdict | None = None
+
+
+class Evaluator:
+    """The node's rules, ready to walk packets through (compiled rules are cached)."""
+
+    def __init__(self, rulesets: Sequence[Ruleset]) -> None:
+        self.tables = [t for t in distinct_tables(rulesets) if t.family in ("ipv4", "ipv6", "inet")]
+        self.unread = tuple(
+            f"{t.backend} {t.family} table {t.name} (not read)" for t in self.tables if not t.parsed
+        )
+        self._hooks: dict[tuple[str, str], list[BaseChain]] = {}
+        self._compiled: dict[int, Compiled] = {}
+        self._nft: dict[int, NftCompiler] = {}
+        self._host_dst: dict[int, list[Address | None]] = {}
+        self._order: dict[tuple[int, Address], list[int]] = {}
+
+    # ------------------------------------------------------------------ public
+
+    def flow(self, flow: Flow) -> FlowVerdict:
+        if flow.unknown is not None or not flow.packets:
+            return FlowVerdict(flow, "unknown", reason=flow.unknown or "no packets")
+        routes = _routes(flow.routes)
+        verdicts: list[FlowVerdict] = []
+        for packet in flow.packets:
+            ends = list(self.packet(packet, routes))
+            if packet.replies:
+                ends = self._replies(ends, routes)
+                if not ends:
+                    continue  # the query is stopped: its own flow reports it
+            verdicts.append(_verdict(flow, ends))
+        if not verdicts:
+            return FlowVerdict(flow, "unknown", reason="no query gets through to be answered")
+        return _worst(flow, verdicts)
+
+    def packet(self, packet: Packet, routes: _Routes) -> Iterator[End]:
+        state = _initial_state(packet, routes)
+        budget = _Budget()
+        branch = Branch(state)
+        if packet.origin == "local":
+            hooks = ("route-out", "output", "reroute", "postrouting")
+            yield from self._path(branch, hooks, routes, budget)
+        else:
+            yield from self._path(branch, ("prerouting", "route"), routes, budget)
+
+    # ------------------------------------------------------------------ path and hooks
+
+    def _path(
+        self, branch: Branch, hooks: tuple[str, ...], routes: _Routes, budget: _Budget
+    ) -> Iterator[End]:
+        if not hooks:
+            state = branch.state
+            if state.to_local and state.iif is None:
+                # Sent by the host to itself: back in through the loopback (NAT is bound).
+                state = replace(state, iif="lo", oif=None, nat_done=True)
+                yield from self._path(
+                    replace(branch, state=state), ("prerouting", "input"), routes, budget
+                )
+            else:
+                yield End(branch)
+            return
+        hook, rest = hooks[0], hooks[1:]
+        if hook in ("route", "route-out", "reroute"):
+            state = _route(branch.state, routes)
+            if hook == "route":
+                rest = ("input",) if state.to_local else ("forward", "postrouting")
+            yield from self._path(replace(branch, state=state), rest, routes, budget)
+            return
+        chains = self._base_chains(branch.state.family, hook)
+        for end in self._chains(branch, chains, 0, budget):
+            if end.stop is not None:
+                yield end
+            else:
+                state = replace(end.branch.state, before_conntrack=False)
+                yield from self._path(replace(end.branch, state=state), rest, routes, budget)
+
+    def _chains(
+        self, branch: Branch, chains: list[BaseChain], i: int, budget: _Budget
+    ) -> Iterator[End]:
+        while i < len(chains):
+            base = chains[i]
+            state = branch.state
+            if base.nat and (state.ct != "new" or state.reply or state.nat_done):
+                i += 1
+                continue
+            before = base.priority < CONNTRACK_PRIORITY and base.hook in ("prerouting", "output")
+            state = replace(state, hook=base.hook, before_conntrack=before)
+            entry = f"{base.hook}: {_label(base.table)} {base.chain.name}"
+            start = replace(branch, state=state, path=(*branch.path, entry), via_map=None)
+            ends = list(self._walk(base, base.chain, 0, (), start, budget, 0))
+            if len(ends) == 1 and ends[0].stop is None:
+                branch = ends[0].branch
+                i += 1
+                continue
+            for end in ends:
+                if end.stop is not None:
+                    yield end
+                else:
+                    yield from self._chains(end.branch, chains, i + 1, budget)
+            return
+        yield End(branch)
+
+    def _base_chains(self, family: str, hook: str) -> list[BaseChain]:
+        key = (family, hook)
+        if key not in self._hooks:
+            found: list[BaseChain] = []
+            for table in self.tables:
+                if table.family not in (family, "inet"):
+                    continue
+                for chain in table.base_chains():
+                    base = _base(table, chain, hook)
+                    if base is not None:
+                        found.append(base)
+            found.sort(key=lambda b: b.priority)
+            self._hooks[key] = found
+        return self._hooks[key]
+
+    # ------------------------------------------------------------------ chains
+
+    def _walk(
+        self,
+        base: BaseChain,
+        chain: Chain,
+        start: int,
+        stack: tuple[tuple[Chain, int], ...],
+        branch: Branch,
+        budget: _Budget,
+        depth: int,
+    ) -> Iterator[End]:
+        if depth > MAX_DEPTH or budget.exhausted():
+            yield End(branch, self._limit_stop(base, chain))
+            return
+        order = self._rule_order(base.table, chain, branch.state)
+        pos = bisect.bisect_left(order, start)
+        while pos < len(order):
+            index = order[pos]
+            rule = chain.rules[index]
+            budget.steps += 1
+            results = self._rule(base.table, rule, branch)
+            if len(results) == 1 and results[0].kind == "next":
+                branch = results[0].branch
+                pos += 1
+                continue
+            budget.branches += len(results) - 1
+            for result in results:
+                yield from self._after(base, chain, index, rule, stack, result, budget, depth)
+            return
+        yield from self._end_of_chain(base, chain, stack, branch, budget, depth)
+
+    def _after(
+        self,
+        base: BaseChain,
+        chain: Chain,
+        index: int,
+        rule: Rule,
+        stack: tuple[tuple[Chain, int], ...],
+        result: _Next,
+        budget: _Budget,
+        depth: int,
+    ) -> Iterator[End]:
+        branch = result.branch
+        kind = result.kind
+        if kind == "next":
+            yield from self._walk(base, chain, index + 1, stack, branch, budget, depth)
+        elif kind == "accept":
+            yield End(branch)
+        elif kind in ("drop", "maybe"):
+            active = [base.chain.name, *(c.name for c, _ in stack), chain.name]
+            yield End(branch, self._rule_stop(base, chain, rule, result, branch, active))
+        elif kind == "return":
+            yield from self._end_of_chain(base, chain, stack, branch, budget, depth, returned=True)
+        else:  # jump or goto
+            assert result.verdict is not None and result.verdict.chain is not None
+            target = base.table.chains[result.verdict.chain]
+            branch = replace(branch, path=(*branch.path, target.name))
+            if kind == "jump":
+                stack = (*stack, (chain, index + 1))
+            yield from self._walk(base, target, 0, stack, branch, budget, depth + 1)
+
+    def _end_of_chain(
+        self,
+        base: BaseChain,
+        chain: Chain,
+        stack: tuple[tuple[Chain, int], ...],
+        branch: Branch,
+        budget: _Budget,
+        depth: int,
+        returned: bool = False,
+    ) -> Iterator[End]:
+        if stack:
+            caller, resume = stack[-1]
+            branch = replace(branch, path=(*branch.path, f"<- {caller.name}"))
+            yield from self._walk(base, caller, resume, stack[:-1], branch, budget, depth - 1)
+            return
+        policy = (base.chain.policy or "ACCEPT").upper()
+        if policy in ("DROP", "REJECT"):
+            yield End(branch, self._policy_stop(base, branch))
+        else:
+            yield End(branch)
+
+    # ------------------------------------------------------------------ rules
+
+    def _rule(self, table: Table, rule: Rule, branch: Branch) -> list[_Next]:
+        compiled = self._compile(table, rule)
+        if compiled.inert:
+            return [_Next("next", branch)]
+        return self._steps(table, compiled, 0, branch)
+
+    def _steps(self, table: Table, compiled: Compiled, i: int, branch: Branch) -> list[_Next]:
+        steps = compiled.steps
+        while i < len(steps):
+            step = steps[i]
+            if isinstance(step, Test):
+                answer = step.test(branch.state)
+                if answer is False:
+                    return [_Next("next", branch)]
+                if answer is None:
+                    note = step.text or "a match"
+                    forked = replace(branch, undecided=(*branch.undecided, note))
+                    return [_Next("next", forked), *self._steps(table, compiled, i + 1, forked)]
+            elif isinstance(step, Effect):
+                branch = replace(branch, state=step.apply(branch.state))
+            elif isinstance(step, Lookup):
+                return self._lookup(table, step, branch)
+            else:
+                return self._verdict(table, step, branch)
+            i += 1
+        return [_Next("next", branch)]
+
+    def _lookup(self, table: Table, step: Lookup, branch: Branch) -> list[_Next]:
+        chosen = step.choose(branch.state)
+        if chosen is None:
+            return [_Next("next", branch)]
+        if isinstance(chosen, Verdict):
+            return self._verdict(table, chosen, branch)
+        note = f"{step.text} (random choice)" if step.random else step.text
+        forked = replace(branch, undecided=(*branch.undecided, note))
+        results = [r for v in chosen for r in self._verdict(table, v, forked)]
+        # A random number always finds its element; an undecided key may find none.
+        return results if step.random else [_Next("next", forked), *results]
+
+    def _verdict(self, table: Table, verdict: Verdict, branch: Branch) -> list[_Next]:
+        if verdict.via_map is not None:
+            branch = replace(branch, via_map=verdict.via_map)
+        kind = verdict.kind
+        if verdict.effect is not None:
+            branch = replace(branch, state=verdict.effect(branch.state))
+        if kind in ("jump", "goto") and verdict.chain in table.chains:
+            return [_Next(kind, branch, verdict)]
+        if kind in ("drop", "reject"):
+            return [_Next("drop", branch, verdict)]
+        if kind in ("jump", "goto", "queue", "unknown"):
+            # A target we do not know (or a program, for queue) may stop the packet or not.
+            note = f"target {verdict.text or verdict.chain}"
+            forked = replace(branch, undecided=(*branch.undecided, note))
+            after = "accept" if kind == "queue" else "next"
+            return [_Next("maybe", forked, verdict), _Next(after, forked)]
+        return [_Next(kind, branch, verdict)]
+
+    def _compile(self, table: Table, rule: Rule) -> Compiled:
+        key = id(rule)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            if table.backend == "nft":
+                compiler = self._nft.get(id(table))
+                if compiler is None:
+                    compiler = self._nft[id(table)] = NftCompiler(table.family, table.sets)
+                compiled = compiler.compile(rule.expr)
+            else:
+                compiled = compile_iptables(rule.text)
+            self._compiled[key] = compiled
+        return compiled
+
+    def _rule_order(self, table: Table, chain: Chain, state: State) -> list[int] | range:
+        """The rules of ``chain`` that can match ``state``'s destination: all of them, except
+        in long iptables chains, where a rule naming another single destination host is left
+        out without being parsed."""
+        if table.backend == "nft" or len(chain.rules) < INDEX_MIN_RULES:
+            return range(len(chain.rules))
+        hosts = self._host_dst.get(id(chain))
+        if hosts is None:
+            hosts = self._host_dst[id(chain)] = [_host_destination(r.text) for r in chain.rules]
+        key = (id(chain), state.daddr)
+        order = self._order.get(key)
+        if order is None:
+            order = [i for i, h in enumerate(hosts) if h is None or h == state.daddr]
+            self._order[key] = order
+        return order
+
+    # ------------------------------------------------------------------ stops
+
+    def _rule_stop(
+        self,
+        base: BaseChain,
+        chain: Chain,
+        rule: Rule,
+        result: _Next,
+        branch: Branch,
+        active: list[str],
+    ) -> Stop:
+        """``active``: the chains from the base chain to the stopping one (jumps not yet
+        returned from)."""
+        table = base.table
+        comment = rule.parsed.comment if rule.parsed is not None else _comment(rule.text)
+        owner = owner_of(table, active, comment)
+        no_endpoints = branch.via_map in NO_ENDPOINTS_MAPS or any(
+            c in (comment or "") for c in NO_ENDPOINTS_COMMENTS
+        )
+        if no_endpoints:
+            owner = "kube-proxy"
+        verdict = result.verdict
+        target = verdict.text if verdict is not None and verdict.text else "DROP"
+        return _stop(
+            base,
+            chain,
+            rule,
+            target,
+            (rule.packets, rule.bytes),
+            owner=owner,
+            fix=fix_for(owner, table, chain, rule, _hook_of(branch.state)),
+            comment=comment,
+            no_endpoints=no_endpoints,
+            certain=result.kind == "drop",
+        )
+
+    def _policy_stop(self, base: BaseChain, branch: Branch) -> Stop:
+        table, chain = base.table, base.chain
+        owner = owner_of(table, [chain.name], None)
+        if owner is None and table.name == "filter" and base.hook == "forward":
+            owner = _forward_policy_owner(table)
+        return _stop(
+            base,
+            chain,
+            None,
+            f"policy {(chain.policy or '').upper()}",
+            (chain.packets, chain.bytes),
+            owner=owner,
+            fix=fix_for(owner, table, chain, None, _hook_of(branch.state)),
+        )
+
+    def _limit_stop(self, base: BaseChain, chain: Chain) -> Stop:
+        target = "evaluation limit (too many undecided matches or jumps)"
+        return _stop(base, chain, None, target, (0, 0), certain=False)
+
+    def _replies(self, ends: list[End], routes: _Routes) -> list[End]:
+        replies: list[End] = []
+        for end in ends:
+            if end.stop is not None:
+                continue  # the query itself is stopped: its own flow says so
+            for reply in self.packet(_reply_packet(end.branch.state), routes):
+                undecided = (*end.branch.undecided, *reply.branch.undecided)
+                replies.append(replace(reply, branch=replace(reply.branch, undecided=undecided)))
+        return replies
+
+
 def evaluate(rulesets: Sequence[Ruleset], flows: Sequence[Flow]) -> list[FlowVerdict]:
     """One verdict per flow, in order."""
-    raise NotImplementedError
+    evaluator = Evaluator(rulesets)
+    return [evaluator.flow(flow) for flow in flows]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _stop(
+    base: BaseChain,
+    chain: Chain,
+    rule: Rule | None,
+    target: str,
+    counters: tuple[int, int],
+    **more: Any,
+) -> Stop:
+    table = base.table
+    return Stop(
+        family=table.family,
+        backend=table.backend,
+        table=table.name,
+        chain=chain.name,
+        hook=base.hook,
+        position=rule.position if rule is not None else None,
+        handle=rule.handle if rule is not None else None,
+        rule=rule.text if rule is not None else None,
+        target=target,
+        packets=counters[0],
+        bytes=counters[1],
+        **more,
+    )
+
+
+def _base(table: Table, chain: Chain, hook: str) -> BaseChain | None:
+    if table.backend == "nft":
+        if chain.hook != hook:
+            return None
+        declared = chain.priority if chain.priority is not None else 0
+        return BaseChain(declared, table, chain, hook, chain.type == "nat")
+    if chain.name.lower() != hook:
+        return None
+    priority = XTABLES_PRIORITY.get(table.name, {}).get(hook)
+    if priority is None:
+        return None
+    return BaseChain(priority, table, chain, hook, table.name == "nat")
+
+
+def _label(table: Table) -> str:
+    return f"{table.backend} {table.family} {table.name}"
+
+
+def _forward_policy_owner(table: Table) -> str | None:
+    """A DROP policy on FORWARD with Docker's chains present is Docker's (it sets it)."""
+    if "DOCKER-USER" in table.chains or "DOCKER" in table.chains:
+        return "docker"
+    if any(name.startswith("ufw-") for name in table.chains):
+        return "ufw"
+    return None
+
+
+def _comment(text: str) -> str | None:
+    at = text.find('--comment "')
+    if at < 0:
+        return None
+    end = text.find('"', at + 11)
+    return text[at + 11 : end] if end > 0 else None
+
+
+def _host_destination(text: str) -> Address | None:
+    """The single destination host a rule requires (``-d 10.43.0.10/32``), or None."""
+    quote = text.find('"')
+    match = _HOST_DST.search(text if quote < 0 else text[:quote])
+    if match is None or match[1]:
+        return None
+    suffix = match[3]
+    try:
+        address = ipaddress.ip_address(match[2])
+    except ValueError:
+        return None
+    full = "/32" if address.version == 4 else "/128"
+    return address if suffix in (None, full) else None
+
+
+_Routes = list[tuple[IpNetwork, Route]]
+
+
+def _routes(routes: Sequence[Route]) -> _Routes:
+    parsed: _Routes = []
+    for route in routes:
+        try:
+            parsed.append((ipaddress.ip_network(route.network, strict=False), route))
+        except ValueError:
+            continue
+    parsed.sort(key=lambda r: -r[0].prefixlen)
+    return parsed
+
+
+def _lookup_route(routes: _Routes, address: Address) -> Route | None:
+    for net, route in routes:
+        if net.version == address.version and address in net:
+            return route
+    return None
+
+
+def _initial_state(packet: Packet, routes: _Routes) -> State:
+    local = frozenset(
+        net.network_address for net, route in routes if route.local and net.num_addresses == 1
+    )
+    l4 = packet.l4proto
+    number = l4 if isinstance(l4, int) else PROTO_NUMBERS.get(l4, -1)
+    state = State(
+        family=packet.family,
+        saddr=ipaddress.ip_address(packet.saddr),
+        daddr=ipaddress.ip_address(packet.daddr),
+        l4=number,
+        sport=packet.sport,
+        dport=packet.dport,
+        iif=packet.iif if packet.origin == "in" else None,
+        oif=None,
+        ct=packet.ct_state,
+        local=local,
+        mark=packet.mark,
+        reply=packet.is_reply,
+    )
+    return state
+
+
+def _route(state: State, routes: _Routes) -> State:
+    route = _lookup_route(routes, state.daddr)
+    if state.to_local or state.is_local(state.daddr) or (route is not None and route.local):
+        # Sent by the host to itself: out through the loopback.
+        return replace(state, to_local=True, oif=None if state.iif else "lo")
+    return replace(state, oif=route.dev if route is not None else None)
+
+
+def _reply_packet(state: State) -> Packet:
+    """The answer to a query that got through: from where it went, back to where it came from."""
+    local_answer = state.to_local
+    return Packet(
+        family="ipv4" if state.family == "ipv4" else "ipv6",
+        origin="local" if local_answer else "in",
+        saddr=str(state.daddr),
+        daddr=str(state.saddr),
+        l4proto=_proto_name(state.l4),
+        sport=state.dport,
+        dport=state.sport,
+        iif=None if local_answer else state.oif,
+        # An untracked query left no conntrack entry: its answer starts a new one.
+        ct_state="new" if state.ct == "untracked" else "established",
+        is_reply=True,
+        note="reply",
+    )
+
+
+def _proto_name(number: int) -> str | int:
+    return {6: "tcp", 17: "udp"}.get(number, number)
+
+
+def _hook_of(state: State) -> Hook:
+    return Hook(state.hook, state.iif, state.oif, str(_proto_name(state.l4)), state.dport)
+
+
+_RANK = {"drop": 0, "may-drop": 1, "unknown": 2, "pass": 3}
+
+
+def _worst(flow: Flow, verdicts: list[FlowVerdict]) -> FlowVerdict:
+    """A flow passes when each of its packets does; the worst packet's verdict is the flow's."""
+    worst = min(verdicts, key=lambda v: _RANK[v.verdict])
+    undecided = tuple(dict.fromkeys(n for v in verdicts for n in v.undecided))
+    return replace(worst, undecided=undecided)
+
+
+def _verdict(flow: Flow, ends: list[End]) -> FlowVerdict:
+    if not ends:
+        return FlowVerdict(flow, "unknown", reason="no packet of the flow could be walked")
+    stops = [e for e in ends if e.stop is not None]
+    undecided = tuple(dict.fromkeys(n for e in ends for n in e.branch.undecided))
+    if not stops:
+        return FlowVerdict(flow, "pass", undecided=undecided)
+    first = next((e for e in stops if e.stop is not None and e.stop.certain), stops[0])
+    assert first.stop is not None
+    every = len(stops) == len(ends) and all(e.stop is not None and e.stop.certain for e in stops)
+    verdict: Outcome = "drop" if every else "may-drop"
+    stop = first.stop if every else replace(first.stop, certain=False)
+    return FlowVerdict(flow, verdict, stop, first.branch.path, undecided)

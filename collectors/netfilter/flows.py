@@ -21,7 +21,9 @@ A flow whose inputs are unknown (no pod CIDR known, …) has no packets and says
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Family = Literal["ipv4", "ipv6"]
@@ -95,7 +97,8 @@ class Packet:
     ``iif`` (PREROUTING, then INPUT or FORWARD + POSTROUTING by the route of its destination
     after PREROUTING's DNAT); ``local``: the host sends it (OUTPUT + POSTROUTING, ``iif``
     unset). ``l4proto`` is ``udp``, ``tcp`` or an IP protocol number. ``mark`` is the packet
-    mark it starts with."""
+    mark it starts with. ``replies``: the flow is the answers to this query (each way the query
+    gets through is answered back along it); ``is_reply``: this packet is itself an answer."""
 
     family: Family
     origin: Origin
@@ -107,6 +110,8 @@ class Packet:
     iif: str | None = None
     ct_state: CtState = "new"
     mark: int = 0
+    replies: bool = False
+    is_reply: bool = False
     note: str = ""
 
 
@@ -123,6 +128,199 @@ class Flow:
     unknown: str | None = None
 
 
+#: Stands for a peer node when the node does not show one (RFC 5737 / 3849 documentation).
+PEER_PLACEHOLDER = {"ipv4": "192.0.2.1", "ipv6": "2001:db8::1"}
+DEFAULT_PORTS = {"vxlan": 8472, "wireguard": 51820}
+EPHEMERAL_PORT = 40000
+
+
 def dns_flows(facts: NodeFacts) -> list[Flow]:
-    """The flows of ``FLOW_NAMES`` for each address family the facts have, in that order."""
-    raise NotImplementedError
+    """The flows of ``FLOW_NAMES`` for each address family of the cluster DNS (ipv4 when none
+    is known: the flows then say so). Overlay flows exist only for the overlay links the node
+    has."""
+    families = [f for f in ("ipv4", "ipv6") if _of(facts.cluster_dns, f)] or ["ipv4"]
+    flows: list[Flow] = []
+    for family in families:
+        flows.extend(_family_flows(facts, family))  # type: ignore[arg-type]
+    return flows
+
+
+def _family_flows(facts: NodeFacts, family: Family) -> list[Flow]:
+    routes = node_routes(facts, family)
+    pod = _pod_queries(facts, family)
+    host = _host_queries(facts, family)
+    flows = [
+        _flow(name, family, routes, packets)
+        for name, packets in (
+            ("pod-dns-udp", _only(pod, "udp")),
+            ("pod-dns-tcp", _only(pod, "tcp")),
+            ("host-dns-udp", _only(host, "udp")),
+            ("host-dns-tcp", _only(host, "tcp")),
+        )
+    ]
+    replies = _replies(pod, host)
+    flows.append(_flow("dns-replies", family, routes, replies))
+    flows.extend(_overlay_flows(facts, family, routes))
+    upstream = _upstream_queries(facts, family)
+    flows.append(_flow("dns-upstream-udp", family, routes, _only(upstream, "udp")))
+    flows.append(_flow("dns-upstream-tcp", family, routes, _only(upstream, "tcp")))
+    return flows
+
+
+def _flow(
+    name: str, family: Family, routes: tuple[Route, ...], packets: tuple[Packet, ...] | str
+) -> Flow:
+    if isinstance(packets, str):
+        return Flow(name, family, unknown=packets)
+    return Flow(name, family, packets, routes)
+
+
+def _only(packets: tuple[Packet, ...] | str, proto: str) -> tuple[Packet, ...] | str:
+    if isinstance(packets, str):
+        return packets
+    return tuple(p for p in packets if p.l4proto == proto)
+
+
+def _replies(
+    pod: tuple[Packet, ...] | str, host: tuple[Packet, ...] | str
+) -> tuple[Packet, ...] | str:
+    known = [p for group in (pod, host) if not isinstance(group, str) for p in group]
+    if not known:
+        return pod if isinstance(pod, str) else str(host)
+    return tuple(replace(p, replies=True) for p in known)
+
+
+def node_routes(facts: NodeFacts, family: Family) -> tuple[Route, ...]:
+    """The routes the flows are routed by: the node's own addresses (and a node-local cache's,
+    and in IPVS mode the Service IPs) are local; this node's pod CIDR goes to the pod
+    interface; the rest of the cluster's pod network over the overlay; the rest to the uplink."""
+    full = 32 if family == "ipv4" else 128
+    local = [*facts.node_addresses, *facts.local_dns_cache]
+    if facts.service_ips_local:
+        local.extend(facts.cluster_dns)
+    routes = [Route(f"{a}/{full}", "lo", local=True) for a in _of(local, family)]
+    pod_dev = facts.pod_interfaces[0] if facts.pod_interfaces else None
+    routes.extend(Route(c, pod_dev) for c in _of(facts.pod_cidrs, family))
+    overlay = next((o.name for o in facts.overlay), facts.uplink)
+    routes.extend(Route(c, overlay) for c in _of(facts.cluster_cidrs, family))
+    routes.append(Route("0.0.0.0/0" if family == "ipv4" else "::/0", facts.uplink))
+    return tuple(routes)
+
+
+def _dns_targets(facts: NodeFacts, family: Family) -> list[str]:
+    return list(dict.fromkeys(_of([*facts.cluster_dns, *facts.local_dns_cache], family)))
+
+
+def _pod_queries(facts: NodeFacts, family: Family) -> tuple[Packet, ...] | str:
+    targets = _dns_targets(facts, family)
+    if not targets:
+        return "the cluster DNS IP is unknown (--cluster-dns)"
+    pod_ip = _host_in(_of(facts.pod_cidrs, family))
+    if pod_ip is None:
+        return "this node's pod CIDR is unknown (--pod-cidr)"
+    if not facts.pod_interfaces:
+        return "the interface pods arrive on is unknown (no CNI bridge or pod link found)"
+    iif = facts.pod_interfaces[0]
+    return tuple(
+        Packet(family, "in", pod_ip, dns, proto, 53, EPHEMERAL_PORT, iif=iif)
+        for proto in ("udp", "tcp")
+        for dns in targets
+    )
+
+
+def _host_queries(facts: NodeFacts, family: Family) -> tuple[Packet, ...] | str:
+    targets = _dns_targets(facts, family)
+    if not targets:
+        return "the cluster DNS IP is unknown (--cluster-dns)"
+    source = next(iter(_of(facts.node_addresses, family)), None)
+    if source is None:
+        return "the node's own address is unknown"
+    return tuple(
+        Packet(family, "local", source, dns, proto, 53, EPHEMERAL_PORT)
+        for proto in ("udp", "tcp")
+        for dns in targets
+    )
+
+
+def _overlay_flows(facts: NodeFacts, family: Family, routes: tuple[Route, ...]) -> list[Flow]:
+    node = next(iter(_of(facts.node_addresses, family)), None)
+    peer = next(iter(_of(facts.peer_nodes, family)), PEER_PLACEHOLDER[family])
+    note = "" if _of(facts.peer_nodes, family) else f"peer node unknown: {peer} stands for it"
+    flows: list[Flow] = []
+    for kind, name in (
+        ("vxlan", "overlay-vxlan"),
+        ("ipip", "overlay-ipip"),
+        ("wireguard", "overlay-wireguard"),
+    ):
+        links = [o for o in facts.overlay if o.kind == kind]
+        if not links:
+            continue
+        if node is None or facts.uplink is None:
+            flows.append(Flow(name, family, unknown="the node's address or uplink is unknown"))
+            continue
+        packets = tuple(
+            Packet(
+                family,
+                "in",
+                peer,
+                node,
+                4 if kind == "ipip" else "udp",
+                None if kind == "ipip" else link.port or DEFAULT_PORTS[kind],
+                None if kind == "ipip" else EPHEMERAL_PORT,
+                iif=facts.uplink,
+                note=f"{link.name}; {note}".rstrip("; "),
+            )
+            for link in links
+        )
+        flows.append(Flow(name, family, tuple(dict.fromkeys(packets)), routes))
+    return flows
+
+
+def _upstream_queries(facts: NodeFacts, family: Family) -> tuple[Packet, ...] | str:
+    upstream = [
+        u for u in _of(facts.upstream_dns, family) if not ipaddress.ip_address(u).is_loopback
+    ]
+    if not upstream:
+        return "the upstream nameservers are unknown (resolver file kubelet gives pods)"
+    packets: list[Packet] = []
+    pod_ip = next(iter(_of(facts.dns_endpoints, family)), None) or _host_in(
+        _of(facts.pod_cidrs, family)
+    )
+    if pod_ip is not None and facts.pod_interfaces:
+        iif = facts.pod_interfaces[0]
+        packets += [
+            Packet(family, "in", pod_ip, u, p, 53, EPHEMERAL_PORT, iif=iif)
+            for p in ("udp", "tcp")
+            for u in upstream
+        ]
+    source = next(iter(_of(facts.node_addresses, family)), None)
+    if facts.local_dns_cache and source is not None:
+        packets += [
+            Packet(family, "local", source, u, p, 53, EPHEMERAL_PORT)
+            for p in ("udp", "tcp")
+            for u in upstream
+        ]
+    if not packets:
+        return "the DNS pods' source (pod CIDR and pod interface) is unknown"
+    return tuple(packets)
+
+
+def _of(addresses: Iterable[str], family: str) -> list[str]:
+    version = 4 if family == "ipv4" else 6
+    found = []
+    for text in addresses:
+        try:
+            if ipaddress.ip_network(text, strict=False).version == version:
+                found.append(text)
+        except ValueError:
+            continue
+    return found
+
+
+def _host_in(cidrs: list[str]) -> str | None:
+    """An address inside the first pod CIDR (its second host: the first is the gateway)."""
+    for text in cidrs:
+        net = ipaddress.ip_network(text, strict=False)
+        if net.num_addresses >= 4:
+            return str(net.network_address + 2)
+    return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 PortRanges = tuple[tuple[int, int], ...]
@@ -69,6 +70,8 @@ class Rule:
     bytes: int = 0
     handle: int | None = None
     parsed: Match | None = None
+    #: nft rules: the rule's ``expr`` list as ``nft -j`` printed it (for the flow evaluator).
+    expr: tuple[Any, ...] = ()
 
     @property
     def match(self) -> Match:
@@ -96,6 +99,9 @@ class Chain:
     hook: str | None = None
     handle: int | None = None
     rules: list[Rule] = field(default_factory=list)
+    #: nft base chains: the declared priority and type (filter, nat, route).
+    priority: int | None = None
+    type: str | None = None
 
 
 @dataclass(slots=True)
@@ -112,6 +118,8 @@ class Table:
     """False when the parser skipped the table's rules (only chain heads were kept)."""
     xtables: bool = False
     """For nft tables: the table looks like iptables-nft's own (see the module doc)."""
+    sets: dict[str, list[Any]] = field(default_factory=dict)
+    """For nft tables: the elements of each named set and map, as ``nft -j`` printed them."""
 
     def base_chains(self) -> list[Chain]:
         if self.backend == "nft":
@@ -130,6 +138,27 @@ class Ruleset:
 
     def rule_count(self) -> int:
         return sum(len(c.rules) for t in self.tables for c in t.chains.values())
+
+
+def distinct_tables(rulesets: Iterable[Ruleset]) -> list[Table]:
+    """Every table once: an nft table that is iptables-nft's own (``Table.xtables``) is left
+    out when an ``iptables-save`` of the same family and name is among the rulesets (the same
+    kernel table, with positions and comments)."""
+    rulesets = list(rulesets)
+    xtables_seen = {
+        (t.family, t.name)
+        for rs in rulesets
+        for t in rs.tables
+        if t.backend in ("iptables-nft", "iptables")
+    }
+    return [
+        table
+        for ruleset in rulesets
+        for table in ruleset.tables
+        if not (
+            table.backend == "nft" and table.xtables and (table.family, table.name) in xtables_seen
+        )
+    ]
 
 
 def protocol_set(names: Iterable[str], negated: bool) -> frozenset[str]:

@@ -62,11 +62,16 @@ def parse_nft_json(text: str) -> Ruleset:
                 chain.hook = str(body["hook"]) if body.get("hook") else None
                 chain.policy = str(body["policy"]).upper() if body.get("policy") else None
                 chain.handle = _int(body.get("handle"))
+                chain.priority = _int(body.get("prio"))
+                chain.type = str(body["type"]) if body.get("type") else None
                 owner.chains[chain.name] = chain
             elif kind == "set" or kind == "map":
                 elements = body.get("elem")
                 key = (family, str(body.get("table", "")), str(body.get("name", "")))
                 sets[key] = elements if isinstance(elements, list) else []
+                owner = tables.get((family, key[1]))
+                if owner is not None:
+                    owner.sets[key[2]] = sets[key]
             elif kind == "rule":
                 rules.append(body)
     for body in rules:
@@ -80,14 +85,16 @@ def parse_nft_json(text: str) -> Ruleset:
         exprs = exprs if isinstance(exprs, list) else []
         if any(isinstance(e, dict) and "xt" in e for e in exprs):
             owner.xtables = True
-        table_sets = {k[2]: v for k, v in sets.items() if k[:2] == (family, owner.name)}
         try:
-            match, text_, packets, nbytes = _nft_rule(exprs, body.get("comment"), table_sets)
+            match, text_, packets, nbytes = _nft_rule(exprs, body.get("comment"), owner.sets)
         except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
-            continue  # an expression shape we do not know
+            # An expression shape we do not know: kept (the evaluator says it cannot decide
+            # it), with no target for the port-53 analysis.
+            match, text_, packets, nbytes = Match(), "(not understood)", 0, 0
         rule = Rule(chain_name, len(rule_chain.rules) + 1, text_, packets, nbytes)
         rule.handle = _int(body.get("handle"))
         rule.parsed = match
+        rule.expr = tuple(exprs)
         rule_chain.rules.append(rule)
     for (family, name), table in tables.items():
         if family in ("ip", "ip6") and name in XTABLES_TABLES:
