@@ -32,7 +32,7 @@ from collectors.netfilter.flows import Flow, Packet, Route
 from collectors.netfilter.iptables_steps import compile_iptables
 from collectors.netfilter.model import Chain, Rule, Ruleset, Table, distinct_tables
 from collectors.netfilter.nft_steps import NftCompiler
-from collectors.netfilter.owners import Hook, fix_for, owner_of
+from collectors.netfilter.owners import Hook, fix_for, owner_of, policy_owner
 from collectors.netfilter.steps import (
     PROTO_NUMBERS,
     Address,
@@ -474,7 +474,7 @@ class Evaluator:
             target,
             (rule.packets, rule.bytes),
             owner=owner,
-            fix=fix_for(owner, table, chain, rule, _hook_of(branch.state)),
+            fix=fix_for(owner, table, chain, rule, _hook_of(branch)),
             comment=comment,
             no_endpoints=no_endpoints,
             certain=result.kind == "drop",
@@ -482,9 +482,7 @@ class Evaluator:
 
     def _policy_stop(self, base: BaseChain, branch: Branch) -> Stop:
         table, chain = base.table, base.chain
-        owner = owner_of(table, [chain.name], None)
-        if owner is None and table.name == "filter" and base.hook == "forward":
-            owner = _forward_policy_owner(table)
+        owner = policy_owner(table, chain)
         return _stop(
             base,
             chain,
@@ -492,7 +490,7 @@ class Evaluator:
             f"policy {(chain.policy or '').upper()}",
             (chain.packets, chain.bytes),
             owner=owner,
-            fix=fix_for(owner, table, chain, None, _hook_of(branch.state)),
+            fix=fix_for(owner, table, chain, None, _hook_of(branch)),
         )
 
     def _limit_stop(self, base: BaseChain, chain: Chain) -> Stop:
@@ -560,15 +558,6 @@ def _base(table: Table, chain: Chain, hook: str) -> BaseChain | None:
 
 def _label(table: Table) -> str:
     return f"{table.backend} {table.family} {table.name}"
-
-
-def _forward_policy_owner(table: Table) -> str | None:
-    """A DROP policy on FORWARD with Docker's chains present is Docker's (it sets it)."""
-    if "DOCKER-USER" in table.chains or "DOCKER" in table.chains:
-        return "docker"
-    if any(name.startswith("ufw-") for name in table.chains):
-        return "ufw"
-    return None
 
 
 def _comment(text: str) -> str | None:
@@ -669,8 +658,10 @@ def _proto_name(number: int) -> str | int:
     return {6: "tcp", 17: "udp"}.get(number, number)
 
 
-def _hook_of(state: State) -> Hook:
-    return Hook(state.hook, state.iif, state.oif, str(_proto_name(state.l4)), state.dport)
+def _hook_of(branch: Branch) -> Hook:
+    state = branch.state
+    visited = tuple(entry.rsplit(" ", 1)[-1] for entry in branch.path)
+    return Hook(state.hook, state.iif, state.oif, str(_proto_name(state.l4)), state.dport, visited)
 
 
 _RANK = {"drop": 0, "may-drop": 1, "unknown": 2, "pass": 3}

@@ -4,6 +4,7 @@ chains jumped through to reach it) and comments. Pure."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,15 +39,46 @@ _FIREWALLD_CHAINS = frozenset(
 _TABLE_OWNERS = {"firewalld": "firewalld", "kube-proxy": "kube-proxy", "cilium": "cilium"}
 
 
+_FIREWALLD_ZONE = re.compile(
+    r"^(?:filter_|nat_|mangle_|raw_)?(?:IN|FWD|FWDI|FWDO|FWD_IN|FWD_OUT|OUT|PRE|POST)_"
+    r"(?!policy_|ZONES|POLICIES)(.+?)(?:_pre|_log|_deny|_allow|_post)?$"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Hook:
-    """Where the stop happened: the hook and the flow's interfaces and port, for the fix."""
+    """Where the stop happened: the hook, the flow's interfaces and port, and the chains the
+    packet went through on the way (for a firewalld zone), for the fix."""
 
     name: str
     iif: str | None
     oif: str | None
     l4: str
     dport: int | None
+    visited: tuple[str, ...] = ()
+
+
+def policy_owner(table: Table, chain: Chain) -> str | None:
+    """Who set a base chain's policy: the tool whose chains the base chain jumps to (ufw sets
+    INPUT/FORWARD/OUTPUT's policies; Docker sets FORWARD's to DROP)."""
+    owner = owner_of(table, [chain.name], None)
+    if owner is not None:
+        return owner
+    targets = [rule.quick_target[0] or "" for rule in chain.rules]
+    found = {_chain_owner(t) for t in targets} - {None}
+    for preferred in ("ufw", "firewalld", "docker"):
+        if preferred in found:
+            return preferred
+    return None
+
+
+def firewalld_zone(chains: Sequence[str]) -> str | None:
+    """The firewalld zone of the deepest zone chain walked (``filter_IN_public_allow`` …)."""
+    for name in reversed(chains):
+        match = _FIREWALLD_ZONE.match(name)
+        if match:
+            return match[1]
+    return None
 
 
 def owner_of(table: Table, chains: Sequence[str], comment: str | None) -> str | None:
@@ -89,7 +121,12 @@ def fix_for(
     if owner == "firewalld":
         return _firewalld_fix(where)
     if owner == "docker" and rule is None:
-        return _delete_or_policy(table, chain, rule)
+        tool = iptables_tool(table)
+        return (
+            f"Docker sets {chain.name}'s policy to DROP: `{tool} -I DOCKER-USER "
+            f"{_match_args(where)} -j ACCEPT` (DOCKER-USER is kept across Docker restarts), "
+            f"or `{tool} -P {chain.name} ACCEPT`"
+        )
     if owner == "docker":
         return (
             f"Docker's {chain.name} chain stops it: allow the flow in DOCKER-USER (e.g. "
@@ -129,7 +166,7 @@ def _ufw_fix(chain: Chain, rule: Rule | None, where: Hook) -> str:
             f"allow the pod traffic: `ufw route allow in on {where.iif or '<pod interface>'}`"
         )
     if rule is None and where.name == "input":
-        return f"`ufw allow in on {where.iif or '<interface>'}`{_ufw_port(where)}"
+        return f"`ufw allow in on {where.iif or '<interface>'}{_ufw_port(where)}`"
     if rule is None and where.name == "output":
         return f"`ufw allow out {_ufw_proto_port(where)}`".replace("  ", " ")
     if chain.name.startswith(("ufw-user-", "ufw6-user-")):
@@ -141,7 +178,7 @@ def _ufw_fix(chain: Chain, rule: Rule | None, where: Hook) -> str:
         return f"`ufw route allow in on {where.iif or '<pod interface>'}`"
     if where.name == "output":
         return f"`ufw allow out {_ufw_proto_port(where)}`"
-    return f"`ufw allow in on {where.iif or '<interface>'}`{_ufw_port(where)}"
+    return f"`ufw allow in on {where.iif or '<interface>'}{_ufw_port(where)}`"
 
 
 def _ufw_port(where: Hook) -> str:
@@ -157,21 +194,27 @@ def _ufw_proto_port(where: Hook) -> str:
 
 
 def _firewalld_fix(where: Hook) -> str:
+    zone = firewalld_zone(where.visited) or f"<zone of {where.iif or 'the interface'}>"
     if where.name == "forward":
         return (
-            "put the pod interface in a zone that forwards, e.g. `firewall-cmd --permanent "
-            f"--zone=trusted --add-interface={where.iif or '<pod interface>'}` (or add a "
-            "policy allowing the flow), then `firewall-cmd --reload`"
+            "put the pod interface in a zone that accepts and forwards it: `firewall-cmd "
+            f"--permanent --zone=trusted --add-interface={where.iif or '<pod interface>'}` "
+            "(or a policy allowing the flow), then `firewall-cmd --reload`"
+        )
+    if where.name == "output":
+        return (
+            "firewalld blocks it on output (a policy from HOST or a direct rule): allow "
+            f"{where.dport}/{where.l4} in that policy, then `firewall-cmd --reload`"
         )
     if where.l4 in ("udp", "tcp") and where.dport is not None:
         return (
-            f"`firewall-cmd --permanent --zone=<zone of {where.iif or 'the interface'}> "
-            f"--add-port={where.dport}/{where.l4}`, then `firewall-cmd --reload`"
+            f"`firewall-cmd --permanent --zone={zone} --add-port={where.dport}/{where.l4}`, "
+            "then `firewall-cmd --reload`"
         )
     protocol = "ipip" if where.l4 == "4" else where.l4
     return (
-        f"`firewall-cmd --permanent --zone=<zone of {where.iif or 'the interface'}> "
-        f"--add-protocol={protocol}`, then `firewall-cmd --reload`"
+        f"`firewall-cmd --permanent --zone={zone} --add-protocol={protocol}`, then "
+        "`firewall-cmd --reload`"
     )
 
 
