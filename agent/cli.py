@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the year of the kernel log's first year-less time stamp (syslog, journalctl "
         "-o short); default: inferred",
     )
+    analyze.add_argument(
+        "--pod-cidr",
+        action="append",
+        type=_typed(_ip_network),
+        metavar="CIDR",
+        help="the node's pod CIDR, for the DNS flows from pods (repeatable)",
+    )
     analyze.add_argument("--json", action="store_true", help="JSON lines instead of a report")
     pid = commands.add_parser(
         "pid", parents=[common], help="which pod and container a host process belongs to"
@@ -166,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     pid.add_argument("pid", type=_typed(_positive_int), metavar="PID", help="host process id")
     pid.add_argument("--json", action="store_true", help="one JSON object instead of text")
     return parser
+
+
+def _ip_network(text: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"invalid CIDR {text!r}") from None
 
 
 def _ip_address(text: str) -> str:
@@ -282,7 +298,12 @@ def _analyze(args: argparse.Namespace, settings: Settings) -> int:
         if path is not None and not path.is_file():
             raise InputError(f"{flag} {path}: no such file")
     findings = analyze(
-        settings, args.kernel_log_file, args.iptables_save, args.nft_json, year=args.year
+        settings,
+        args.kernel_log_file,
+        args.iptables_save,
+        args.nft_json,
+        args.pod_cidr or (),
+        year=args.year,
     )
     names = ", ".join(str(p) for p in given.values() if p)
     return _print_findings(args, findings, f"nodediag analysis of {names}")

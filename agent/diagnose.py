@@ -80,6 +80,7 @@ def analyze(
     kernel_log: Path | None,
     iptables_save: Path | None = None,
     nft_json: Path | None = None,
+    pod_cidrs: Sequence[str] = (),
     *,
     year: int | None = None,
 ) -> list[Finding]:
@@ -94,12 +95,12 @@ def analyze(
         findings += OomFindings(settings.node_name, live=None).for_log(kills)
     if iptables_save is not None or nft_json is not None:
         from collectors.firewall_collector import findings_from_files
+        from collectors.node_facts import dump_facts
 
+        iptables_text, nft_text = _read_text(iptables_save), _read_text(nft_json)
+        facts = dump_facts(iptables_text, nft_text, settings.cluster_dns, pod_cidrs)
         findings += findings_from_files(
-            _read_text(iptables_save),
-            _read_text(nft_json),
-            settings.cluster_dns,
-            settings.node_name,
+            iptables_text, nft_text, facts.cluster_dns, settings.node_name, facts
         )
     return findings
 

@@ -73,6 +73,7 @@ def build_collectors(
     """Every periodic collector, each registering its own metrics."""
     from collectors.dns_probe import DnsProbeCollector
     from collectors.firewall_collector import FirewallCollector
+    from collectors.node_facts import NodeFactsReader
     from collectors.vxlan import VxlanCollector
 
     registry = metrics.registry
@@ -83,6 +84,7 @@ def build_collectors(
         registry,
         runner=partial(run_command, timeout=120),
         proc=settings.resolve("/proc"),
+        facts=NodeFactsReader(settings.host_root, dns.servers),
     )
 
     def marks() -> dict[str, bool]:

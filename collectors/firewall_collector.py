@@ -17,6 +17,7 @@ the run fails with one line.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from collectors.finding import Finding
 from collectors.netfilter.dns_rules import DnsRuleHit, dns_rule_hits
+from collectors.netfilter.evaluate import FlowVerdict, evaluate
+from collectors.netfilter.flow_findings import flow_findings, with_flows
+from collectors.netfilter.flows import NodeFacts, dns_flows
 from collectors.netfilter.iptables import nat_marks, parse_iptables_save
 from collectors.netfilter.model import DROP_TABLES, Ruleset
 from collectors.netfilter.nft import parse_nft_json
@@ -37,6 +41,8 @@ from collectors.registry import (
     collector_failed,
     run_command,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SOURCES", "FirewallCollector", "Source", "findings_from_files", "nat_marks"]
 
@@ -75,12 +81,12 @@ SOURCES: tuple[Source, ...] = (
 )
 
 
-def _parse(source: Source, text: str) -> Ruleset:
+def _parse(source: Source, text: str, nat: bool = False) -> Ruleset:
+    """``nat``: keep the nat table's rules too (the flow evaluator follows the Service DNAT)."""
     if source.backend == "nft":
         return parse_nft_json(text)
-    return parse_iptables_save(
-        text, backend=source.backend, family=source.family, tables=DROP_TABLES
-    )
+    tables = None if nat else DROP_TABLES
+    return parse_iptables_save(text, backend=source.backend, family=source.family, tables=tables)
 
 
 def _drop_duplicates(read: list[tuple[Source, Ruleset]]) -> list[Ruleset]:
@@ -100,7 +106,9 @@ def _drop_duplicates(read: list[tuple[Source, Ruleset]]) -> list[Ruleset]:
 
 class FirewallCollector:
     """Reports ``DNSDropRule`` / ``DNSNoEndpointsReject`` findings and the
-    ``nodediag_dns_drop_rules`` / ``nodediag_dns_dropped_packets_total`` metrics."""
+    ``nodediag_dns_drop_rules`` / ``nodediag_dns_dropped_packets_total`` metrics; with
+    ``facts`` (the node's network, for the DNS flows) also ``DNSFlowBlocked`` and
+    ``nodediag_dns_flow_ok``."""
 
     name = "firewall"
 
@@ -112,11 +120,13 @@ class FirewallCollector:
         runner: Runner = run_command,
         sources: Sequence[Source] = SOURCES,
         proc: Path = Path("/proc"),
+        facts: Callable[[], NodeFacts] | None = None,
     ) -> None:
         """``proc``: where ``net/ip_tables_names`` tells whether legacy tables exist when
         ``iptables-legacy-save`` is not installed."""
         self.node = node
         self.proc = proc
+        self.facts = facts
         self.cluster_dns = cluster_dns
         self.runner = runner
         self.rule_sources = tuple(sources)
@@ -132,6 +142,16 @@ class FirewallCollector:
             ["family", "table", "chain"],
             registry=registry,
         )
+        self.flow_ok = Gauge(
+            "nodediag_dns_flow_ok",
+            "1 when a flow the cluster's DNS needs passes this node's firewall, 0 when it is "
+            "dropped or may be; no series for a flow whose inputs are unknown.",
+            ["flow", "family"],
+            registry=registry,
+        )
+        self._flow_labels: set[tuple[str, str]] = set()
+        self._unknown_flows: dict[tuple[str, str], str] = {}
+        self.last_verdicts: list[FlowVerdict] = []
         self._gauge_labels: set[tuple[str, str, str, str]] = set()
         self._last_packets: dict[tuple[str, str, str, str, str], int] = {}
         self.last_hits: list[DnsRuleHit] = []
@@ -194,7 +214,7 @@ class FirewallCollector:
             text = self._read_nft(source, before)
         else:
             text = self.runner(source.argv)
-        ruleset = _parse(source, text)
+        ruleset = _parse(source, text, nat=self.facts is not None)
         if source.backend == "nft" and not ruleset.tables and ruleset.warnings:
             raise CollectorError(f"{source.tool} printed no rules: {ruleset.warnings[0]}")
         return ruleset, text
@@ -239,7 +259,32 @@ class FirewallCollector:
         hits = dns_rule_hits(rulesets, self.cluster_dns())
         self.last_hits = hits
         self._update_metrics(hits)
-        return [hit.to_finding(self.node) for hit in hits]
+        if self.facts is None:
+            return [hit.to_finding(self.node) for hit in hits]
+        verdicts = evaluate(rulesets, dns_flows(self.facts()))
+        self.last_verdicts = verdicts
+        self._update_flow_metrics(verdicts)
+        return findings_with_flows(hits, verdicts, self.node)
+
+    def _update_flow_metrics(self, verdicts: Sequence[FlowVerdict]) -> None:
+        """``nodediag_dns_flow_ok``; a flow whose inputs are unknown has no series and is
+        logged (once per change of why)."""
+        labels: set[tuple[str, str]] = set()
+        unknown: dict[tuple[str, str], str] = {}
+        for verdict in verdicts:
+            key = (verdict.flow.name, str(verdict.flow.family))
+            if verdict.verdict == "unknown":
+                unknown[key] = verdict.reason
+                continue
+            labels.add(key)
+            self.flow_ok.labels(*key).set(1 if verdict.verdict == "pass" else 0)
+        for stale in self._flow_labels - labels:
+            self.flow_ok.remove(*stale)
+        self._flow_labels = labels
+        for key, reason in unknown.items():
+            if self._unknown_flows.get(key) != reason:
+                log.warning("DNS flow %s (%s) not evaluated: %s", *key, reason)
+        self._unknown_flows = unknown
 
     def _update_metrics(self, hits: Sequence[DnsRuleHit]) -> None:
         counts: dict[tuple[str, str, str, str], int] = {}
@@ -273,6 +318,7 @@ def findings_from_files(
     nft_json: str | None,
     cluster_dns: Sequence[str],
     node: str,
+    facts: NodeFacts | None = None,
 ) -> list[Finding]:
     """Findings from a support bundle: ``iptables_save`` is the *text* of ``iptables-save -c``
     output (ipv4 and/or ipv6, either backend, several concatenated outputs are fine) and
@@ -282,7 +328,7 @@ def findings_from_files(
     rulesets: list[Ruleset] = []
     unreadable: list[Finding] = []
     if iptables_save is not None:
-        ruleset = parse_iptables_save(iptables_save, tables=DROP_TABLES)
+        ruleset = parse_iptables_save(iptables_save, tables=None if facts else DROP_TABLES)
         if not ruleset.tables and iptables_save.strip():
             why = "no table (no '*filter' line): not iptables-save output"
             unreadable.append(collector_failed(node, "firewall", "--iptables-save", why))
@@ -293,4 +339,24 @@ def findings_from_files(
             why = f"not `nft -j list ruleset` output: {ruleset.warnings[0]}"
             unreadable.append(collector_failed(node, "firewall", "--nft-json", why))
         rulesets.append(ruleset)
-    return [hit.to_finding(node) for hit in dns_rule_hits(rulesets, cluster_dns)] + unreadable
+    hits = dns_rule_hits(rulesets, cluster_dns)
+    if facts is None:
+        return [hit.to_finding(node) for hit in hits] + unreadable
+    verdicts = evaluate(rulesets, dns_flows(facts))
+    for verdict in verdicts:
+        if verdict.verdict == "unknown":
+            log.warning(
+                "DNS flow %s (%s) not evaluated: %s",
+                verdict.flow.name,
+                verdict.flow.family,
+                verdict.reason,
+            )
+    return findings_with_flows(hits, verdicts, node) + unreadable
+
+
+def findings_with_flows(
+    hits: Sequence[DnsRuleHit], verdicts: Sequence[FlowVerdict], node: str
+) -> list[Finding]:
+    """The port-53 rule findings (each with the flows it stops) and the flow findings."""
+    flow_found, stopped = flow_findings(verdicts, hits, node)
+    return [with_flows(hit.to_finding(node), hit, stopped) for hit in hits] + flow_found

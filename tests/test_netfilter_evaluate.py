@@ -385,7 +385,7 @@ def kube_proxy_nft(endpoints: Sequence[str], no_endpoints: bool = False) -> str:
         chain("ip", "kube-proxy", "service-endpoints-check"),
         chain("ip", "kube-proxy", "cluster-ips-check"),
         chain("ip", "kube-proxy", "reject-chain"),
-        chain("ip", "kube-proxy", "service-DNS"),
+        chain("ip", "kube-proxy", "service-NWBZK7IH-kube-system/kube-dns/udp/dns"),
         rule("ip", "kube-proxy", "nat-prerouting", [{"jump": {"target": "services"}}]),
         rule("ip", "kube-proxy", "nat-output", [{"jump": {"target": "services"}}]),
         rule("ip", "kube-proxy", "services", [{"vmap": {"key": key, "data": "@service-ips"}}]),
@@ -447,7 +447,7 @@ def kube_proxy_nft(endpoints: Sequence[str], no_endpoints: bool = False) -> str:
             rule(
                 "ip",
                 "kube-proxy",
-                "service-DNS",
+                "service-NWBZK7IH-kube-system/kube-dns/udp/dns",
                 [
                     {
                         "vmap": {
@@ -461,7 +461,10 @@ def kube_proxy_nft(endpoints: Sequence[str], no_endpoints: bool = False) -> str:
             )
         )
     service = [
-        [{"concat": ["10.43.0.10", p, 53]}, {"goto": {"target": "service-DNS"}}]
+        [
+            {"concat": ["10.43.0.10", p, 53]},
+            {"goto": {"target": "service-NWBZK7IH-kube-system/kube-dns/udp/dns"}},
+        ]
         for p in ("udp", "tcp")
     ]
     rejects = [

@@ -146,9 +146,14 @@ def fix_for(
     return _delete_or_policy(table, chain, rule)
 
 
+def _iface(name: str | None, unknown: str) -> str:
+    """An interface for a command: ``unknown`` when the flow does not know it (``+``)."""
+    return unknown if not name or name == "+" else name
+
+
 def _match_args(where: Hook) -> str:
     parts = []
-    if where.iif:
+    if where.iif and where.iif != "+":
         parts.append(f"-i {where.iif}")
     if where.oif:
         parts.append(f"-o {where.oif}")
@@ -163,10 +168,10 @@ def _ufw_fix(chain: Chain, rule: Rule | None, where: Hook) -> str:
     if rule is None and where.name == "forward":
         return (
             'set DEFAULT_FORWARD_POLICY="ACCEPT" in /etc/default/ufw and run `ufw reload`, or '
-            f"allow the pod traffic: `ufw route allow in on {where.iif or '<pod interface>'}`"
+            f"allow the pod traffic: `ufw route allow in on {_iface(where.iif, '<pod interface>')}`"
         )
     if rule is None and where.name == "input":
-        return f"`ufw allow in on {where.iif or '<interface>'}{_ufw_port(where)}`"
+        return f"`ufw allow in on {_iface(where.iif, '<interface>')}{_ufw_port(where)}`"
     if rule is None and where.name == "output":
         return f"`ufw allow out {_ufw_proto_port(where)}`".replace("  ", " ")
     if chain.name.startswith(("ufw-user-", "ufw6-user-")):
@@ -175,10 +180,10 @@ def _ufw_fix(chain: Chain, rule: Rule | None, where: Hook) -> str:
             "(iptables changes are undone by `ufw reload`)"
         )
     if where.name == "forward":
-        return f"`ufw route allow in on {where.iif or '<pod interface>'}`"
+        return f"`ufw route allow in on {_iface(where.iif, '<pod interface>')}`"
     if where.name == "output":
         return f"`ufw allow out {_ufw_proto_port(where)}`"
-    return f"`ufw allow in on {where.iif or '<interface>'}{_ufw_port(where)}`"
+    return f"`ufw allow in on {_iface(where.iif, '<interface>')}{_ufw_port(where)}`"
 
 
 def _ufw_port(where: Hook) -> str:
@@ -194,11 +199,11 @@ def _ufw_proto_port(where: Hook) -> str:
 
 
 def _firewalld_fix(where: Hook) -> str:
-    zone = firewalld_zone(where.visited) or f"<zone of {where.iif or 'the interface'}>"
+    zone = firewalld_zone(where.visited) or f"<zone of {_iface(where.iif, 'the interface')}>"
     if where.name == "forward":
         return (
             "put the pod interface in a zone that accepts and forwards it: `firewall-cmd "
-            f"--permanent --zone=trusted --add-interface={where.iif or '<pod interface>'}` "
+            f"--permanent --zone=trusted --add-interface={_iface(where.iif, '<pod interface>')}` "
             "(or a policy allowing the flow), then `firewall-cmd --reload`"
         )
     if where.name == "output":

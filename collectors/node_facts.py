@@ -1,0 +1,374 @@
+"""What the node shows about its network, for the DNS flow evaluator (``NodeFacts``).
+
+Pure part: :func:`facts_from` builds the facts from the node's links, addresses and routes
+(:class:`Link`, :class:`Address`, :class:`RouteEntry`), flannel's ``subnet.env``, the CNI
+configs and the resolver file kubelet gives pods. I/O part: :func:`read_node_facts` lists
+links, addresses and routes with pyroute2 (in the calling thread's network namespace: the
+host's, in the DaemonSet) and reads the files under the host root.
+
+- this node's pod CIDR: a route on a pod bridge (``cni0``, ``cbr0``), Calico's blackhole
+  block routes, flannel's ``FLANNEL_SUBNET``, host-local ``subnet``/``ranges`` in the CNI
+  config; the cluster's pod network: ``FLANNEL_NETWORK`` and the routes over overlay links;
+- the pod interfaces: the bridge, or ``cali+``/``lxc+`` when such links exist;
+- overlay links: ``vxlan`` (its UDP port), ``ipip``, ``wireguard`` links;
+- the node's addresses (global ones, not on pod, overlay, cache or IPVS links) and the uplink
+  (the default route's device); NodeLocal DNSCache's addresses on ``nodelocaldns``; IPVS mode
+  when ``kube-ipvs0`` exists;
+- the upstream nameservers: kubelet's ``resolvConf`` (kubeadm's ``config.yaml``; default
+  ``/etc/resolv.conf``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from collectors.netfilter.flows import NodeFacts, OverlayLink
+
+log = logging.getLogger(__name__)
+
+FLANNEL_ENV = "run/flannel/subnet.env"
+CNI_DIR = "etc/cni/net.d"
+KUBELET_CONFIG = "var/lib/kubelet/config.yaml"
+DEFAULT_RESOLV = "etc/resolv.conf"
+POD_BRIDGES = ("cni0", "cbr0")
+POD_LINK_PREFIXES = {"cali": "cali+", "lxc": "lxc+"}
+WIREGUARD_PORTS = {"cilium_wg0": 51871, "wireguard.cali": 51820, "wg-v6.cali": 51821}
+_NOT_NODE = ("nodelocaldns", "kube-ipvs0", "docker0", "lo")
+RTN_BLACKHOLE = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    index: int
+    name: str
+    kind: str | None = None
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    index: int
+    address: str
+    global_scope: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """A main-table route: ``dst`` a CIDR (``None``: default), ``oif`` a link index."""
+
+    dst: str | None
+    oif: int | None
+    blackhole: bool = False
+
+
+def facts_from(
+    links: Sequence[Link],
+    addresses: Sequence[Address],
+    routes: Sequence[RouteEntry],
+    cluster_dns: Sequence[str],
+    flannel_env: str | None = None,
+    cni_configs: Sequence[str] = (),
+    resolv_conf: str | None = None,
+) -> NodeFacts:
+    by_index = {link.index: link for link in links}
+    names = {link.name for link in links}
+    flannel = parse_env(flannel_env or "")
+    overlay = tuple(o for link in links if (o := _overlay(link)) is not None)
+    overlay_names = {o.name for o in overlay}
+    pod_interfaces = _pod_interfaces(names)
+    pod_cidrs = _pod_cidrs(routes, by_index, flannel, cni_configs)
+    cluster_cidrs = [*_networks([flannel.get("FLANNEL_NETWORK", "")])]
+    cluster_cidrs += _networks(
+        r.dst for r in routes if r.dst and _name(by_index, r.oif) in overlay_names
+    )
+    uplink = next((_name(by_index, r.oif) for r in routes if r.dst is None), None)
+    skip = {*_NOT_NODE, *overlay_names, *POD_BRIDGES}
+    node_addresses = [
+        a.address
+        for a in addresses
+        if a.global_scope
+        and (name := _name(by_index, a.index)) is not None
+        and name not in skip
+        and not name.startswith(tuple(POD_LINK_PREFIXES))
+    ]
+    if uplink is not None:  # the uplink's addresses first: they are what peers talk to
+        on_uplink = [
+            a.address for a in addresses if a.global_scope and _name(by_index, a.index) == uplink
+        ]
+        node_addresses = [*dict.fromkeys([*on_uplink, *node_addresses])]
+    cache = [a.address for a in addresses if _name(by_index, a.index) == "nodelocaldns"]
+    return NodeFacts(
+        cluster_dns=tuple(cluster_dns),
+        pod_cidrs=tuple(dict.fromkeys(pod_cidrs)),
+        cluster_cidrs=tuple(dict.fromkeys(cluster_cidrs)),
+        node_addresses=tuple(node_addresses),
+        pod_interfaces=pod_interfaces,
+        uplink=uplink,
+        overlay=overlay,
+        upstream_dns=tuple(nameservers(resolv_conf or "")),
+        local_dns_cache=tuple(cache),
+        service_ips_local="kube-ipvs0" in names,
+    )
+
+
+def _name(by_index: dict[int, Link], index: int | None) -> str | None:
+    link = by_index.get(index) if index is not None else None
+    return link.name if link is not None else None
+
+
+def _overlay(link: Link) -> OverlayLink | None:
+    if link.kind == "vxlan":
+        return OverlayLink(link.name, "vxlan", link.port or 8472)
+    if link.kind == "ipip" or link.name == "tunl0":
+        return OverlayLink(link.name, "ipip")
+    if link.kind == "wireguard":
+        return OverlayLink(link.name, "wireguard", WIREGUARD_PORTS.get(link.name, 51820))
+    return None
+
+
+def _pod_interfaces(names: Iterable[str]) -> tuple[str, ...]:
+    found = [b for b in POD_BRIDGES if b in names]
+    for prefix, pattern in POD_LINK_PREFIXES.items():
+        if any(n.startswith(prefix) and n != "cali.vxlan" for n in names):
+            found.append(pattern)
+    return tuple(found)
+
+
+def _pod_cidrs(
+    routes: Sequence[RouteEntry],
+    by_index: dict[int, Link],
+    flannel: dict[str, str],
+    cni_configs: Sequence[str],
+) -> list[str]:
+    found = _networks(
+        r.dst
+        for r in routes
+        if r.dst is not None and (_name(by_index, r.oif) in POD_BRIDGES or r.blackhole)
+    )
+    found += _networks([flannel.get("FLANNEL_SUBNET", "")])
+    for text in cni_configs:
+        found += _networks(_cni_subnets(text))
+    return found
+
+
+def _networks(texts: Iterable[str]) -> list[str]:
+    nets = []
+    for text in texts:
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            continue
+        if not net.is_link_local:
+            nets.append(str(net))
+    return nets
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """``KEY=value`` lines (flannel's ``subnet.env``)."""
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key and not key.startswith("#"):
+            values[key] = value.strip().strip('"')
+    return values
+
+
+def _cni_subnets(text: str) -> list[str]:
+    """host-local IPAM ``subnet`` / ``ranges`` of a CNI ``.conf``/``.conflist``."""
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return []
+    plugins = config.get("plugins", [config]) if isinstance(config, dict) else []
+    subnets: list[str] = []
+    for plugin in plugins if isinstance(plugins, list) else []:
+        ipam = plugin.get("ipam") if isinstance(plugin, dict) else None
+        if not isinstance(ipam, dict):
+            continue
+        if isinstance(ipam.get("subnet"), str):
+            subnets.append(ipam["subnet"])
+        for group in ipam.get("ranges") or []:
+            for item in group if isinstance(group, list) else []:
+                if isinstance(item, dict) and isinstance(item.get("subnet"), str):
+                    subnets.append(item["subnet"])
+    return subnets
+
+
+def nameservers(text: str) -> list[str]:
+    found = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                found.append(str(ipaddress.ip_address(parts[1].split("%")[0])))
+            except ValueError:
+                continue
+    return found
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def resolv_conf_path(host_root: Path) -> Path:
+    """The resolver file kubelet gives pods: ``resolvConf`` of kubeadm's kubelet config, else
+    ``/etc/resolv.conf`` (under the host root)."""
+    try:
+        config = yaml.safe_load((host_root / KUBELET_CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        config = None
+    named = config.get("resolvConf") if isinstance(config, dict) else None
+    if isinstance(named, str) and named:
+        return host_root / named.lstrip("/")
+    return host_root / DEFAULT_RESOLV
+
+
+def _read(path: Path, problems: list[str]) -> str | None:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        problems.append(f"{path}: {error.strerror or error}")
+        return None
+
+
+def read_node_facts(
+    host_root: Path,
+    cluster_dns: Sequence[str],
+    netlink: Callable[[], tuple[list[Link], list[Address], list[RouteEntry]]] | None = None,
+) -> tuple[NodeFacts, list[str]]:
+    """The facts, and what could not be read (each with why)."""
+    problems: list[str] = []
+    try:
+        links, addresses, routes = (netlink or read_netlink)()
+    except OSError as error:
+        problems.append(f"netlink: {error}")
+        links, addresses, routes = [], [], []
+    cni: list[str] = []
+    cni_dir = host_root / CNI_DIR
+    if cni_dir.is_dir():
+        for path in sorted(cni_dir.glob("*.conf*")):
+            text = _read(path, problems)
+            if text is not None:
+                cni.append(text)
+    resolv_path = resolv_conf_path(host_root)
+    resolv = _read(resolv_path, problems)
+    if resolv is None:
+        problems.append(f"{resolv_path}: missing (upstream nameservers unknown)")
+    facts = facts_from(
+        links,
+        addresses,
+        routes,
+        cluster_dns,
+        _read(host_root / FLANNEL_ENV, problems),
+        cni,
+        resolv,
+    )
+    return facts, problems
+
+
+def read_netlink() -> tuple[list[Link], list[Address], list[RouteEntry]]:
+    """Links, addresses and main-table routes of this network namespace (pyroute2)."""
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+
+    with IPRoute() as ipr:
+        links = [_link(m) for m in ipr.get_links()]
+        addresses = [
+            Address(m["index"], m.get_attr("IFA_ADDRESS"), m["scope"] == 0)
+            for m in ipr.get_addr()
+            if m.get_attr("IFA_ADDRESS")
+        ]
+        routes = [r for m in ipr.get_routes(table=254) if (r := _route(m)) is not None]
+    return links, addresses, routes
+
+
+def _link(message: Any) -> Link:
+    info = message.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    port = None
+    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+    if kind == "vxlan" and data is not None and hasattr(data, "get_attr"):
+        port = data.get_attr("IFLA_VXLAN_PORT")
+    return Link(message["index"], message.get_attr("IFLA_IFNAME"), kind, port)
+
+
+def _route(message: Any) -> RouteEntry | None:
+    dst = message.get_attr("RTA_DST")
+    length = message["dst_len"]
+    if dst is None and length != 0:
+        return None
+    return RouteEntry(
+        f"{dst}/{length}" if dst is not None else None,
+        message.get_attr("RTA_OIF"),
+        message["type"] == RTN_BLACKHOLE,
+    )
+
+
+# --------------------------------------------------------------------------- support bundles
+
+_KUBE_DNS_RULE = re.compile(
+    r"-A KUBE-SERVICES -d ([0-9a-fA-F.:]+)/(?:32|128) [^\n]*--comment \"?kube-system/"
+    r"[^ \"]*(?:kube-dns|coredns)[^ \"]*:(?:dns|udp-53)\b"
+)
+_KUBE_DNS_ELEMENT = re.compile(
+    r"\"([0-9a-fA-F.:]+)\", \"udp\", 53\]\}, \{\"goto\": \{\"target\": \"service-[^\"]*"
+    r"kube-system/[^\"/]*(?:kube-dns|coredns)"
+)
+
+
+def dump_facts(
+    iptables_save: str | None,
+    nft_json: str | None,
+    cluster_dns: Sequence[str],
+    pod_cidrs: Sequence[str],
+) -> NodeFacts:
+    """Facts for a support bundle: the cluster DNS given, else kube-dns's Service IP as
+    kube-proxy's rules show it; the pod CIDRs given; the pod interface and overlay links the
+    rules name (``-i cni0``, ``cali+``, ``flannel.1``…), else ``+`` (some interface: a rule
+    naming an interface then cannot be decided, and says so). The node's addresses, uplink
+    and upstream nameservers are not in a rule dump: the flows that need them say so."""
+    text = (iptables_save or "") + (nft_json or "")
+    dns = list(cluster_dns)
+    if not dns:
+        dns = [m[1] for m in _KUBE_DNS_RULE.finditer(iptables_save or "")]
+        dns += [m[1] for m in _KUBE_DNS_ELEMENT.finditer(nft_json or "")]
+    names = {name for name in ("cni0", "cbr0") if name in text}
+    names |= {f"{prefix}x" for prefix in POD_LINK_PREFIXES if f"{prefix}+" in text}
+    overlay = [
+        OverlayLink(name, "vxlan", port)
+        for name, port in (("flannel.1", 8472), ("vxlan.calico", 4789))
+        if name in text
+    ]
+    return NodeFacts(
+        cluster_dns=tuple(dict.fromkeys(dns)),
+        pod_cidrs=tuple(pod_cidrs),
+        pod_interfaces=_pod_interfaces(names) or ("+",),
+        overlay=tuple(overlay),
+    )
+
+
+class NodeFactsReader:
+    """The node's facts, re-read on each call (links and configs change); logs what could
+    not be read once per change."""
+
+    def __init__(self, host_root: Path, cluster_dns: Callable[[], Sequence[str]]) -> None:
+        self.host_root = host_root
+        self.cluster_dns = cluster_dns
+        self._problems: list[str] = []
+
+    def __call__(self) -> NodeFacts:
+        facts, problems = read_node_facts(self.host_root, self.cluster_dns())
+        if problems != self._problems:
+            for problem in problems:
+                log.warning("node network facts: %s", problem)
+            self._problems = problems
+        return facts
