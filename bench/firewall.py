@@ -8,11 +8,17 @@ Generates a kube-proxy (iptables mode) rule set with N ClusterIP Services of 3 e
 it into a throwaway network namespace per backend (iptables-nft, iptables-legacy), and times
 ``iptables-save -c`` alone, ``nft -j list ruleset`` alone, parsing + analysis alone on the
 saved text, and the collector's full run (every tool it runs, parsing, analysis, metrics).
+
+The DNS flow evaluator: every flow of ``dns_flows`` on the same rule set in kube-proxy's
+iptables mode (the saved text, nat parsed lazily) and in its nftables mode (a generated
+``nft -j list ruleset`` of ``table ip kube-proxy`` with the same Services), as parse time
+and evaluation time; ``--evaluator-only`` skips the network namespaces (no root needed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -28,10 +34,24 @@ from test_firewall_netns import Netns, kube_proxy_rules  # noqa: E402
 
 from collectors.firewall_collector import FirewallCollector  # noqa: E402
 from collectors.netfilter.dns_rules import dns_rule_hits  # noqa: E402
+from collectors.netfilter.evaluate import evaluate  # noqa: E402
+from collectors.netfilter.flows import NodeFacts, OverlayLink, dns_flows  # noqa: E402
 from collectors.netfilter.iptables import parse_iptables_save  # noqa: E402
 from collectors.netfilter.model import DROP_TABLES  # noqa: E402
+from collectors.netfilter.nft import parse_nft_json  # noqa: E402
 
 CLUSTER_DNS = ("10.43.0.10", "169.254.20.10")
+FACTS = NodeFacts(
+    cluster_dns=("10.43.0.10",),
+    pod_cidrs=("10.42.0.0/24",),
+    cluster_cidrs=("10.42.0.0/16",),
+    node_addresses=("192.168.1.10",),
+    pod_interfaces=("cni0",),
+    uplink="eth0",
+    overlay=(OverlayLink("flannel.1", "vxlan", 8472),),
+    upstream_dns=("1.1.1.1",),
+    local_dns_cache=("169.254.20.10",),
+)
 
 
 def timed(action: Callable[[], object], repeat: int) -> float:
@@ -76,16 +96,168 @@ def bench_backend(backend: str, rules: str, repeat: int) -> list[tuple[str, str,
     return rows
 
 
+def cpu_timed(action: Callable[[], object], repeat: int) -> float:
+    """Median CPU seconds of this process (our own time, whatever else the machine runs)."""
+    samples = []
+    for _ in range(repeat):
+        started = time.process_time()
+        action()
+        samples.append(time.process_time() - started)
+    return statistics.median(samples)
+
+
+def evaluator_rows(iptables_text: str, services: int, repeat: int) -> list[tuple[str, str, str]]:
+    """CPU seconds to parse the rules and to evaluate all DNS flows, kube-proxy iptables and
+    nftables modes."""
+    flows = dns_flows(FACTS)
+    nft_text = kube_proxy_nft_json(services)
+    rows: list[tuple[str, str, str]] = []
+    for mode, parse in (
+        ("iptables mode", lambda: parse_iptables_save(iptables_text, lazy=("nat",))),
+        ("nftables mode", lambda: parse_nft_json(nft_text)),
+    ):
+        rows.append(
+            (mode, "parse, CPU s (nat lazily; nft: whole JSON)", f"{cpu_timed(parse, repeat):.3f}")
+        )
+        if mode == "nftables mode":
+            decode = cpu_timed(lambda: json.loads(nft_text), repeat)
+            rows.append((mode, "  of which json.loads, CPU s", f"{decode:.3f}"))
+        # A fresh parse for each run: the lazily parsed chains are not reused across runs.
+        samples = []
+        for _ in range(repeat):
+            rulesets = [parse()]
+            started = time.process_time()
+            verdicts = evaluate(rulesets, flows)
+            samples.append(time.process_time() - started)
+        rows.append(
+            (mode, f"evaluate all {len(flows)} flows, CPU s", f"{statistics.median(samples):.3f}")
+        )
+        blocked = [v.flow.name for v in verdicts if v.verdict != "pass"]
+        rows.append((mode, "flows not passing (expected: none)", str(len(blocked))))
+    return rows
+
+
+def kube_proxy_nft_json(services: int, endpoints: int = 3) -> str:
+    """``nft -j list ruleset`` of kube-proxy's nftables mode (Kubernetes 1.31+ layout) with
+    ``services`` TCP Services of ``endpoints`` endpoints and the kube-dns Service."""
+    table = {"family": "ip", "table": "kube-proxy"}
+    items: list[dict[str, object]] = [{"table": {"family": "ip", "name": "kube-proxy"}}]
+    rules: list[dict[str, object]] = []
+
+    def chain(name: str, hook: str | None = None, prio: int = 0, kind: str = "filter") -> None:
+        body: dict[str, object] = {**table, "name": name}
+        if hook:
+            body.update({"type": kind, "hook": hook, "prio": prio, "policy": "accept"})
+        items.append({"chain": body})
+
+    def rule(name: str, *expr: object) -> None:
+        rules.append(
+            {"rule": {**table, "chain": name, "handle": len(rules) + 1, "expr": list(expr)}}
+        )
+
+    def match(left: object, right: object, op: str = "==") -> dict[str, object]:
+        return {"match": {"op": op, "left": left, "right": right}}
+
+    daddr = {"payload": {"protocol": "ip", "field": "daddr"}}
+    saddr = {"payload": {"protocol": "ip", "field": "saddr"}}
+    key = {
+        "concat": [
+            daddr,
+            {"meta": {"key": "l4proto"}},
+            {"payload": {"protocol": "th", "field": "dport"}},
+        ]
+    }
+    new = match({"ct": {"key": "state"}}, "new", "in")
+    for name, hook, prio, kind in (
+        ("nat-prerouting", "prerouting", -100, "nat"),
+        ("nat-output", "output", -100, "nat"),
+        ("nat-postrouting", "postrouting", 100, "nat"),
+        ("filter-forward", "forward", 0, "filter"),
+        ("filter-input", "input", 0, "filter"),
+        ("filter-output", "output", 0, "filter"),
+    ):
+        chain(name, hook, prio, kind)
+    for name in (
+        "services",
+        "service-endpoints-check",
+        "cluster-ips-check",
+        "reject-chain",
+        "mark-for-masquerade",
+        "masquerading",
+    ):
+        chain(name)
+    rule("nat-prerouting", {"jump": {"target": "services"}})
+    rule("nat-output", {"jump": {"target": "services"}})
+    rule("nat-postrouting", {"jump": {"target": "masquerading"}})
+    for base in ("filter-forward", "filter-output", "filter-input"):
+        rule(base, new, {"jump": {"target": "service-endpoints-check"}})
+    rule("filter-forward", new, {"jump": {"target": "cluster-ips-check"}})
+    rule("filter-output", new, {"jump": {"target": "cluster-ips-check"}})
+    rule("services", {"vmap": {"key": key, "data": "@service-ips"}})
+    rule("service-endpoints-check", {"vmap": {"key": key, "data": "@no-endpoint-services"}})
+    rule("cluster-ips-check", match(daddr, "@cluster-ips"), {"reject": None})
+    rule(
+        "cluster-ips-check",
+        match(daddr, {"prefix": {"addr": "10.43.0.0", "len": 16}}),
+        {"drop": None},
+    )
+    rule("reject-chain", {"reject": None})
+    mark = {"meta": {"key": "mark"}}
+    rule("mark-for-masquerade", {"mangle": {"key": mark, "value": {"|": [mark, 16384]}}})
+    rule("masquerading", match({"&": [mark, 16384]}, 0), {"return": None})
+    rule("masquerading", {"masquerade": None})
+    service_ips: list[object] = []
+    cluster_ips: list[object] = []
+    specs = [
+        (f"10.43.{100 + n // 250}.{n % 250 + 1}", "tcp", 80, f"ns{n % 97}/svc-{n}")
+        for n in range(services)
+    ]
+    specs += [("10.43.0.10", proto, 53, "kube-system/kube-dns") for proto in ("udp", "tcp")]
+    for n, (ip, proto, port, name) in enumerate(specs):
+        service = f"service-{n:08X}-{name}/{proto}/{port}"
+        chain(service)
+        service_ips.append([{"concat": [ip, proto, port]}, {"goto": {"target": service}}])
+        cluster_ips.append(ip)
+        rule(
+            service,
+            match(daddr, ip),
+            match({"payload": {"protocol": proto, "field": "dport"}}, port),
+            match(saddr, {"prefix": {"addr": "10.42.0.0", "len": 16}}, "!="),
+            {"jump": {"target": "mark-for-masquerade"}},
+        )
+        picks = []
+        for e in range(endpoints):
+            pod = f"10.42.{(n * endpoints + e) // 250 % 256}.{(n * endpoints + e) % 250 + 2}"
+            endpoint = f"endpoint-{n:08X}{e:02X}-{name}/{proto}/{port}__{pod}/{port}"
+            chain(endpoint)
+            rule(endpoint, match(saddr, pod), {"jump": {"target": "mark-for-masquerade"}})
+            rule(
+                endpoint,
+                match({"meta": {"key": "l4proto"}}, proto),
+                {"dnat": {"addr": pod, "port": port}},
+            )
+            picks.append([e, {"goto": {"target": endpoint}}])
+        numgen = {"numgen": {"mode": "random", "mod": endpoints, "offset": 0}}
+        rule(service, {"vmap": {"key": numgen, "data": {"set": picks}}})
+    items.append({"map": {**table, "name": "service-ips", "elem": service_ips}})
+    items.append({"map": {**table, "name": "no-endpoint-services", "elem": []}})
+    items.append({"set": {**table, "name": "cluster-ips", "elem": sorted(set(cluster_ips))}})
+    return json.dumps({"nftables": [*items, *rules]})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--backend", action="append", choices=["iptables-nft", "iptables-legacy"])
+    parser.add_argument("--evaluator-only", action="store_true", help="no network namespaces")
     args = parser.parse_args()
     rules = kube_proxy_rules(args.services)
     rows: list[tuple[str, str, str]] = []
-    for backend in args.backend or ["iptables-nft", "iptables-legacy"]:
-        rows.extend(bench_backend(backend, rules, args.repeat))
+    if not args.evaluator_only:
+        for backend in args.backend or ["iptables-nft", "iptables-legacy"]:
+            rows.extend(bench_backend(backend, rules, args.repeat))
+    rows.extend(evaluator_rows(rules, args.services, args.repeat))
     print(f"kube-proxy-shaped rule set, {args.services} Services (median of {args.repeat})")
     width = max(len(r[1]) for r in rows)
     print(f"{'backend':<16} {'measure':<{width}} {'seconds / count':>15}")

@@ -85,8 +85,12 @@ def _parse(source: Source, text: str, nat: bool = False) -> Ruleset:
     """``nat``: keep the nat table's rules too (the flow evaluator follows the Service DNAT)."""
     if source.backend == "nft":
         return parse_nft_json(text)
-    tables = None if nat else DROP_TABLES
-    return parse_iptables_save(text, backend=source.backend, family=source.family, tables=tables)
+    if not nat:
+        return parse_iptables_save(
+            text, backend=source.backend, family=source.family, tables=DROP_TABLES
+        )
+    # kube-proxy's nat table holds nearly all rules; the flows need few of its chains.
+    return parse_iptables_save(text, backend=source.backend, family=source.family, lazy=("nat",))
 
 
 def _drop_duplicates(read: list[tuple[Source, Ruleset]]) -> list[Ruleset]:
@@ -328,7 +332,11 @@ def findings_from_files(
     rulesets: list[Ruleset] = []
     unreadable: list[Finding] = []
     if iptables_save is not None:
-        ruleset = parse_iptables_save(iptables_save, tables=None if facts else DROP_TABLES)
+        ruleset = (
+            parse_iptables_save(iptables_save, lazy=("nat",))
+            if facts
+            else parse_iptables_save(iptables_save, tables=DROP_TABLES)
+        )
         if not ruleset.tables and iptables_save.strip():
             why = "no table (no '*filter' line): not iptables-save output"
             unreadable.append(collector_failed(node, "firewall", "--iptables-save", why))

@@ -672,6 +672,15 @@ def test_recorded_vectors(scenario: str, with_nft: bool) -> None:
     assert found == expected
 
 
+@pytest.mark.parametrize("scenario", sorted(RECORDED))
+def test_lazily_parsed_nat_gives_the_same_verdicts(scenario: str) -> None:
+    text = (VECTORS / f"{scenario}.iptables-save").read_text()
+    flows = dns_flows(RKE2_FACTS)
+    eager = evaluate([parse_iptables_save(text)], flows)
+    lazy = evaluate([parse_iptables_save(text, lazy=("nat",))], flows)
+    assert [(v.verdict, v.stopped_by) for v in lazy] == [(v.verdict, v.stopped_by) for v in eager]
+
+
 def test_recorded_native_nft_table_and_legacy() -> None:
     native = {
         v.flow.name: v for v in evaluate(recorded("fault_native", nft=True), dns_flows(RKE2_FACTS))

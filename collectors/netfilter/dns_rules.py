@@ -329,7 +329,7 @@ def _hit(
         table=table.name,
         chain=rule.chain,
         position=rule.position,
-        rule_text=rule.text,
+        rule_text=rule.describe(),
         target=verdict,
         jump_path=path,
         packets=rule.packets,

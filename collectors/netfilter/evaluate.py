@@ -458,7 +458,7 @@ class Evaluator:
         """``active``: the chains from the base chain to the stopping one (jumps not yet
         returned from)."""
         table = base.table
-        comment = rule.parsed.comment if rule.parsed is not None else _comment(rule.text)
+        comment = rule.match.comment
         owner = owner_of(table, active, comment)
         no_endpoints = branch.via_map in NO_ENDPOINTS_MAPS or any(
             c in (comment or "") for c in NO_ENDPOINTS_COMMENTS
@@ -534,7 +534,7 @@ def _stop(
         hook=base.hook,
         position=rule.position if rule is not None else None,
         handle=rule.handle if rule is not None else None,
-        rule=rule.text if rule is not None else None,
+        rule=rule.describe() if rule is not None else None,
         target=target,
         packets=counters[0],
         bytes=counters[1],
@@ -558,14 +558,6 @@ def _base(table: Table, chain: Chain, hook: str) -> BaseChain | None:
 
 def _label(table: Table) -> str:
     return f"{table.backend} {table.family} {table.name}"
-
-
-def _comment(text: str) -> str | None:
-    at = text.find('--comment "')
-    if at < 0:
-        return None
-    end = text.find('"', at + 11)
-    return text[at + 11 : end] if end > 0 else None
 
 
 def _host_destination(text: str) -> Address | None:

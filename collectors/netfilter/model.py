@@ -82,6 +82,10 @@ class Rule:
     def _parse(self) -> Match:
         return Match()
 
+    def describe(self) -> str:
+        """The rule's text (nft rules render it on first use)."""
+        return self.text
+
     @property
     def quick_target(self) -> tuple[str | None, bool]:
         """(target, is_goto) without tokenising the whole rule."""
@@ -124,7 +128,7 @@ class Table:
     def base_chains(self) -> list[Chain]:
         if self.backend == "nft":
             return [c for c in self.chains.values() if c.hook is not None]
-        return [c for c in self.chains.values() if c.name in BASE_CHAINS]
+        return [self.chains[name] for name in BASE_CHAINS if name in self.chains]
 
 
 @dataclass(slots=True)

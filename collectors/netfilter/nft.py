@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from collectors.netfilter.model import (
@@ -85,16 +86,12 @@ def parse_nft_json(text: str) -> Ruleset:
         exprs = exprs if isinstance(exprs, list) else []
         if any(isinstance(e, dict) and "xt" in e for e in exprs):
             owner.xtables = True
-        try:
-            match, text_, packets, nbytes = _nft_rule(exprs, body.get("comment"), owner.sets)
-        except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
-            # An expression shape we do not know: kept (the evaluator says it cannot decide
-            # it), with no target for the port-53 analysis.
-            match, text_, packets, nbytes = Match(), "(not understood)", 0, 0
-        rule = Rule(chain_name, len(rule_chain.rules) + 1, text_, packets, nbytes)
+        packets, nbytes = _nft_counters(exprs)
+        rule = NftRule(chain_name, len(rule_chain.rules) + 1, "", packets, nbytes)
         rule.handle = _int(body.get("handle"))
-        rule.parsed = match
         rule.expr = tuple(exprs)
+        rule.comment = body.get("comment")
+        rule.sets = owner.sets
         rule_chain.rules.append(rule)
     for (family, name), table in tables.items():
         if family in ("ip", "ip6") and name in XTABLES_TABLES:
@@ -102,6 +99,38 @@ def parse_nft_json(text: str) -> Ruleset:
             if bases and all(c.name == (c.hook or "").upper() for c in bases):
                 table.xtables = True
     return result
+
+
+@dataclass(slots=True, eq=False)
+class NftRule(Rule):
+    """An nft rule kept as its expressions; its ``Match`` and text are made on first use
+    (kube-proxy's nftables table has tens of thousands of rules the analyses never read)."""
+
+    comment: Any = None
+    sets: Mapping[str, list[Any]] = field(default_factory=dict)
+
+    def _parse(self) -> Match:
+        try:
+            match, text, _, _ = _nft_rule(list(self.expr), self.comment, self.sets)
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
+            # An expression shape we do not know: kept (the evaluator says it cannot decide
+            # it), with no target for the port-53 analysis.
+            match, text = Match(), "(not understood)"
+        self.text = text
+        return match
+
+    def describe(self) -> str:
+        if self.parsed is None:
+            self.parsed = self._parse()
+        return self.text
+
+
+def _nft_counters(exprs: list[Any]) -> tuple[int, int]:
+    for expr in exprs:
+        body = expr.get("counter") if isinstance(expr, dict) else None
+        if isinstance(body, dict):
+            return _int(body.get("packets")) or 0, _int(body.get("bytes")) or 0
+    return 0, 0
 
 
 def _int(value: Any) -> int | None:

@@ -107,28 +107,39 @@ def _unwrap(element: Any) -> Any:
 
 
 def _exact_key(element: Any) -> Any:
-    if isinstance(element, dict) and isinstance(element.get("concat"), list):
-        parts = [_exact_key(_unwrap(p)) for p in element["concat"]]
-        return None if any(p is None for p in parts) else tuple(parts)
+    """The dict key of an element that is one exact value (None: a prefix, range, wildcard):
+    addresses as their canonical text, protocol names as numbers."""
+    if isinstance(element, dict):
+        concat = element.get("concat")
+        if not isinstance(concat, list):
+            return None
+        parts = tuple(_exact_key(_unwrap(p)) for p in concat)
+        return None if None in parts else parts
     if isinstance(element, bool):
         return None
     if isinstance(element, int):
         return element
     if isinstance(element, str) and not element.endswith("*"):
-        return _normal(element)
+        number = PROTO_NUMBERS.get(element)
+        if number is not None:
+            return number
+        if ":" in element:  # IPv6: one canonical spelling
+            try:
+                return ipaddress.ip_address(element).compressed
+            except ValueError:
+                return element
+        return element
     return None
 
 
 def _normal(value: Any) -> Any:
+    """A packet value as a dict key (see ``_exact_key``)."""
     if isinstance(value, tuple):
         return tuple(_normal(v) for v in value)
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value.compressed
     if isinstance(value, str):
-        try:
-            return ipaddress.ip_address(value)
-        except ValueError:
-            pass
-        number = PROTO_NUMBERS.get(value)
-        return number if number is not None else value
+        return PROTO_NUMBERS.get(value, value)
     return value
 
 
@@ -491,16 +502,16 @@ class NftCompiler:
         text = f"vmap {data if name else '{…}'}"
         if read is None or index is None:
             return undecided(text)
-        verdicts = tuple(
-            v
-            for v in (
-                _map_verdict(d, name)
-                for d in [*index.exact.values(), *(d for _, d in index.others)]
-            )
-            if v is not None
-        )
         found_index = index
         reader = read
+        every: list[tuple[Verdict, ...]] = []
+
+        def verdicts() -> tuple[Verdict, ...]:
+            """Every verdict the map can give (made once, when a key cannot be decided)."""
+            if not every:
+                data = [*found_index.exact.values(), *(d for _, d in found_index.others)]
+                every.append(tuple(v for v in (_map_verdict(d, name) for d in data) if v))
+            return every[0]
 
         def choose(state: State) -> Verdict | tuple[Verdict, ...] | None:
             value = reader(state)
@@ -510,7 +521,7 @@ class NftCompiler:
             if found:
                 return _map_verdict(chosen, name)
             if found is None:
-                return verdicts
+                return verdicts()
             return None
 
         key = body.get("key")
