@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,27 +32,18 @@ sys.path.insert(0, str(REPO))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 from test_firewall_netns import Netns, kube_proxy_rules  # noqa: E402
+from test_netfilter_evaluate import FACTS as EVALUATOR_FACTS  # noqa: E402
 
 from collectors.firewall_collector import FirewallCollector  # noqa: E402
 from collectors.netfilter.dns_rules import dns_rule_hits  # noqa: E402
 from collectors.netfilter.evaluate import evaluate  # noqa: E402
-from collectors.netfilter.flows import NodeFacts, OverlayLink, dns_flows  # noqa: E402
+from collectors.netfilter.flows import dns_flows  # noqa: E402
 from collectors.netfilter.iptables import parse_iptables_save  # noqa: E402
 from collectors.netfilter.model import DROP_TABLES  # noqa: E402
 from collectors.netfilter.nft import parse_nft_json  # noqa: E402
 
 CLUSTER_DNS = ("10.43.0.10", "169.254.20.10")
-FACTS = NodeFacts(
-    cluster_dns=("10.43.0.10",),
-    pod_cidrs=("10.42.0.0/24",),
-    cluster_cidrs=("10.42.0.0/16",),
-    node_addresses=("192.168.1.10",),
-    pod_interfaces=("cni0",),
-    uplink="eth0",
-    overlay=(OverlayLink("flannel.1", "vxlan", 8472),),
-    upstream_dns=("1.1.1.1",),
-    local_dns_cache=("169.254.20.10",),
-)
+FACTS = replace(EVALUATOR_FACTS, local_dns_cache=("169.254.20.10",))
 
 
 def timed(action: Callable[[], object], repeat: int) -> float:

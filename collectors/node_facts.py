@@ -250,8 +250,8 @@ def read_node_facts(
     problems: list[str] = []
     try:
         links, addresses, routes = (netlink or read_netlink)()
-    except OSError as error:
-        problems.append(f"netlink: {error}")
+    except Exception as error:
+        problems.append(f"netlink (links, addresses, routes): {error}")
         links, addresses, routes = [], [], []
     cni: list[str] = []
     cni_dir = host_root / CNI_DIR

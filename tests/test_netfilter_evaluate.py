@@ -693,3 +693,42 @@ def test_recorded_native_nft_table_and_legacy() -> None:
         v.stopped_by is not None and v.stopped_by.backend == "iptables-legacy"
         for v in legacy.values()
     )
+
+
+# --------------------------------------------------------------------------- overlay encapsulation
+
+
+PEERED = facts(peer_nodes=("192.168.1.20",))
+
+
+def test_query_to_a_remote_endpoint_leaves_as_vxlan_through_output() -> None:
+    output = filter_table("-A OUTPUT -p udp --dport 8472 -j DROP")
+    found = verdicts([KUBE_NAT, output], PEERED)
+    assert found["pod-dns-udp"].verdict == "may-drop"  # the endpoint on the peer node
+    stop = found["pod-dns-udp"].stopped_by
+    assert stop is not None and stop.hook == "output" and stop.chain == "OUTPUT"
+    assert any("encapsulated by flannel.1" in step for step in found["pod-dns-udp"].path)
+
+
+def test_answers_from_a_remote_endpoint_arrive_as_a_new_vxlan_flow() -> None:
+    rules = filter_table(
+        "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-A INPUT -p tcp --dport 22 -j ACCEPT",
+        policies={"INPUT": "DROP"},
+    )
+    found = verdicts([KUBE_NAT, rules], PEERED)
+    assert found["overlay-vxlan"].verdict == "drop"
+    assert found["pod-dns-udp"].verdict == "pass"
+    assert found["dns-replies"].verdict == "may-drop"  # the remote endpoint's answers
+
+
+def test_ct_status_dnat_is_known_on_the_original_direction() -> None:
+    status = {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
+    nft = nft_doc(
+        chain("inet", "fw", "fwd", "forward", 10, policy="drop"),
+        rule("inet", "fw", "fwd", [status, {"accept": None}]),
+    )
+    plain = verdicts([], nft=nft)
+    assert plain["dns-upstream-udp"].verdict == "drop"  # no DNAT on the way out: decided
+    assert not plain["dns-upstream-udp"].undecided
+    assert verdicts([KUBE_NAT], nft=nft)["pod-dns-udp"].verdict == "pass"  # DNATed

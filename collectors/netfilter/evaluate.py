@@ -24,11 +24,11 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from collectors.netfilter.flows import Flow, Packet, Route
+from collectors.netfilter.flows import EPHEMERAL_PORT, Family, Flow, Packet, Route, Tunnel
 from collectors.netfilter.iptables_steps import compile_iptables
 from collectors.netfilter.model import Chain, Rule, Ruleset, Table, distinct_tables
 from collectors.netfilter.nft_steps import NftCompiler
@@ -178,11 +178,12 @@ class Evaluator:
         if flow.unknown is not None or not flow.packets:
             return FlowVerdict(flow, "unknown", reason=flow.unknown or "no packets")
         routes = _routes(flow.routes)
+        tunnels = {t.dev: t for t in flow.tunnels}
         verdicts: list[FlowVerdict] = []
         for packet in flow.packets:
-            ends = list(self.packet(packet, routes))
+            ends = list(self.packet(packet, routes, tunnels))
             if packet.replies:
-                ends = self._replies(ends, routes)
+                ends = self._replies(ends, routes, tunnels)
                 if not ends:
                     continue  # the query is stopped: its own flow reports it
             verdicts.append(_verdict(flow, ends))
@@ -190,7 +191,31 @@ class Evaluator:
             return FlowVerdict(flow, "unknown", reason="no query gets through to be answered")
         return _worst(flow, verdicts)
 
-    def packet(self, packet: Packet, routes: _Routes) -> Iterator[End]:
+    def packet(
+        self, packet: Packet, routes: _Routes, tunnels: Mapping[str, Tunnel] | None = None
+    ) -> Iterator[End]:
+        """Every way ``packet`` can go; through an overlay link, the encapsulated packet the
+        node receives (before) or sends (after) must pass too."""
+        tunnels = tunnels or {}
+        arriving = tunnels.get(packet.iif or "") if packet.origin == "in" else None
+        if arriving is not None:
+            outer_ends = list(self._one(_outer(arriving, incoming=True), routes))
+            yield from (e for e in outer_ends if e.stop is not None)
+            if all(e.stop is not None for e in outer_ends):
+                return
+        for end in self._one(packet, routes):
+            leaving = tunnels.get(end.branch.state.oif or "")
+            if end.stop is not None or leaving is None or end.branch.state.to_local:
+                yield end
+                continue
+            for outer in self._one(_outer(leaving, incoming=False), routes):
+                path = (*end.branch.path, f"encapsulated by {leaving.dev}", *outer.branch.path)
+                undecided = (*end.branch.undecided, *outer.branch.undecided)
+                # The inner packet's state stays the branch's (its answer comes back to it).
+                branch = replace(end.branch, path=path, undecided=undecided)
+                yield End(branch, outer.stop)
+
+    def _one(self, packet: Packet, routes: _Routes) -> Iterator[End]:
         state = _initial_state(packet, routes)
         budget = _Budget()
         branch = Branch(state)
@@ -497,12 +522,14 @@ class Evaluator:
         target = "evaluation limit (too many undecided matches or jumps)"
         return _stop(base, chain, None, target, (0, 0), certain=False)
 
-    def _replies(self, ends: list[End], routes: _Routes) -> list[End]:
+    def _replies(
+        self, ends: list[End], routes: _Routes, tunnels: Mapping[str, Tunnel]
+    ) -> list[End]:
         replies: list[End] = []
         for end in ends:
             if end.stop is not None:
                 continue  # the query itself is stopped: its own flow says so
-            for reply in self.packet(_reply_packet(end.branch.state), routes):
+            for reply in self.packet(_reply_packet(end.branch.state), routes, tunnels):
                 undecided = (*end.branch.undecided, *reply.branch.undecided)
                 replies.append(replace(reply, branch=replace(reply.branch, undecided=undecided)))
         return replies
@@ -643,6 +670,35 @@ def _reply_packet(state: State) -> Packet:
         ct_state="new" if state.ct == "untracked" else "established",
         is_reply=True,
         note="reply",
+    )
+
+
+def _outer(tunnel: Tunnel, incoming: bool) -> Packet:
+    """The encapsulating packet: a new flow from the peer to the node's overlay port, or
+    from the node to the peer's."""
+    family: Family = "ipv4" if ipaddress.ip_address(tunnel.local).version == 4 else "ipv6"
+    ports = tunnel.port is not None
+    if incoming:
+        return Packet(
+            family,
+            "in",
+            tunnel.remote,
+            tunnel.local,
+            tunnel.l4proto,
+            tunnel.port,
+            EPHEMERAL_PORT if ports else None,
+            iif=tunnel.underlay,
+            note=f"{tunnel.dev} encapsulation",
+        )
+    return Packet(
+        family,
+        "local",
+        tunnel.local,
+        tunnel.remote,
+        tunnel.l4proto,
+        tunnel.port,
+        EPHEMERAL_PORT if ports else None,
+        note=f"{tunnel.dev} encapsulation",
     )
 
 

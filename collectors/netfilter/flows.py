@@ -116,16 +116,32 @@ class Packet:
 
 
 @dataclass(frozen=True, slots=True)
+class Tunnel:
+    """An overlay link's encapsulation: a packet routed out of ``dev`` leaves the node as an
+    ``l4proto`` packet (to ``port``) from ``local`` to ``remote`` out of ``underlay``, which
+    the node sends itself (OUTPUT); a packet arriving on ``dev`` first arrived so, from
+    ``remote`` to ``local`` on ``underlay`` (a new flow to ``port`` on INPUT)."""
+
+    dev: str
+    l4proto: str | int
+    port: int | None
+    local: str
+    remote: str
+    underlay: str
+
+
+@dataclass(frozen=True, slots=True)
 class Flow:
     """A flow: the packets that must all pass (one per path it can take), the routes the
-    evaluator routes them by, and ``unknown`` (why it cannot be evaluated) when the node did
-    not show its inputs."""
+    evaluator routes them by, the overlay encapsulations on the way, and ``unknown`` (why it
+    cannot be evaluated) when the node did not show its inputs."""
 
     name: str
     family: Family
     packets: tuple[Packet, ...] = ()
     routes: tuple[Route, ...] = ()
     unknown: str | None = None
+    tunnels: tuple[Tunnel, ...] = ()
 
 
 #: Stands for a peer node when the node does not show one (RFC 5737 / 3849 documentation).
@@ -147,10 +163,11 @@ def dns_flows(facts: NodeFacts) -> list[Flow]:
 
 def _family_flows(facts: NodeFacts, family: Family) -> list[Flow]:
     routes = node_routes(facts, family)
+    tunnels = node_tunnels(facts)
     pod = _pod_queries(facts, family)
     host = _host_queries(facts, family)
     flows = [
-        _flow(name, family, routes, packets)
+        _flow(name, family, routes, packets, tunnels)
         for name, packets in (
             ("pod-dns-udp", _only(pod, "udp")),
             ("pod-dns-tcp", _only(pod, "tcp")),
@@ -159,20 +176,40 @@ def _family_flows(facts: NodeFacts, family: Family) -> list[Flow]:
         )
     ]
     replies = _replies(pod, host)
-    flows.append(_flow("dns-replies", family, routes, replies))
+    flows.append(_flow("dns-replies", family, routes, replies, tunnels))
     flows.extend(_overlay_flows(facts, family, routes))
     upstream = _upstream_queries(facts, family)
-    flows.append(_flow("dns-upstream-udp", family, routes, _only(upstream, "udp")))
-    flows.append(_flow("dns-upstream-tcp", family, routes, _only(upstream, "tcp")))
+    flows.append(_flow("dns-upstream-udp", family, routes, _only(upstream, "udp"), tunnels))
+    flows.append(_flow("dns-upstream-tcp", family, routes, _only(upstream, "tcp"), tunnels))
     return flows
 
 
 def _flow(
-    name: str, family: Family, routes: tuple[Route, ...], packets: tuple[Packet, ...] | str
+    name: str,
+    family: Family,
+    routes: tuple[Route, ...],
+    packets: tuple[Packet, ...] | str,
+    tunnels: tuple[Tunnel, ...] = (),
 ) -> Flow:
     if isinstance(packets, str):
         return Flow(name, family, unknown=packets)
-    return Flow(name, family, packets, routes)
+    return Flow(name, family, packets, routes, tunnels=tunnels)
+
+
+def node_tunnels(facts: NodeFacts) -> tuple[Tunnel, ...]:
+    """The overlay links' encapsulation between this node's address and a peer's (the
+    underlay's family: the node's first address)."""
+    if not facts.node_addresses or facts.uplink is None:
+        return ()
+    local = facts.node_addresses[0]
+    family = "ipv4" if ipaddress.ip_address(local).version == 4 else "ipv6"
+    remote = next(iter(_of(facts.peer_nodes, family)), PEER_PLACEHOLDER[family])
+    tunnels = []
+    for link in facts.overlay:
+        proto: str | int = 4 if link.kind == "ipip" else "udp"
+        port = None if link.kind == "ipip" else link.port or DEFAULT_PORTS[link.kind]
+        tunnels.append(Tunnel(link.name, proto, port, local, remote, facts.uplink))
+    return tuple(tunnels)
 
 
 def _only(packets: tuple[Packet, ...] | str, proto: str) -> tuple[Packet, ...] | str:

@@ -232,7 +232,10 @@ def _ct_states(value: str, _module: str) -> Test:
         seen = state.ct_seen
         if seen in states:
             return True
-        return "dnat" in states and state.dnat and seen not in ("invalid", "untracked")
+        if "dnat" not in states or seen in ("invalid", "untracked"):
+            return False
+        # An answer's connection may have been DNATed: only the original direction is known.
+        return None if state.reply else state.dnat
 
     return Test("", check)
 

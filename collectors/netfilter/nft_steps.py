@@ -49,6 +49,21 @@ PRESENT = _Sentinel("present")
 RANDOM = _Sentinel("random")
 
 Getter = Callable[[State], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Flags:
+    """A bit set known only in part (``ct status``): the flags known set and known unset."""
+
+    set: frozenset[str]
+    unset: frozenset[str]
+
+    def has(self, flag: str) -> Tri:
+        if flag in self.set:
+            return True
+        return False if flag in self.unset else None
+
+
 _INERT_STATEMENTS = frozenset({"counter", "log", "set", "quota_ignored", "ct helper", "ct zone"})
 
 
@@ -158,6 +173,8 @@ def _equal(value: Any, element: Any) -> Tri:
         return False
     if value is PRESENT:
         return None if element not in (False, 0) else False
+    if isinstance(value, Flags):
+        return value.has(str(element)) if isinstance(element, str) else None
     if isinstance(value, tuple):
         parts = element.get("concat") if isinstance(element, dict) else None
         if not isinstance(parts, list) or len(parts) != len(value):
@@ -300,8 +317,20 @@ def _ct(body: Any, family: str) -> Getter | None:
     if key == "direction":
         return lambda s: "reply" if s.reply else "original"
     if key == "status":
-        return lambda s: "dnat" if s.dnat else UNKNOWN
+        return _ct_status
     return lambda _s: UNKNOWN
+
+
+def _ct_status(state: State) -> Any:
+    """What the evaluator knows of the connection's status bits: whether it was DNATed (on
+    the original direction: an answer's connection may have been), and that SNAT, which
+    comes after the filter hooks, has not happened to a new connection yet."""
+    if state.reply or state.ct not in ("new",):
+        return Flags(frozenset(), frozenset())
+    dnat = frozenset({"dnat"})
+    if state.dnat:
+        return Flags(dnat, frozenset({"snat"}))
+    return Flags(frozenset(), dnat | {"snat"})
 
 
 def _fib(body: Any, family: str) -> Getter | None:
