@@ -103,7 +103,12 @@ def evaluator_rows(iptables_text: str, services: int, repeat: int) -> list[tuple
     nftables modes."""
     flows = dns_flows(FACTS)
     nft_text = kube_proxy_nft_json(services)
-    rows: list[tuple[str, str, str]] = []
+
+    def port_53_only() -> None:
+        dns_rule_hits([parse_iptables_save(iptables_text, tables=DROP_TABLES)], CLUSTER_DNS)
+
+    baseline = f"{cpu_timed(port_53_only, repeat):.3f}"
+    rows = [("iptables mode", "baseline: parse + port-53 analysis (nat skipped), CPU s", baseline)]
     for mode, parse in (
         ("iptables mode", lambda: parse_iptables_save(iptables_text, lazy=("nat",))),
         ("nftables mode", lambda: parse_nft_json(nft_text)),
