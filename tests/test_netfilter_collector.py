@@ -224,3 +224,19 @@ def test_facts_from_real_netlink(node_netns: str) -> None:
     assert facts.uplink == "eth0" and facts.node_addresses == ("192.168.5.10",)
     assert facts.overlay == (OverlayLink("flannel.1", "vxlan", 8472),)
     assert facts.local_dns_cache == ("169.254.20.10",)
+
+
+def test_dead_port_53_rules_are_not_reported() -> None:
+    rules = filter_table(
+        "-A OUTPUT -j ACCEPT",
+        "-A OUTPUT -p udp -m udp --dport 53 -j DROP",
+        "-A FORWARD -g SOMEWHERE",
+        "-A FORWARD -p tcp -m tcp --dport 53 -j REJECT",
+        "-A SOMEWHERE -j RETURN",
+        "-A SOMEWHERE -p udp -m udp --dport 53 -j DROP",
+        chains=("SOMEWHERE",),
+    )
+    found, registry = collector({"iptables-save": rules})
+    assert found.collect() == []
+    assert flow_ok(registry, "host-dns-udp") == 1
+    assert flow_ok(registry, "pod-dns-tcp") == 1

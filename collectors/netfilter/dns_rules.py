@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from collectors.finding import Finding, Severity
+from collectors.netfilter.evaluate import ends_chain
 from collectors.netfilter.model import (
     ALL_PROTOS,
     DNS_PORT,
@@ -271,26 +272,43 @@ def _table_hits(table: Table, dns_ips: Sequence[Any]) -> Iterator[DnsRuleHit]:
             target, _ = rule.quick_target
             if target is None:
                 continue
-            jump = table.chains.get(target) if target not in _VERDICTS else None
-            is_verdict = target.upper() in _VERDICTS
-            if jump is None and not is_verdict and not (rule.parsed and rule.parsed.port_vmap):
-                continue  # ACCEPT, NOTRACK, DNAT, MARK, LOG…: the cheap majority
-            match = rule.match
-            if not match.target or not _passes_dns(context, match):
-                continue
-            for verdict, ports in _verdicts(match, match.target):
-                if verdict in _VERDICTS:
-                    hit = _hit(table, rule, match, verdict, ports, path, context, ips)
-                    if hit is not None and id(rule) not in seen:
-                        seen.add(id(rule))
-                        yield hit
-                else:
-                    child = table.chains.get(verdict)
-                    if child is not None and child.name not in path:
-                        narrowed = _narrow(context, match)
-                        if ports is not None and any(lo <= DNS_PORT <= hi for lo, hi in ports):
-                            narrowed = _Context(narrowed.protocols, True, narrowed.dst)
-                        queue.append((child, (*path, child.name), narrowed))
+            for hit in _rule_hits(table, rule, target, path, context, ips, queue):
+                if id(rule) not in seen:
+                    seen.add(id(rule))
+                    yield hit
+            if ends_chain(table, rule):
+                break  # the rules after it are dead: never reported
+
+
+def _rule_hits(
+    table: Table,
+    rule: Rule,
+    target: str,
+    path: tuple[str, ...],
+    context: _Context,
+    ips: Sequence[Any],
+    queue: deque[tuple[Chain, tuple[str, ...], _Context]],
+) -> Iterator[DnsRuleHit]:
+    """The hit of one rule, if any; the chains it jumps to are queued."""
+    jump = table.chains.get(target) if target not in _VERDICTS else None
+    is_verdict = target.upper() in _VERDICTS
+    if jump is None and not is_verdict and not (rule.parsed and rule.parsed.port_vmap):
+        return  # ACCEPT, NOTRACK, DNAT, MARK, LOG…: the cheap majority
+    match = rule.match
+    if not match.target or not _passes_dns(context, match):
+        return
+    for verdict, ports in _verdicts(match, match.target):
+        if verdict in _VERDICTS:
+            hit = _hit(table, rule, match, verdict, ports, path, context, ips)
+            if hit is not None:
+                yield hit
+        else:
+            child = table.chains.get(verdict)
+            if child is not None and child.name not in path:
+                narrowed = _narrow(context, match)
+                if ports is not None and any(lo <= DNS_PORT <= hi for lo, hi in ports):
+                    narrowed = _Context(narrowed.protocols, True, narrowed.dst)
+                queue.append((child, (*path, child.name), narrowed))
 
 
 def _verdicts(match: Match, target: str) -> Iterator[tuple[str, PortRanges | None]]:
