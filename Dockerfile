@@ -39,9 +39,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1
 # libsystemd0: the journal reader (Debian's, see DEBIAN_SUITE); iptables: iptables-save and
 # ip6tables-save for both backends (xtables-nft-multi and xtables-legacy-multi);
-# nftables: nft -j list ruleset.
+# nftables: nft -j list ruleset; ipset: ipset save (the members of the sets rules match on).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libsystemd0 iptables nftables \
+ && apt-get install -y --no-install-recommends libsystemd0 iptables nftables ipset \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /home/builder/wheels /tmp/wheels
 RUN python -m pip install --no-index --find-links=/tmp/wheels nodediag \

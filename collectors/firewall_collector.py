@@ -30,6 +30,7 @@ from collectors.netfilter.dns_rules import DnsRuleHit, dns_rule_hits
 from collectors.netfilter.evaluate import FlowVerdict, evaluate
 from collectors.netfilter.flow_findings import flow_findings, with_flows
 from collectors.netfilter.flows import NodeFacts, dns_flows
+from collectors.netfilter.ipset import parse_ipset_save
 from collectors.netfilter.iptables import nat_marks, parse_iptables_save
 from collectors.netfilter.model import DROP_TABLES, Ruleset
 from collectors.netfilter.nft import parse_nft_json
@@ -78,6 +79,8 @@ SOURCES: tuple[Source, ...] = (
     Source(("iptables-legacy-save", "-c"), "iptables-legacy", "ipv4"),
     Source(("ip6tables-legacy-save", "-c"), "iptables-legacy", "ipv6"),
     Source(("nft", "-j", "list", "ruleset"), "nft", None),
+    # The members of the ipsets iptables rules match on (Calico, kube-proxy's IPVS mode).
+    Source(("ipset", "save"), "ipset", None),
 )
 
 
@@ -85,6 +88,8 @@ def _parse(source: Source, text: str, nat: bool = False) -> Ruleset:
     """``nat``: keep the nat table's rules too (the flow evaluator follows the Service DNAT)."""
     if source.backend == "nft":
         return parse_nft_json(text)
+    if source.backend == "ipset":
+        return Ruleset(backend="ipset", ipsets=dict(parse_ipset_save(text)))
     if not nat:
         return parse_iptables_save(
             text, backend=source.backend, family=source.family, tables=DROP_TABLES
@@ -170,6 +175,8 @@ class FirewallCollector:
         self.last_nat_marks = {}
         self.sources.start()
         for source in self.rule_sources:
+            if source.backend == "ipset" and self.facts is None:
+                continue  # only the flow evaluator needs set members
             try:
                 ruleset, text = self._read_one(source, [r for _, r in read])
             except ToolNotFound as error:
@@ -187,7 +194,7 @@ class FirewallCollector:
                     self.last_nat_marks[key] = self.last_nat_marks.get(key, False) or value
             read.append((source, ruleset))
         rulesets = _drop_duplicates(read)
-        if not rulesets:
+        if not any(r.backend != "ipset" for r in rulesets):
             missing = all(e.endswith("not found") for e in errors)
             why = "none of them is installed" if missing else "reading rules needs CAP_NET_ADMIN"
             tools = ", ".join(s.tool for s in self.rule_sources)

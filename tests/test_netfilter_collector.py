@@ -240,3 +240,15 @@ def test_dead_port_53_rules_are_not_reported() -> None:
     assert found.collect() == []
     assert flow_ok(registry, "host-dns-udp") == 1
     assert flow_ok(registry, "pod-dns-tcp") == 1
+
+
+def test_collector_reads_ipset_members_for_the_flows() -> None:
+    rules = filter_table("-A OUTPUT -m set --match-set blocked dst -j DROP")
+    sets = "create blocked hash:ip family inet\nadd blocked 10.43.0.10\n"
+    found, registry = collector({"iptables-save": rules, "ipset": sets})
+    flows = {f.details["flow"] for f in found.collect() if f.reason == "DNSFlowBlocked"}
+    assert flows == {"host-dns-udp", "host-dns-tcp"}
+    assert flow_ok(registry, "dns-upstream-udp") == 1  # decided: 1.1.1.1 is not in the set
+    without, _ = collector({"iptables-save": rules})
+    undecided = [f for f in without.collect() if f.reason == "DNSFlowBlocked"]
+    assert undecided and not any(f.details["certain"] for f in undecided)

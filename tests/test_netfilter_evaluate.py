@@ -16,6 +16,7 @@ from test_firewall import recorded as recorded_rulesets
 
 from collectors.netfilter.evaluate import FlowVerdict, evaluate
 from collectors.netfilter.flows import Flow, NodeFacts, OverlayLink, Packet, dns_flows, node_routes
+from collectors.netfilter.ipset import parse_ipset_save
 from collectors.netfilter.iptables import parse_iptables_save
 from collectors.netfilter.model import Ruleset
 from collectors.netfilter.nft import parse_nft_json
@@ -732,3 +733,42 @@ def test_ct_status_dnat_is_known_on_the_original_direction() -> None:
     assert plain["dns-upstream-udp"].verdict == "drop"  # no DNAT on the way out: decided
     assert not plain["dns-upstream-udp"].undecided
     assert verdicts([KUBE_NAT], nft=nft)["pod-dns-udp"].verdict == "pass"  # DNATed
+
+
+# --------------------------------------------------------------------------- ipsets
+
+IPSET_SAVE = """create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536
+add KUBE-CLUSTER-IP 10.43.0.10,tcp:53
+add KUBE-CLUSTER-IP 10.43.0.10,udp:53
+create cali40all-ipam-pools hash:net family inet hashsize 1024 maxelem 65536
+add cali40all-ipam-pools 10.42.0.0/16
+create pools list:set size 8
+add pools cali40all-ipam-pools
+"""
+
+
+def with_ipsets(rules: str, ipset_text: str = IPSET_SAVE) -> dict[str, FlowVerdict]:
+    rulesets = [
+        parse_iptables_save(rules),
+        Ruleset(backend="ipset", ipsets=dict(parse_ipset_save(ipset_text))),
+    ]
+    return {v.flow.name: v for v in evaluate(rulesets, dns_flows(FACTS))}
+
+
+def test_ipset_members_decide_set_matches() -> None:
+    rules = filter_table(
+        "-A FORWARD -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT",
+        "-A FORWARD -m set --match-set pools src -p udp -j DROP",
+        "-A OUTPUT -m set ! --match-set cali40all-ipam-pools dst -p tcp -j DROP",
+    )
+    found = with_ipsets(rules)
+    assert found["pod-dns-udp"].verdict == "pass"  # 10.43.0.10,udp:53 is in the set
+    assert found["dns-upstream-udp"].verdict == "drop"  # from the pool (list:set), to 1.1.1.1
+    assert found["dns-upstream-tcp"].verdict == "pass"  # forwarded: OUTPUT not crossed
+    assert found["host-dns-tcp"].verdict == "drop"  # 10.43.0.10 is not in the pool
+    assert not found["host-dns-tcp"].undecided
+
+
+def test_a_set_the_dump_does_not_show_cannot_be_decided() -> None:
+    rules = filter_table("-A OUTPUT -m set --match-set unseen dst -j DROP")
+    assert with_ipsets(rules)["host-dns-udp"].verdict == "may-drop"

@@ -166,6 +166,7 @@ class Evaluator:
         self.unread = tuple(
             f"{t.backend} {t.family} table {t.name} (not read)" for t in self.tables if not t.parsed
         )
+        self.ipsets = {name: found for rs in rulesets for name, found in rs.ipsets.items()}
         self._hooks: dict[tuple[str, str], list[BaseChain]] = {}
         self._compiled: dict[int, Compiled] = {}
         self._nft: dict[int, NftCompiler] = {}
@@ -449,7 +450,7 @@ class Evaluator:
                     compiler = self._nft[id(table)] = NftCompiler(table.family, table.sets)
                 compiled = compiler.compile(rule.expr)
             else:
-                compiled = compile_iptables(rule.text)
+                compiled = compile_iptables(rule.text, self.ipsets)
             self._compiled[key] = compiled
         return compiled
 

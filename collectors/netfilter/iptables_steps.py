@@ -6,9 +6,10 @@ decided (the evaluator follows both ways): a match is never dropped silently. Pu
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+from collectors.netfilter.ipset import IpSet, set_matches
 from collectors.netfilter.iptables import tokenize
 from collectors.netfilter.model import parse_port, port_ranges
 from collectors.netfilter.steps import (
@@ -95,8 +96,9 @@ class _Rule:
         return " ".join(values)
 
 
-def compile_iptables(text: str) -> Compiled:
-    """The steps of one ``-A CHAIN …`` rule. Never raises."""
+def compile_iptables(text: str, ipsets: Mapping[str, IpSet] | None = None) -> Compiled:
+    """The steps of one ``-A CHAIN …`` rule; ``ipsets``: the sets ``ipset save`` showed (a
+    ``-m set`` match on another set cannot be decided). Never raises."""
     tokens = tokenize(text)
     rule = _Rule(tokens)
     negate = False
@@ -120,12 +122,16 @@ def compile_iptables(text: str) -> Compiled:
             if rule.module == "rpfilter":
                 # The flows' sources are routed back through the interface they arrive on.
                 rule.tests.append(Test("-m rpfilter", lambda _s: True))
-            elif rule.module not in QUIET_MATCHES and rule.module not in _MODULES:
+            elif rule.module not in QUIET_MATCHES and rule.module not in (*_MODULES, "set"):
                 rule.tests.append(undecided(f"-m {rule.module}"))
         elif token == "--invert" and rule.module == "rpfilter":
             last = rule.tests.pop()
             assert isinstance(last, Test)
             rule.tests.append(Test("-m rpfilter --invert", last.check, negated=True))
+        elif token == "--match-set" and rule.module == "set":
+            name, _ = rule.value()
+            flags, _ = rule.value()
+            rule.tests.append(_match_set(name, flags, negate, ipsets or {}))
         elif token == "--tcp-flags":
             mask, _ = rule.value()
             comp, _ = rule.value()
@@ -319,6 +325,11 @@ def _statistic(_value: str, _module: str) -> Test:
 
 def _icmp(value: str, _module: str) -> Test:
     return Test("", lambda s: None if s.l4 in (1, 58) else False)
+
+
+def _match_set(name: str, flags: str, negate: bool, ipsets: Mapping[str, IpSet]) -> Test:
+    text = f"{'! ' if negate else ''}-m set --match-set {name} {flags}"
+    return Test(text, lambda s: set_matches(ipsets, name, flags, s), negated=negate)
 
 
 def _tcp_flags(mask: str, comp: str, negate: bool) -> Test:

@@ -139,6 +139,8 @@ class Ruleset:
     tables: list[Table] = field(default_factory=list)
     #: Lines the source itself printed as warnings ("# Table `x' is incompatible …").
     warnings: list[str] = field(default_factory=list)
+    #: ``ipset save``: set name → its ``IpSet`` (``collectors.netfilter.ipset``).
+    ipsets: dict[str, Any] = field(default_factory=dict)
 
     def rule_count(self) -> int:
         return sum(len(c.rules) for t in self.tables for c in t.chains.values())
