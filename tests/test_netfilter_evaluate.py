@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_firewall import _JSON, _TOKENS
 from test_firewall import recorded as recorded_rulesets
 
 from collectors.netfilter.evaluate import FlowVerdict, evaluate
@@ -772,3 +775,28 @@ def test_ipset_members_decide_set_matches() -> None:
 def test_a_set_the_dump_does_not_show_cannot_be_decided() -> None:
     rules = filter_table("-A OUTPUT -m set --match-set unseen dst -j DROP")
     assert with_ipsets(rules)["host-dns-udp"].verdict == "may-drop"
+
+
+# --------------------------------------------------------------------------- never raises
+
+HOOKS = ("input", "forward", "output", "prerouting", "postrouting")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(_TOKENS, max_size=14).map(" ".join), max_size=20))
+def test_evaluator_never_raises_on_iptables_junk(lines: list[str]) -> None:
+    rules = [line if line.startswith("-A ") else f"-A OUTPUT {line}" for line in lines]
+    text = filter_table(*rules, chains=("X",)) + table("nat", ["PREROUTING", "OUTPUT"], *rules)
+    rulesets = [parse_iptables_save(text), parse_iptables_save(text, lazy=("nat",))]
+    evaluate(rulesets, dns_flows(FACTS))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_JSON, max_size=6))
+def test_evaluator_never_raises_on_nft_junk(exprs: list[object]) -> None:
+    chains = [chain("inet", "t", f"c{i}", hook) for i, hook in enumerate(HOOKS)]
+    rules = [
+        rule("inet", "t", f"c{i % len(HOOKS)}", e if isinstance(e, list) else [e])
+        for i, e in enumerate(exprs)
+    ]
+    evaluate([parse_nft_json(nft_doc(*chains, *rules))], dns_flows(FACTS))
