@@ -22,23 +22,35 @@ never reported. Pure.
 from __future__ import annotations
 
 import bisect
-import ipaddress
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from collectors.netfilter.flows import EPHEMERAL_PORT, Family, Flow, Packet, Route, Tunnel
+from collectors.netfilter.flows import Flow, Packet, Tunnel
+from collectors.netfilter.hooks import (
+    CONNTRACK_PRIORITY,
+    BaseChain,
+    base_chain,
+    host_destination,
+    label,
+)
 from collectors.netfilter.iptables_steps import compile_iptables
 from collectors.netfilter.model import Chain, Rule, Ruleset, Table, distinct_tables
 from collectors.netfilter.nft_steps import NftCompiler
 from collectors.netfilter.owners import Hook, fix_for, owner_of, policy_owner
+from collectors.netfilter.paths import (
+    Routes,
+    initial_state,
+    outer_packet,
+    parse_routes,
+    proto_name,
+    reply_packet,
+    route,
+)
 from collectors.netfilter.steps import (
-    PROTO_NUMBERS,
     Address,
     Compiled,
     Effect,
-    IpNetwork,
     Lookup,
     State,
     Test,
@@ -47,15 +59,6 @@ from collectors.netfilter.steps import (
 
 Outcome = Literal["pass", "drop", "may-drop", "unknown"]
 
-#: iptables tables' priorities on each hook (the kernel's NF_IP_PRI_*).
-XTABLES_PRIORITY = {
-    "raw": {"prerouting": -300, "output": -300},
-    "mangle": dict.fromkeys(("prerouting", "input", "forward", "output", "postrouting"), -150),
-    "nat": {"prerouting": -100, "output": -100, "input": 100, "postrouting": 100},
-    "filter": {"input": 0, "forward": 0, "output": 0},
-    "security": {"input": 50, "forward": 50, "output": 50},
-}
-CONNTRACK_PRIORITY = -200
 NO_ENDPOINTS_MAPS = frozenset({"no-endpoint-services", "no-endpoint-nodeports"})
 NO_ENDPOINTS_COMMENTS = ("has no endpoints", "has no local endpoints")
 MAX_BRANCHES = 512
@@ -63,7 +66,6 @@ MAX_STEPS = 400_000
 MAX_DEPTH = 64
 #: Chains at least this long get a destination index (kube-proxy's KUBE-SERVICES).
 INDEX_MIN_RULES = 64
-_HOST_DST = re.compile(r"(?:^|\s)(!\s+)?(?:-d|--destination|--dst)\s+([0-9A-Fa-f.:]+)(/\d+)?\s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,15 +112,6 @@ class FlowVerdict:
     path: tuple[str, ...] = ()
     undecided: tuple[str, ...] = ()
     reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class BaseChain:
-    priority: int
-    table: Table
-    chain: Chain
-    hook: str
-    nat: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +171,7 @@ class Evaluator:
     def flow(self, flow: Flow) -> FlowVerdict:
         if flow.unknown is not None or not flow.packets:
             return FlowVerdict(flow, "unknown", reason=flow.unknown or "no packets")
-        routes = _routes(flow.routes)
+        routes = parse_routes(flow.routes)
         tunnels = {t.dev: t for t in flow.tunnels}
         verdicts: list[FlowVerdict] = []
         for packet in flow.packets:
@@ -193,14 +186,14 @@ class Evaluator:
         return _worst(flow, verdicts)
 
     def packet(
-        self, packet: Packet, routes: _Routes, tunnels: Mapping[str, Tunnel] | None = None
+        self, packet: Packet, routes: Routes, tunnels: Mapping[str, Tunnel] | None = None
     ) -> Iterator[End]:
         """Every way ``packet`` can go; through an overlay link, the encapsulated packet the
         node receives (before) or sends (after) must pass too."""
         tunnels = tunnels or {}
         arriving = tunnels.get(packet.iif or "") if packet.origin == "in" else None
         if arriving is not None:
-            outer_ends = list(self._one(_outer(arriving, incoming=True), routes))
+            outer_ends = list(self._one(outer_packet(arriving, incoming=True), routes))
             yield from (e for e in outer_ends if e.stop is not None)
             if all(e.stop is not None for e in outer_ends):
                 return
@@ -209,15 +202,15 @@ class Evaluator:
             if end.stop is not None or leaving is None or end.branch.state.to_local:
                 yield end
                 continue
-            for outer in self._one(_outer(leaving, incoming=False), routes):
+            for outer in self._one(outer_packet(leaving, incoming=False), routes):
                 path = (*end.branch.path, f"encapsulated by {leaving.dev}", *outer.branch.path)
                 undecided = (*end.branch.undecided, *outer.branch.undecided)
                 # The inner packet's state stays the branch's (its answer comes back to it).
                 branch = replace(end.branch, path=path, undecided=undecided)
                 yield End(branch, outer.stop)
 
-    def _one(self, packet: Packet, routes: _Routes) -> Iterator[End]:
-        state = _initial_state(packet, routes)
+    def _one(self, packet: Packet, routes: Routes) -> Iterator[End]:
+        state = initial_state(packet, routes)
         budget = _Budget()
         branch = Branch(state)
         if packet.origin == "local":
@@ -229,7 +222,7 @@ class Evaluator:
     # ------------------------------------------------------------------ path and hooks
 
     def _path(
-        self, branch: Branch, hooks: tuple[str, ...], routes: _Routes, budget: _Budget
+        self, branch: Branch, hooks: tuple[str, ...], routes: Routes, budget: _Budget
     ) -> Iterator[End]:
         if not hooks:
             state = branch.state
@@ -244,7 +237,7 @@ class Evaluator:
             return
         hook, rest = hooks[0], hooks[1:]
         if hook in ("route", "route-out", "reroute"):
-            state = _route(branch.state, routes)
+            state = route(branch.state, routes)
             if hook == "route":
                 rest = ("input",) if state.to_local else ("forward", "postrouting")
             yield from self._path(replace(branch, state=state), rest, routes, budget)
@@ -268,7 +261,7 @@ class Evaluator:
                 continue
             before = base.priority < CONNTRACK_PRIORITY and base.hook in ("prerouting", "output")
             state = replace(state, hook=base.hook, before_conntrack=before)
-            entry = f"{base.hook}: {_label(base.table)} {base.chain.name}"
+            entry = f"{base.hook}: {label(base.table)} {base.chain.name}"
             start = replace(branch, state=state, path=(*branch.path, entry), via_map=None)
             ends = list(self._walk(base, base.chain, 0, (), start, budget, 0))
             if len(ends) == 1 and ends[0].stop is None:
@@ -291,7 +284,7 @@ class Evaluator:
                 if table.family not in (family, "inet"):
                     continue
                 for chain in table.base_chains():
-                    base = _base(table, chain, hook)
+                    base = base_chain(table, chain, hook)
                     if base is not None:
                         found.append(base)
             found.sort(key=lambda b: b.priority)
@@ -462,7 +455,7 @@ class Evaluator:
             return range(len(chain.rules))
         hosts = self._host_dst.get(id(chain))
         if hosts is None:
-            hosts = self._host_dst[id(chain)] = [_host_destination(r.text) for r in chain.rules]
+            hosts = self._host_dst[id(chain)] = [host_destination(r.text) for r in chain.rules]
         key = (id(chain), state.daddr)
         order = self._order.get(key)
         if order is None:
@@ -523,14 +516,12 @@ class Evaluator:
         target = "evaluation limit (too many undecided matches or jumps)"
         return _stop(base, chain, None, target, (0, 0), certain=False)
 
-    def _replies(
-        self, ends: list[End], routes: _Routes, tunnels: Mapping[str, Tunnel]
-    ) -> list[End]:
+    def _replies(self, ends: list[End], routes: Routes, tunnels: Mapping[str, Tunnel]) -> list[End]:
         replies: list[End] = []
         for end in ends:
             if end.stop is not None:
                 continue  # the query itself is stopped: its own flow says so
-            for reply in self.packet(_reply_packet(end.branch.state), routes, tunnels):
+            for reply in self.packet(reply_packet(end.branch.state), routes, tunnels):
                 undecided = (*end.branch.undecided, *reply.branch.undecided)
                 replies.append(replace(reply, branch=replace(reply.branch, undecided=undecided)))
         return replies
@@ -593,147 +584,10 @@ def _stop(
     )
 
 
-def _base(table: Table, chain: Chain, hook: str) -> BaseChain | None:
-    if table.backend == "nft":
-        if chain.hook != hook:
-            return None
-        declared = chain.priority if chain.priority is not None else 0
-        return BaseChain(declared, table, chain, hook, chain.type == "nat")
-    if chain.name.lower() != hook:
-        return None
-    priority = XTABLES_PRIORITY.get(table.name, {}).get(hook)
-    if priority is None:
-        return None
-    return BaseChain(priority, table, chain, hook, table.name == "nat")
-
-
-def _label(table: Table) -> str:
-    return f"{table.backend} {table.family} {table.name}"
-
-
-def _host_destination(text: str) -> Address | None:
-    """The single destination host a rule requires (``-d 10.43.0.10/32``), or None."""
-    quote = text.find('"')
-    match = _HOST_DST.search(text if quote < 0 else text[:quote])
-    if match is None or match[1]:
-        return None
-    suffix = match[3]
-    try:
-        address = ipaddress.ip_address(match[2])
-    except ValueError:
-        return None
-    full = "/32" if address.version == 4 else "/128"
-    return address if suffix in (None, full) else None
-
-
-_Routes = list[tuple[IpNetwork, Route]]
-
-
-def _routes(routes: Sequence[Route]) -> _Routes:
-    parsed: _Routes = []
-    for route in routes:
-        try:
-            parsed.append((ipaddress.ip_network(route.network, strict=False), route))
-        except ValueError:
-            continue
-    parsed.sort(key=lambda r: -r[0].prefixlen)
-    return parsed
-
-
-def _lookup_route(routes: _Routes, address: Address) -> Route | None:
-    for net, route in routes:
-        if net.version == address.version and address in net:
-            return route
-    return None
-
-
-def _initial_state(packet: Packet, routes: _Routes) -> State:
-    local = frozenset(
-        net.network_address for net, route in routes if route.local and net.num_addresses == 1
-    )
-    l4 = packet.l4proto
-    number = l4 if isinstance(l4, int) else PROTO_NUMBERS.get(l4, -1)
-    state = State(
-        family=packet.family,
-        saddr=ipaddress.ip_address(packet.saddr),
-        daddr=ipaddress.ip_address(packet.daddr),
-        l4=number,
-        sport=packet.sport,
-        dport=packet.dport,
-        iif=packet.iif if packet.origin == "in" else None,
-        oif=None,
-        ct=packet.ct_state,
-        local=local,
-        mark=packet.mark,
-        reply=packet.is_reply,
-    )
-    return state
-
-
-def _route(state: State, routes: _Routes) -> State:
-    route = _lookup_route(routes, state.daddr)
-    if state.to_local or state.is_local(state.daddr) or (route is not None and route.local):
-        # Sent by the host to itself: out through the loopback.
-        return replace(state, to_local=True, oif=None if state.iif else "lo")
-    return replace(state, oif=route.dev if route is not None else None)
-
-
-def _reply_packet(state: State) -> Packet:
-    """The answer to a query that got through: from where it went, back to where it came from."""
-    local_answer = state.to_local
-    return Packet(
-        family="ipv4" if state.family == "ipv4" else "ipv6",
-        origin="local" if local_answer else "in",
-        saddr=str(state.daddr),
-        daddr=str(state.saddr),
-        l4proto=_proto_name(state.l4),
-        sport=state.dport,
-        dport=state.sport,
-        iif=None if local_answer else state.oif,
-        # An untracked query left no conntrack entry: its answer starts a new one.
-        ct_state="new" if state.ct == "untracked" else "established",
-        is_reply=True,
-        note="reply",
-    )
-
-
-def _outer(tunnel: Tunnel, incoming: bool) -> Packet:
-    """The encapsulating packet: a new flow from the peer to the node's overlay port, or
-    from the node to the peer's."""
-    family: Family = "ipv4" if ipaddress.ip_address(tunnel.local).version == 4 else "ipv6"
-    ports = tunnel.port is not None
-    if incoming:
-        return Packet(
-            family,
-            "in",
-            tunnel.remote,
-            tunnel.local,
-            tunnel.l4proto,
-            tunnel.port,
-            EPHEMERAL_PORT if ports else None,
-            iif=tunnel.underlay,
-            note=f"{tunnel.dev} encapsulation",
-        )
-    return Packet(
-        family,
-        "local",
-        tunnel.local,
-        tunnel.remote,
-        tunnel.l4proto,
-        tunnel.port,
-        EPHEMERAL_PORT if ports else None,
-        note=f"{tunnel.dev} encapsulation",
-    )
-
-
-def _proto_name(number: int) -> str | int:
-    return {6: "tcp", 17: "udp"}.get(number, number)
-
-
 def _hook_of(branch: Branch) -> Hook:
     state = branch.state
     visited = tuple(entry.rsplit(" ", 1)[-1] for entry in branch.path)
-    return Hook(state.hook, state.iif, state.oif, str(_proto_name(state.l4)), state.dport, visited)
+    return Hook(state.hook, state.iif, state.oif, str(proto_name(state.l4)), state.dport, visited)
 
 
 _RANK = {"drop": 0, "may-drop": 1, "unknown": 2, "pass": 3}
