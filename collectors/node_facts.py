@@ -11,6 +11,8 @@ host's, in the DaemonSet) and reads the files under the host root.
   config; the cluster's pod network: ``FLANNEL_NETWORK`` and the routes over overlay links;
 - the pod interfaces: the bridge, or ``cali+``/``lxc+`` when such links exist;
 - overlay links: ``vxlan`` (its UDP port), ``ipip``, ``wireguard`` links;
+- other nodes' addresses (the overlay's source): the VXLAN links' forwarding entries, the
+  next hops of routes over IP-in-IP links;
 - the node's addresses (global ones, not on pod, overlay, cache or IPVS links) and the uplink
   (the default route's device); NodeLocal DNSCache's addresses on ``nodelocaldns``; IPVS mode
   when ``kube-ipvs0`` exists;
@@ -24,8 +26,9 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +66,24 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class RouteEntry:
-    """A main-table route: ``dst`` a CIDR (``None``: default), ``oif`` a link index."""
+    """A main-table route: ``dst`` a CIDR (``None``: default), ``oif`` a link index,
+    ``gateway`` its next hop."""
 
     dst: str | None
     oif: int | None
     blackhole: bool = False
+    gateway: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Netlink:
+    """What netlink shows: links, addresses, main-table routes, and the remote addresses of
+    the bridge forwarding entries of each link (a VXLAN link's peers: ``link index → dst``)."""
+
+    links: list[Link] = field(default_factory=list)
+    addresses: list[Address] = field(default_factory=list)
+    routes: list[RouteEntry] = field(default_factory=list)
+    fdb: list[tuple[int, str]] = field(default_factory=list)
 
 
 def facts_from(
@@ -78,6 +94,7 @@ def facts_from(
     flannel_env: str | None = None,
     cni_configs: Sequence[str] = (),
     resolv_conf: str | None = None,
+    fdb: Sequence[tuple[int, str]] = (),
 ) -> NodeFacts:
     by_index = {link.index: link for link in links}
     names = {link.name for link in links}
@@ -117,7 +134,25 @@ def facts_from(
         upstream_dns=tuple(nameservers(resolv_conf or "")),
         local_dns_cache=tuple(cache),
         service_ips_local="kube-ipvs0" in names,
+        peer_nodes=_peers(by_index, overlay, routes, fdb, node_addresses),
     )
+
+
+def _peers(
+    by_index: dict[int, Link],
+    overlay: Sequence[OverlayLink],
+    routes: Sequence[RouteEntry],
+    fdb: Sequence[tuple[int, str]],
+    own: Sequence[str],
+) -> tuple[str, ...]:
+    """Other nodes' addresses: the remote ends of the VXLAN links' forwarding entries
+    (flannel, Calico) and the next hops of routes over IP-in-IP links (a VXLAN route's next
+    hop is the peer's VTEP address, not the node's)."""
+    vxlan = {o.name for o in overlay if o.kind == "vxlan"}
+    ipip = {o.name for o in overlay if o.kind == "ipip"}
+    found = [dst for index, dst in fdb if _name(by_index, index) in vxlan]
+    found += [r.gateway for r in routes if r.gateway and _name(by_index, r.oif) in ipip]
+    return tuple(a for a in dict.fromkeys(found) if a not in own and _networks([a]))
 
 
 def _name(by_index: dict[int, Link], index: int | None) -> str | None:
@@ -244,15 +279,15 @@ def _read(path: Path, problems: list[str]) -> str | None:
 def read_node_facts(
     host_root: Path,
     cluster_dns: Sequence[str],
-    netlink: Callable[[], tuple[list[Link], list[Address], list[RouteEntry]]] | None = None,
+    netlink: Callable[[], Netlink] | None = None,
 ) -> tuple[NodeFacts, list[str]]:
     """The facts, and what could not be read (each with why)."""
     problems: list[str] = []
     try:
-        links, addresses, routes = (netlink or read_netlink)()
-    except Exception as error:
+        shown = (netlink or read_netlink)()
+    except Exception as error:  # pyroute2's NetlinkError is no OSError
         problems.append(f"netlink (links, addresses, routes): {error}")
-        links, addresses, routes = [], [], []
+        shown = Netlink()
     cni: list[str] = []
     cni_dir = host_root / CNI_DIR
     if cni_dir.is_dir():
@@ -265,19 +300,21 @@ def read_node_facts(
     if resolv is None:
         problems.append(f"{resolv_path}: missing (upstream nameservers unknown)")
     facts = facts_from(
-        links,
-        addresses,
-        routes,
+        shown.links,
+        shown.addresses,
+        shown.routes,
         cluster_dns,
         _read(host_root / FLANNEL_ENV, problems),
         cni,
         resolv,
+        shown.fdb,
     )
     return facts, problems
 
 
-def read_netlink() -> tuple[list[Link], list[Address], list[RouteEntry]]:
-    """Links, addresses and main-table routes of this network namespace (pyroute2)."""
+def read_netlink() -> Netlink:
+    """Links, addresses, main-table routes and bridge forwarding entries of this network
+    namespace (pyroute2)."""
     from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
     with IPRoute() as ipr:
@@ -288,7 +325,12 @@ def read_netlink() -> tuple[list[Link], list[Address], list[RouteEntry]]:
             if m.get_attr("IFA_ADDRESS")
         ]
         routes = [r for m in ipr.get_routes(table=254) if (r := _route(m)) is not None]
-    return links, addresses, routes
+        fdb = [
+            (m["ifindex"], m.get_attr("NDA_DST"))
+            for m in ipr.get_neighbours(family=socket.AF_BRIDGE)
+            if m.get_attr("NDA_DST")
+        ]
+    return Netlink(links, addresses, routes, fdb)
 
 
 def _link(message: Any) -> Link:
@@ -310,6 +352,7 @@ def _route(message: Any) -> RouteEntry | None:
         f"{dst}/{length}" if dst is not None else None,
         message.get_attr("RTA_OIF"),
         message["type"] == RTN_BLACKHOLE,
+        message.get_attr("RTA_GATEWAY"),
     )
 
 

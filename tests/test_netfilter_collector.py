@@ -23,6 +23,7 @@ from collectors.netfilter.flows import NodeFacts, OverlayLink
 from collectors.node_facts import (
     Address,
     Link,
+    Netlink,
     RouteEntry,
     dump_facts,
     facts_from,
@@ -155,9 +156,9 @@ def test_facts_from_calico_routes_and_files() -> None:
     cni = (
         '{"plugins": [{"type": "host-local", "ipam": {"ranges": [[{"subnet": "10.244.7.0/26"}]]}}]}'
     )
-    facts = facts_from(
-        links, addresses, routes, ["10.96.0.10"], None, [cni], "nameserver 8.8.8.8\n"
-    )
+    resolv = "nameserver 8.8.8.8\n"
+    fdb = [(4, "192.168.9.5"), (4, "192.168.9.4")]  # a peer, and the node itself
+    facts = facts_from(links, addresses, routes, ["10.96.0.10"], None, [cni], resolv, fdb)
     assert facts.pod_cidrs == ("10.244.7.0/26",)
     assert facts.cluster_cidrs == ("10.244.9.0/26",)
     assert facts.pod_interfaces == ("cali+",)
@@ -165,6 +166,7 @@ def test_facts_from_calico_routes_and_files() -> None:
     assert facts.uplink == "ens3"
     assert facts.overlay == (OverlayLink("vxlan.calico", "vxlan", 4789),)
     assert facts.local_dns_cache == ("169.254.20.10",)
+    assert facts.peer_nodes == ("192.168.9.5",)
     assert facts.service_ips_local and facts.upstream_dns == ("8.8.8.8",)
 
 
@@ -177,11 +179,11 @@ def test_resolver_file_from_kubelet_config(tmp_path: Path) -> None:
     (tmp_path / "run/flannel/subnet.env").write_text(
         "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.3.1/24\n"
     )
-    facts, problems = read_node_facts(tmp_path, ["10.43.0.10"], netlink=lambda: ([], [], []))
+    facts, problems = read_node_facts(tmp_path, ["10.43.0.10"], netlink=Netlink)
     assert problems == []
     assert facts.upstream_dns == ("9.9.9.9",)
     assert facts.pod_cidrs == ("10.42.3.0/24",) and facts.cluster_cidrs == ("10.42.0.0/16",)
-    _, missing = read_node_facts(tmp_path / "none", [], netlink=lambda: ([], [], []))
+    _, missing = read_node_facts(tmp_path / "none", [], netlink=Netlink)
     assert any("upstream nameservers unknown" in p for p in missing)
 
 
@@ -205,10 +207,13 @@ def node_netns() -> Iterator[str]:
             "link add flannel.1 type vxlan id 1 dstport 8472 dev eth0",
             "link set flannel.1 up",
             "route add 10.42.1.0/24 via 10.42.1.0 dev flannel.1 onlink",
+            "neigh add 10.42.1.0 lladdr 0a:00:00:00:00:01 dev flannel.1 nud permanent",
+            "fdb append 0a:00:00:00:00:01 dev flannel.1 dst 192.168.5.20 self permanent",
             "link add nodelocaldns type veth peer name nlp",
             "addr add 169.254.20.10/32 dev nodelocaldns",
         ):
-            subprocess.run(["ip", "-n", name, *command.split()], check=True, capture_output=True)
+            tool = ["bridge", "-netns", name] if command.startswith("fdb") else ["ip", "-n", name]
+            subprocess.run([*tool, *command.split()], check=True, capture_output=True)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
@@ -216,14 +221,23 @@ def node_netns() -> Iterator[str]:
 
 @pytest.mark.root
 def test_facts_from_real_netlink(node_netns: str) -> None:
-    links, addresses, routes = run_in_netns(node_netns, read_netlink)
-    facts = facts_from(links, addresses, routes, ["10.43.0.10"], resolv_conf="nameserver 1.1.1.1")
+    shown = run_in_netns(node_netns, read_netlink)
+    facts = facts_from(
+        shown.links,
+        shown.addresses,
+        shown.routes,
+        ["10.43.0.10"],
+        resolv_conf="nameserver 1.1.1.1",
+        fdb=shown.fdb,
+    )
     assert facts.pod_cidrs == ("10.42.0.0/24",)
     assert facts.cluster_cidrs == ("10.42.1.0/24",)
     assert facts.pod_interfaces == ("cni0",)
     assert facts.uplink == "eth0" and facts.node_addresses == ("192.168.5.10",)
     assert facts.overlay == (OverlayLink("flannel.1", "vxlan", 8472),)
     assert facts.local_dns_cache == ("169.254.20.10",)
+    assert facts.peer_nodes == ("192.168.5.20",)
+    assert facts.peer_nodes == ("192.168.5.20",)
 
 
 def test_dead_port_53_rules_are_not_reported() -> None:
