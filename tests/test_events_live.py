@@ -8,6 +8,8 @@ container's pod uid and container id in ``status.containerStatuses``.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +25,33 @@ pytestmark = pytest.mark.root
 MakeContainer = Callable[..., realkernel.ThrowawayContainer]
 
 
+def resume_at_newest_kmsg_record(state_dir: Path) -> None:
+    """Save a kmsg position at the newest record, so the agent reports only the kills the
+    test makes: this boot's earlier test kills are judged from the log too, and their
+    Events would count in the per-reason metrics the tests read."""
+    newest = None
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # records overwritten while reading: go on
+                continue
+            newest = int(record.split(b",", 2)[1])
+    finally:
+        os.close(fd)
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    position = {"source": "kmsg", "position": f"{boot_id}:{newest}"}
+    (state_dir / "kernel-log.json").write_text(json.dumps(position))
+
+
 def standin_agent_args(api: ks.KubeStandin, tmp_path: Path) -> list[str]:
-    """``run`` arguments: Events to ``api``, kills from /dev/kmsg, no containerd, and a DNS
-    probe of 127.0.0.1 that fails (a Node finding)."""
+    """``run`` arguments: Events to ``api``, kills from /dev/kmsg made after this call, no
+    containerd, and a DNS probe of 127.0.0.1 that fails (a Node finding)."""
+    resume_at_newest_kmsg_record(tmp_path / "state")
     return [
         "--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig")),
         "--kernel-log", "kmsg",
@@ -52,8 +78,15 @@ def agent(
     monkeypatch.setenv("NODEDIAG_EVENT_BACKOFF_CAP", "2")
     running = RunningAgent(standin_agent_args(api, tmp_path))
     running.wait_ready()
+    # Ready means the kernel log is caught up, not that the pod watch runs: kills made
+    # before it does would be reported without the pod's name.
+    assert api.wait_for(_pod_watch_open, timeout=15), running.log()
     yield running
     assert running.stop() == 0, running.log()
+
+
+def _pod_watch_open(api: ks.KubeStandin) -> bool:
+    return any(r.query.get("watch") in ("true", "1") for r in api.requests_matching("GET", "/pods"))
 
 
 def _pod_for(api: ks.KubeStandin, container: realkernel.ThrowawayContainer, name: str) -> None:
