@@ -21,6 +21,7 @@ from agent.oom_findings import LiveEvidence, OomFindings
 from agent.periodic import ClusterDnsSource, PeriodicCollectors, build_collectors
 from agent.settings import Settings
 from agent.state import StateFile
+from collectors.conntrack import TableFullLog
 from collectors.finding import Finding
 from collectors.memcg import MemcgProbe
 
@@ -47,12 +48,14 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     containers = ContainerLookup(containerd_client(settings), metrics)
     kube = start_kube(settings, metrics.registry, stop)  # None: --no-kube or no cluster
     report = fan_out(log_finding, kube.submit) if kube else log_finding
+    table_full = TableFullLog()  # conntrack's messages, for the conntrack collector
     watch = KernelWatch(
         source,
         OomFindings(settings.node_name, live, containers, kube.pods if kube else None),
         report,
         metrics,
         StateFile(settings.state_dir / STATE_FILE),
+        observers=[table_full],
     )
     resume = watch.resume_point()
     source.start(resume=resume)
@@ -77,7 +80,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     server.start()
     log.info("serving /metrics, /healthz, /readyz on %s:%d", settings.listen[0], server.port)
     _stop_on_signals(stop)
-    threads = _start_periodic(settings, metrics, stop, report)
+    threads = _start_periodic(settings, metrics, stop, report, table_full)
     pods = kube.pods if kube else None
     alive = (lambda uid: pods.pod(uid) is not None) if pods is not None else None
     threads.append(_start_expiry(metrics, stop, alive))
@@ -100,8 +103,9 @@ def _start_periodic(
     metrics: Metrics,
     stop: threading.Event,
     report: Callable[[Finding], None] = log_finding,
+    table_full: TableFullLog | None = None,
 ) -> list[threading.Thread]:
-    collectors = build_collectors(settings, metrics, ClusterDnsSource(settings))
+    collectors = build_collectors(settings, metrics, ClusterDnsSource(settings), table_full)
     periodic = PeriodicCollectors(collectors, metrics, report)
     threads = [
         threading.Thread(

@@ -13,8 +13,9 @@ from agent.metrics import Metrics
 from agent.oom_findings import LiveEvidence, OomFindings
 from agent.periodic import ClusterDnsSource, PeriodicCollectors, build_collectors
 from agent.settings import Settings
+from collectors.conntrack import TableFullLog, findings_from_log
 from collectors.finding import Finding
-from collectors.kernel_log import KernelLogSource
+from collectors.kernel_log import KernelLogSource, RecordObserver
 from collectors.logfile import LogReading, read_kernel_log_file
 from collectors.memcg import MemcgProbe
 from collectors.oom import OomAssembler, OomKill
@@ -26,14 +27,19 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 5.0
 
 
-def assemble(records: Iterable[KernelRecord], what: str) -> list[OomKill]:
-    """All kills in ``records`` (cut-off reports included), logging progress on long input."""
+def assemble(
+    records: Iterable[KernelRecord], what: str, observers: Sequence[RecordObserver] = ()
+) -> list[OomKill]:
+    """All kills in ``records`` (cut-off reports included), logging progress on long input;
+    each record is also handed to the ``observers``."""
     assembler = OomAssembler()
     kills: list[OomKill] = []
     count = 0
     next_progress = time.monotonic() + PROGRESS_EVERY
     for record in records:
         count += 1
+        for observer in observers:
+            observer.feed(record)
         kills.extend(assembler.feed(record))
         if count % 10_000 == 0 and time.monotonic() >= next_progress:
             log.info("%s: %d records read, %d OOM kills so far", what, count, len(kills))
@@ -65,14 +71,16 @@ def scan(
     for run in periodic.run_once():
         node_findings += run.findings + run.failures(settings.node_name)
     source.start(since=since)
-    kills = assemble(source.records(), f"{source.name} kernel log")
+    table_full = TableFullLog()
+    kills = assemble(source.records(), f"{source.name} kernel log", [table_full])
     live = LiveEvidence(MemcgProbe(settings.host_root), settings.live_evidence_window)
     containers = ContainerLookup(containerd_client(settings))
     oom = OomFindings(settings.node_name, live, containers).for_log(kills)
     if containers.down_reason is not None:  # the kills are there, their pod names are not
         why = f"{containers.down_reason}: OOM findings carry pod uid and container id only"
         node_findings.append(collector_failed(settings.node_name, "kernel_log", "containerd", why))
-    return oom + node_findings
+    log_findings = findings_from_log(settings.node_name, table_full.take(), "kernel log")
+    return oom + log_findings + node_findings
 
 
 def analyze(
@@ -88,11 +96,15 @@ def analyze(
     findings: list[Finding] = []
     if kernel_log is not None:
         reading = LogReading()
+        table_full = TableFullLog()
         kills = assemble(
-            read_kernel_log_file(kernel_log, year=year, reading=reading), str(kernel_log)
+            read_kernel_log_file(kernel_log, year=year, reading=reading),
+            str(kernel_log),
+            [table_full],
         )
         _say_what_was_not_read(kernel_log, reading)
         findings += OomFindings(settings.node_name, live=None).for_log(kills)
+        findings += findings_from_log(settings.node_name, table_full.take(), str(kernel_log))
     if iptables_save is not None or nft_json is not None:
         from collectors.firewall_collector import findings_from_files
         from collectors.node_facts import dump_facts

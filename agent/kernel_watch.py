@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from agent.state import StateFile
 from collectors.cgroup_path import container_cgroup
 from collectors.finding import Finding
 from collectors.journal import JournalSource, find_journal, has_kernel_entries
-from collectors.kernel_log import KernelLogError, KernelLogSource
+from collectors.kernel_log import KernelLogError, KernelLogSource, RecordObserver
 from collectors.kmsg import KmsgSource
 from collectors.memcg import read_oom_kill_counter, read_oom_kill_counters
 from collectors.oom import OomAssembler, OomKill
@@ -120,8 +120,12 @@ class KernelWatch:
         metrics: Metrics,
         state: StateFile | None = None,
         counters: OomCounterLedger | None = None,
+        observers: Sequence[RecordObserver] = (),
     ) -> None:
         self.source = source
+        self.observers = tuple(observers)
+        self._extra_words = tuple(w for o in self.observers for w in o.keywords)
+        self._prefilters: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
         self.findings = findings
         self.sink = sink
         self.metrics = metrics
@@ -183,8 +187,10 @@ class KernelWatch:
         started = time.perf_counter()
         count = 0
         skipped_before = self.source.skipped
-        for record in self.source.records(self.assembler.prefilter):
+        for record in self.source.records(self._prefilter):
             count += 1
+            for observer in self.observers:
+                observer.feed(record)
             kills = self.assembler.feed(record)
             if kills:
                 self._report(kills)
@@ -223,6 +229,17 @@ class KernelWatch:
             self.source.name,
             f" (the first at {first})" if first else "",
         )
+
+    def _prefilter(self) -> tuple[bytes, ...] | None:
+        """The assembler's words plus the observers' (the same tuple object while the
+        assembler's words stay the same: sources compare them by identity)."""
+        words = self.assembler.prefilter()
+        if words is None or not self._extra_words:
+            return words
+        combined = self._prefilters.get(words)
+        if combined is None:
+            combined = self._prefilters[words] = words + self._extra_words
+        return combined
 
     def _track_position(self, reported: bool) -> None:
         assembler = self.assembler

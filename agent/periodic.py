@@ -1,4 +1,5 @@
-"""The periodic collectors (firewall, VXLAN offload, DNS probe) and what their findings do.
+"""The periodic collectors (firewall, VXLAN offload, DNS probe, node checks) and what their
+findings do.
 
 A fault a collector sees stays visible run after run; it is reported when it appears (or
 changes) and logged once when it is gone, not every interval.
@@ -12,9 +13,12 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from agent.metrics import Metrics
 from agent.settings import Settings
 from collectors.cluster_dns import ClusterDns, discover
+from collectors.conntrack import TableFullLog
 from collectors.finding import Finding
 from collectors.registry import (
     Collector,
@@ -28,7 +32,9 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[Finding], None]
 # Details that change from run to run without the fault changing.
-VOLATILE_DETAILS = frozenset({"packets", "bytes", "duration_seconds", "checked_at", "latency"})
+VOLATILE_DETAILS = frozenset(
+    {"packets", "bytes", "duration_seconds", "checked_at", "latency", "counters"}
+)
 
 
 class ClusterDnsSource:
@@ -68,9 +74,13 @@ def _unknown(found: ClusterDns) -> str:
 
 
 def build_collectors(
-    settings: Settings, metrics: Metrics, dns: ClusterDnsSource
+    settings: Settings,
+    metrics: Metrics,
+    dns: ClusterDnsSource,
+    table_full: TableFullLog | None = None,
 ) -> list[Collector]:
-    """Every periodic collector, each registering its own metrics."""
+    """Every periodic collector, each registering its own metrics. ``table_full``: the
+    kernel log's conntrack messages (``run``), for the conntrack collector."""
     from collectors.dns_probe import DnsProbeCollector
     from collectors.firewall_collector import FirewallCollector
     from collectors.node_facts import NodeFactsReader
@@ -101,6 +111,26 @@ def build_collectors(
             fix=settings.fix_vxlan_offload,
         ),
         DnsProbeCollector(settings.node_name, dns.required, registry, name=settings.dns_probe_name),
+        *node_check_collectors(settings, registry, table_full),
+    ]
+
+
+def node_check_collectors(
+    settings: Settings, registry: CollectorRegistry, table_full: TableFullLog | None
+) -> list[Collector]:
+    """The node settings that break pod DNS (DESIGN fault 5), sharing one check gauge."""
+    from collectors.conntrack import ConntrackCollector
+    from collectors.node_checks import check_gauge
+    from collectors.node_sysctl import NodeSysctlCollector
+    from collectors.overlay_mtu import OverlayMtuCollector
+    from collectors.resolver import ResolverCollector
+
+    node, proc, checks = settings.node_name, settings.resolve("/proc"), check_gauge(registry)
+    return [
+        ConntrackCollector(node, registry, proc=proc, log=table_full),
+        NodeSysctlCollector(node, registry, proc=proc, check_ok=checks),
+        OverlayMtuCollector(node, registry, check_ok=checks),
+        ResolverCollector(node, registry, host_root=settings.host_root, check_ok=checks),
     ]
 
 

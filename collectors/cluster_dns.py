@@ -7,6 +7,9 @@ the ``cluster-dns`` key of ``/etc/rancher/{rke2,k3s}/config.yaml``, and ``--clus
 on a kubelet's command line in ``/proc``. All paths are under the host root. A file that
 is there but cannot be read or parsed is named in ``ClusterDns.problems`` (never silently
 taken for "not configured").
+
+:func:`discover_resolv_conf` reads the same sources for kubelet's ``resolvConf``: the file
+whose nameservers pods with ``dnsPolicy: Default`` (CoreDNS among them) are given.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ DROP_IN_DIRS = (
     "var/lib/rancher/k3s/agent/etc/kubelet.conf.d",
 )
 RANCHER_CONFIGS = ("etc/rancher/rke2/config.yaml", "etc/rancher/k3s/config.yaml")
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,3 +149,78 @@ def discover(host_root: Path = Path("/"), explicit: Iterable[str] = ()) -> Clust
     if found is not None:
         return ClusterDns(*found, tuple(problems))
     return ClusterDns((), "none", tuple(problems))
+
+
+# ----------------------------------------------------------------------- kubelet resolvConf
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvConfSetting:
+    """kubelet's ``resolvConf``: the path on the host (``""``: kubelet gives pods none), the
+    source that said so (``kubelet default`` when none did) and the config files that could
+    not be read or parsed on the way (the answer may then be wrong)."""
+
+    path: str
+    source: str
+    problems: tuple[str, ...] = ()
+
+
+def _string_key(path: Path, key: str, problems: list[str]) -> str | None:
+    value = _load_yaml(path, problems).get(key)
+    return value if isinstance(value, str) else None
+
+
+def _resolv_conf_from_drop_ins(directory: Path, problems: list[str]) -> str | None:
+    if not directory.is_dir():
+        return None
+    found: str | None = None
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        value = _string_key(path, "resolvConf", problems)
+        found = value if value is not None else found  # a later file overrides
+    return found
+
+
+def _resolv_conf_from_rancher(path: Path, problems: list[str]) -> str | None:
+    data = _load_yaml(path, problems)
+    args = data.get("kubelet-arg")
+    for arg in args if isinstance(args, list) else [args] if isinstance(args, str) else []:
+        name, _, flag = str(arg).lstrip("-").partition("=")
+        if name == "resolv-conf":
+            return flag
+    value = data.get("resolv-conf")
+    return value if isinstance(value, str) else None
+
+
+def _resolv_conf_from_process(host_root: Path, problems: list[str]) -> tuple[str, str] | None:
+    for argv in kubelet_command_lines(host_root / "proc"):
+        flags = flag_values(argv, "--resolv-conf")
+        if flags:
+            return flags[-1], "kubelet --resolv-conf flag"
+        for config in flag_values(argv, "--config"):
+            value = _string_key(host_root / config.lstrip("/"), "resolvConf", problems)
+            if value is not None:
+                return value, f"kubelet config {config} (from kubelet --config)"
+    return None
+
+
+def _find_resolv_conf(host_root: Path, problems: list[str]) -> tuple[str, str]:
+    found = _resolv_conf_from_process(host_root, problems)
+    if found is not None:
+        return found
+    if (value := _string_key(host_root / KUBEADM_CONFIG, "resolvConf", problems)) is not None:
+        return value, f"kubelet config /{KUBEADM_CONFIG}"
+    for directory in DROP_IN_DIRS:
+        if (value := _resolv_conf_from_drop_ins(host_root / directory, problems)) is not None:
+            return value, f"kubelet drop-ins /{directory}"
+    for config in RANCHER_CONFIGS:
+        if (value := _resolv_conf_from_rancher(host_root / config, problems)) is not None:
+            return value, f"resolv-conf in /{config}"
+    return DEFAULT_RESOLV_CONF, "kubelet default"
+
+
+def discover_resolv_conf(host_root: Path = Path("/")) -> ResolvConfSetting:
+    """Which file kubelet hands pods with ``dnsPolicy: Default``: a kubelet's own flag or
+    config, the kubeadm config, K3s/RKE2 drop-ins and config, else kubelet's default."""
+    problems: list[str] = []
+    path, source = _find_resolv_conf(host_root, problems)
+    return ResolvConfSetting(path, source, tuple(problems))

@@ -48,3 +48,12 @@ class KernelLogSource(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class RecordObserver(Protocol):
+    """Something besides the OOM assembler that wants some kernel records (e.g. conntrack's
+    "table full" messages): records holding one of ``keywords`` are handed to ``feed``."""
+
+    keywords: tuple[bytes, ...]
+
+    def feed(self, record: KernelRecord) -> None: ...

@@ -37,11 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector as MetricsCollector
 
 from collectors.dns_probe import run_in_netns
 from collectors.finding import Finding
+from collectors.kernel_counter import KernelCounter
 from collectors.registry import CollectorError, SourceLog
 
 log = logging.getLogger(__name__)
@@ -202,25 +201,6 @@ def overlay_link(message: Any) -> OverlayLink | None:
     return OverlayLink(str(ifname), int(message["index"]), kind, vni, port, udp_csum)
 
 
-# ------------------------------------------------------------------------------- metrics
-
-
-class _KernelCounter(MetricsCollector):
-    """A counter that exposes a running total the kernel keeps (it may reset at reboot)."""
-
-    def __init__(self, name: str, documentation: str) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.value: int | None = None
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        if self.value is not None:
-            yield CounterMetricFamily(self.name, self.documentation, value=self.value)
-
-    def describe(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(self.name, self.documentation)
-
-
 # ----------------------------------------------------------------------------- collector
 
 
@@ -266,7 +246,7 @@ class VxlanCollector:
             ["interface"],
             registry=registry,
         )
-        self.csum_errors = _KernelCounter(
+        self.csum_errors = KernelCounter(
             "nodediag_udp_checksum_errors",
             "UDP datagrams this node dropped for a bad checksum (Udp InCsumErrors, kernel total).",
         )

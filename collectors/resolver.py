@@ -1,0 +1,169 @@
+"""A resolver file that sends the cluster DNS back to itself.
+
+Pods with ``dnsPolicy: Default`` — CoreDNS among them — get kubelet's ``resolvConf`` file
+(``/etc/resolv.conf`` unless configured: :func:`collectors.cluster_dns.discover_resolv_conf`).
+CoreDNS forwards what it does not serve to the nameservers there. A loopback nameserver
+(systemd-resolved's stub ``127.0.0.53``, a local dnsmasq's ``127.0.0.1``, ``::1``) is the
+pod itself inside the pod: CoreDNS forwards to itself, its ``loop`` plugin stops it
+(CrashLoopBackOff) or queries go unanswered. No nameserver at all is as bad: the resolver
+falls back to 127.0.0.1 and CoreDNS's ``forward`` has nowhere to go (`DNSResolverLoop`).
+
+Pure part: :func:`nameservers`, :func:`resolver_finding`. I/O: :class:`ResolverCollector`
+(files under the host root; symlinks followed inside it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from collectors.cluster_dns import ResolvConfSetting, discover_resolv_conf
+from collectors.finding import Finding
+from collectors.node_checks import check_gauge, set_check
+from collectors.registry import SourceLog
+
+RESOLVED_UPSTREAM = "/run/systemd/resolve/resolv.conf"
+"""systemd-resolved's list of the real upstream servers (the stub file names 127.0.0.53)."""
+MAX_NAMESERVERS = 3
+"""glibc (MAXNS) and kubelet use the first three."""
+
+
+def nameservers(text: str) -> list[str]:
+    """The ``nameserver`` addresses of resolv.conf text, in order (zone ids dropped);
+    a line that is not a valid address is skipped, as the resolver does."""
+    found: list[str] = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] != "nameserver":
+            continue
+        try:
+            found.append(str(ipaddress.ip_address(words[1].split("%", 1)[0])))
+        except ValueError:
+            continue
+    return found
+
+
+def loopback(servers: list[str]) -> list[str]:
+    return [s for s in servers[:MAX_NAMESERVERS] if ipaddress.ip_address(s).is_loopback]
+
+
+def _fix(setting: ResolvConfSetting, target: str) -> dict[str, str]:
+    if "rancher" in setting.source:
+        where = "resolv-conf: " + target + " in /etc/rancher/{k3s,rke2}/config.yaml"
+    else:
+        where = f"resolvConf: {target} in the kubelet config (/var/lib/kubelet/config.yaml)"
+    return {
+        "fix": f"set {where}, restart kubelet, then restart the CoreDNS pods",
+        "fix_resolv_conf": target,
+    }
+
+
+def resolver_finding(
+    node: str, setting: ResolvConfSetting, servers: list[str], upstream: list[str] | None
+) -> Finding | None:
+    """``upstream``: the real servers in systemd-resolved's upstream file (None: no file)."""
+    looped = loopback(servers)
+    if servers and not looped:
+        return None
+    usable = [s for s in upstream or [] if not ipaddress.ip_address(s).is_loopback]
+    if usable:
+        fix = _fix(setting, RESOLVED_UPSTREAM)
+        listed = ", ".join(usable)
+        point = f" {RESOLVED_UPSTREAM} lists the real servers ({listed}): point kubelet at it."
+    else:
+        fix = _fix(setting, "/etc/kubernetes/resolv.conf")
+        point = " Write a file listing the real upstream servers and point kubelet at it."
+    what = (
+        f"names loopback nameserver(s) {', '.join(looped)}, which inside a pod is the pod"
+        " itself: CoreDNS forwards to itself and its loop plugin stops it (CrashLoopBackOff)"
+        " or queries go unanswered"
+        if looped
+        else "names no nameserver: the resolver falls back to 127.0.0.1, so CoreDNS has"
+        " nowhere to forward names it does not serve"
+    )
+    message = (
+        f"kubelet gives pods with dnsPolicy Default (CoreDNS among them) {setting.path}"
+        f" (from {setting.source}), which {what}.{point} Fix: {fix['fix']}."
+    )
+    details = {
+        "resolv_conf": setting.path,
+        "resolv_conf_source": setting.source,
+        "nameservers": servers,
+        "loopback": looped,
+        "upstream_file": RESOLVED_UPSTREAM if upstream is not None else None,
+        "upstream_nameservers": upstream,
+        **fix,
+    }
+    return Finding.on_node("DNSResolverLoop", node, message, details, time=datetime.now(UTC))
+
+
+def in_root(root: Path, path: str, hops: int = 16) -> Path:
+    """``path`` on the host seen under ``root``, following symlinks inside ``root`` (an
+    absolute link target is the host's, not this process's). ``OSError`` on a link loop."""
+    parts = list(PurePosixPath(path).parts[1:])
+    current = root
+    while parts:
+        part = parts.pop(0)
+        candidate = current / part
+        if candidate.is_symlink():
+            if hops == 0:
+                raise OSError(f"{path}: too many symbolic links under {root}")
+            hops -= 1
+            target = PurePosixPath(os.readlink(candidate))
+            base = root if target.is_absolute() else current
+            parts = list(target.parts[1:] if target.is_absolute() else target.parts) + parts
+            current = base
+            continue
+        current = current.parent if part == ".." and current != root else candidate
+    return current
+
+
+class ResolverCollector:
+    """Checks kubelet's resolvConf for loopback (or no) nameservers."""
+
+    name = "resolver"
+
+    def __init__(
+        self,
+        node: str,
+        registry: CollectorRegistry,
+        *,
+        host_root: Path = Path("/"),
+        check_ok: Gauge | None = None,
+    ) -> None:
+        self.node = node
+        self.host_root = host_root
+        self.sources = SourceLog()
+        self.check_ok = check_ok if check_ok is not None else check_gauge(registry)
+
+    def _read(self, path: str) -> list[str]:
+        return nameservers(in_root(self.host_root, path).read_text(errors="replace"))
+
+    def collect(self) -> list[Finding]:
+        setting = discover_resolv_conf(self.host_root)
+        if setting.problems:  # the file found may not be the one kubelet uses
+            self.sources.failed("kubelet_config", "; ".join(setting.problems))
+        if not setting.path:
+            self.sources.skipped(
+                "resolv_conf", f"kubelet gives pods no resolv.conf ({setting.source})"
+            )
+            set_check(self.check_ok, "resolver", None)
+            return []
+        servers = self.sources.read("resolv_conf", lambda: self._read(setting.path))
+        if servers is None:
+            set_check(self.check_ok, "resolver", None)
+            return []
+        upstream = None
+        if not servers or loopback(servers):
+            upstream_file = in_root(self.host_root, RESOLVED_UPSTREAM)
+            if upstream_file.exists():
+                upstream = self.sources.read(
+                    "systemd_resolved", lambda: self._read(RESOLVED_UPSTREAM)
+                )
+        found = resolver_finding(self.node, setting, servers, upstream)
+        set_check(self.check_ok, "resolver", found is None)
+        return [found] if found is not None else []
