@@ -478,7 +478,7 @@ def host_path_seen_at(objects: list[Obj], path: str) -> tuple[str, bool] | None:
 
 def test_the_agent_paths_are_mounted_from_the_host() -> None:
     from agent.settings import DEFAULT_CONTAINERD_SOCKETS, Settings
-    from collectors import cluster_dns
+    from collectors import cluster_dns, resolver
     from collectors.journal import default_journal_dirs
 
     objects = rendered("base")
@@ -495,6 +495,11 @@ def test_the_agent_paths_are_mounted_from_the_host() -> None:
         *(root / d for d in cluster_dns.DROP_IN_DIRS),
         *(root / c for c in cluster_dns.RANCHER_CONFIGS),
         root / "etc/machine-id",
+        # node checks: conntrack and sysctls of the (host) network namespace, resolver files
+        settings.resolve("/proc/sys/net/netfilter/nf_conntrack_count"),
+        settings.resolve("/proc/thread-self/net/stat/nf_conntrack"),
+        root / cluster_dns.DEFAULT_RESOLV_CONF.lstrip("/"),
+        root / resolver.RESOLVED_UPSTREAM.lstrip("/"),
     ]
     for path in wanted:
         seen = host_path_seen_at(objects, str(path))
@@ -530,11 +535,11 @@ def exported_metrics() -> set[str]:
             name = first.value
             if not name.startswith("nodediag_"):
                 continue
-            if kind == "Counter" or kind == "_KernelCounter":
+            if kind == "Counter" or kind == "KernelCounter":
                 names |= {name + "_total", name + "_created"}
             elif kind == "Histogram":
                 names |= {name + s for s in ("_bucket", "_sum", "_count", "_created")}
-            elif kind == "Gauge":
+            elif kind in ("Gauge", "KernelGauge"):
                 names.add(name)
     return names
 
