@@ -314,3 +314,25 @@ def test_a_real_full_table_drops_and_the_kernel_says_so() -> None:
             registry.get_sample_value("nodediag_conntrack_drops_total")
             == conntrack_stats(ns)["drop"]
         )
+
+
+def test_analyze_reports_table_full_from_a_dmesg_file(tmp_path: Path) -> None:
+    from agentproc import json_lines, nodediag
+
+    log = tmp_path / "dmesg.txt"
+    log.write_text(
+        "[  100.000000] eth0: link up\n"
+        "[  408.208657] nf_conntrack: nf_conntrack: table full, dropping packet\n"
+        "[  413.208660] net_ratelimit: 3939 callbacks suppressed\n"
+        "[  413.208663] nf_conntrack: nf_conntrack: table full, dropping packet\n"
+    )
+    result = nodediag("analyze", "--kernel-log", str(log), "--json", "--node-name", "node-1")
+    assert result.returncode == 1, result.stderr
+    [finding] = json_lines(result.stdout)
+    assert finding["reason"] == "ConntrackTableFull"
+    assert finding["details"]["counters"]["kernel_log_messages"] == 2
+    assert finding["details"]["counters"]["kernel_log_namespaces"] == [0]  # the node's own
+    assert finding["details"]["source"] == str(log)
+    quiet = tmp_path / "quiet.txt"
+    quiet.write_text("[  100.000000] eth0: link up\n")
+    assert nodediag("analyze", "--kernel-log", str(quiet), "--json").returncode == 0

@@ -7,11 +7,14 @@ build (no br_netfilter module to unload, no ipip/wireguard drivers) run on recor
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agentproc import REPO, json_lines
 from nodenet import NodeNetns, throwaway_netns
 from prometheus_client import CollectorRegistry
 
@@ -297,3 +300,39 @@ def test_overlay_mtu_against_real_links(ns: NodeNetns) -> None:
     assert routed.details["underlay_found_by"] == "route to 192.0.2.9"
     assert routed.details["excess"] == 1500 + 50 - 1380
     assert check(registry, "overlay_mtu") == 0
+
+
+# ------------------------------------------------------------------ the real CLI
+
+
+@pytest.mark.root
+def test_scan_reports_node_settings_and_the_resolver_loop(ns: NodeNetns, tmp_path: Path) -> None:
+    """``nodediag scan`` in a namespace playing the node, with a host root whose
+    /etc/resolv.conf is systemd-resolved's stub (and /proc the real one)."""
+    pod_bridge(ns)
+    ns.write_sysctl("net/bridge/bridge-nf-call-iptables", 0)
+    ns.write_sysctl("net/ipv4/ip_forward", 1)
+    ns.ip("link", "add", "eth0", "mtu", "1450", "type", "veth", "peer", "name", "uplink")
+    ns.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "dstport", "8472", "dev", "eth0")
+    ns.ip("link", "set", "eth0", "mtu", "1420")  # flannel.1 keeps 1400: 30 bytes too many
+    root = tmp_path / "host"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "resolv.conf").write_text("nameserver 127.0.0.53\noptions edns0\n")
+    (root / "proc").symlink_to("/proc")
+    result = subprocess.run(
+        ["ip", "netns", "exec", ns.name, sys.executable, "-m", "agent", "scan", "--json",
+         "--no-kube", "--kernel-log", "kmsg", "--since", "1s", "--host-root", str(root),
+         "--cluster-dns", "10.43.0.10", "--node-name", "node-x"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    found = {f["reason"]: f for f in json_lines(result.stdout)}
+    assert {"BridgeNetfilterDisabled", "OverlayMTUTooLarge", "DNSResolverLoop"} <= set(found)
+    for reason in ("BridgeNetfilterDisabled", "OverlayMTUTooLarge", "DNSResolverLoop"):
+        assert found[reason]["subject"]["kind"] == "Node"
+        assert found[reason]["subject"]["name"] == "node-x"
+        assert found[reason]["severity"] == "warning"
+    assert found["OverlayMTUTooLarge"]["details"]["underlay"] == "eth0"
+    assert found["OverlayMTUTooLarge"]["details"]["excess"] == 30
+    assert found["DNSResolverLoop"]["details"]["loopback"] == ["127.0.0.53"]
+    assert "IPForwardingDisabled" not in found
