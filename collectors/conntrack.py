@@ -248,15 +248,22 @@ def table_full_fix(current_max: int | None) -> dict[str, str]:
 
 
 def table_full_finding(
-    node: str, reading: ConntrackReading, verdict: Verdict, events: LogEvents, where: str
+    node: str,
+    reading: ConntrackReading,
+    verdict: Verdict,
+    events: LogEvents,
+    where: str,
+    first: bool = True,
 ) -> Finding:
+    """``first``: the counters' rise is their total since they started (the first reading)."""
+    span = "since the counters started" if first else "since the last check"
     said: list[str] = []
     if "at_max" in verdict.table_full:
         said.append(f"{reading.count} entries of {reading.max} allowed")
     if verdict.drops:
-        said.append(f"{verdict.drops} packet(s) dropped because no entry could be made")
+        said.append(f"{verdict.drops} packet(s) dropped {span} because no entry could be made")
     if verdict.early_drops:
-        said.append(f"{verdict.early_drops} unreplied flow(s) evicted to make room")
+        said.append(f"{verdict.early_drops} unreplied flow(s) evicted {span} to make room")
     if events.count:
         said.append(
             f"{events.count} 'table full, dropping packet' kernel message(s){_when(events)}"
@@ -403,7 +410,7 @@ class ConntrackCollector:
             self._previous = reading.stats
         findings: list[Finding] = []
         if verdict.table_full:
-            findings.append(table_full_finding(self.node, reading, verdict, events, "node"))
+            findings.append(table_full_finding(self.node, reading, verdict, events, "node", first))
         if verdict.insert_failed and reading.stats is not None:
             findings.append(insert_failed_finding(self.node, verdict, reading.stats, first))
         return findings
