@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OVERLAY_KINDS = frozenset({"vxlan", "ipip", "wireguard", "ip6tnl", "geneve"})
-POD_LINK_KINDS = frozenset({"veth"}) | OVERLAY_KINDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +31,13 @@ class NetLink:
     local: str | None = None
     remote: str | None = None
     """Tunnel ends: vxlan local/group, ipip local/remote (None when not set)."""
+    peer_elsewhere: bool = False
+    """A veth whose peer is in another network namespace (IFLA_LINK_NETNSID): a pod's (or a
+    container's) end of its link, unlike a veth pair with both ends here."""
+
+    @property
+    def is_pod_veth(self) -> bool:
+        return self.kind == "veth" and self.peer_elsewhere
 
 
 def _attr(message: Any, name: str) -> Any:
@@ -62,12 +68,13 @@ def net_link(message: Any) -> NetLink:
         lower=lower,
         local=None if local is None else str(local),
         remote=None if remote is None else str(remote),
+        peer_elsewhere=message.get_attr("IFLA_LINK_NETNSID") is not None,
     )
 
 
 def pod_bridges(links: Sequence[NetLink]) -> list[NetLink]:
-    """Bridges with veth ports (``cni0``, ``docker0``, …): where pods sit on a Linux bridge."""
-    veth_masters = {link.master for link in links if link.kind == "veth" and link.master}
+    """Bridges with pods' veths as ports (``cni0``, ``docker0``, …): pods on a Linux bridge."""
+    veth_masters = {link.master for link in links if link.is_pod_veth and link.master}
     return [link for link in links if link.kind == "bridge" and link.index in veth_masters]
 
 
@@ -76,8 +83,10 @@ def overlay_links(links: Sequence[NetLink]) -> list[NetLink]:
 
 
 def pod_network_links(links: Sequence[NetLink]) -> list[NetLink]:
-    """Links that say pods are networked here: veths, overlays, pod bridges."""
-    return [link for link in links if link.kind in POD_LINK_KINDS] + pod_bridges(links)
+    """Links that say pods are networked here: pods' veths, overlays, pod bridges."""
+    return [link for link in links if link.is_pod_veth or link.kind in OVERLAY_KINDS] + (
+        pod_bridges(links)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,8 @@ def test_br_netfilter_absent_on_a_fixture_proc(tmp_path: Path) -> None:
     (ipv4 / "conf" / "all").mkdir(parents=True)
     (ipv4 / "ip_forward").write_text("1\n")
     (ipv4 / "conf" / "all" / "rp_filter").write_text("0\n")
-    view = LinkView([link(2, "cni0", "bridge"), link(3, "veth1", "veth", master=2)], ["cni0"])
+    pod_veth = link(3, "veth1", "veth", master=2, peer_elsewhere=True)
+    view = LinkView([link(2, "cni0", "bridge"), pod_veth], ["cni0"])
     (ipv4 / "conf" / "cni0").mkdir()
     (ipv4 / "conf" / "cni0" / "rp_filter").write_text("0\n")
     registry = CollectorRegistry()
@@ -65,7 +66,7 @@ def test_br_netfilter_absent_on_a_fixture_proc(tmp_path: Path) -> None:
 
 
 def test_unreadable_sysctl_is_a_failed_source_and_the_rest_go_on(tmp_path: Path) -> None:
-    view = LinkView([link(3, "veth1", "veth")])
+    view = LinkView([link(3, "veth1", "veth", peer_elsewhere=True)])
     registry = CollectorRegistry()
     collector = NodeSysctlCollector("n", registry, proc=tmp_path, links=lambda: view)
     assert collector.collect() == []
@@ -112,20 +113,40 @@ def test_overlay_overheads(tunnel: NetLink, extra: int) -> None:
 # ------------------------------------------------------------------ real namespaces (root)
 
 
+def known_start(ns: NodeNetns) -> None:
+    """Settings a new namespace would otherwise inherit from the host's (IPv4 conf copies
+    the initial namespace's): forwarding on, rp_filter off, for links made later too."""
+    ns.write_sysctl("net/ipv4/ip_forward", 1)
+    ns.write_sysctl("net/ipv4/conf/all/rp_filter", 0)
+    ns.write_sysctl("net/ipv4/conf/default/rp_filter", 0)
+
+
 @pytest.fixture
 def ns() -> Iterator[NodeNetns]:
+    with throwaway_netns() as made:
+        known_start(made)
+        yield made
+
+
+@pytest.fixture
+def pod() -> Iterator[NodeNetns]:
     with throwaway_netns() as made:
         yield made
 
 
-def pod_bridge(ns: NodeNetns) -> None:
+def pod_bridge(ns: NodeNetns, pod: NodeNetns | None = None) -> None:
+    """cni0 with a veth port; the veth's other end in ``pod``'s namespace, as a pod's is (a
+    pair with both ends here is no pod)."""
     ns.ip("link", "add", "cni0", "type", "bridge")
-    ns.ip("link", "add", "veth0", "type", "veth", "peer", "name", "eth0p")
+    peer = ["netns", pod.name] if pod is not None else []
+    ns.ip("link", "add", "veth0", "type", "veth", "peer", "name", "eth0", *peer)
     ns.ip("link", "set", "veth0", "master", "cni0")
 
 
 @pytest.mark.root
-def test_bridge_netfilter_forwarding_and_rp_filter_in_a_namespace(ns: NodeNetns) -> None:
+def test_bridge_netfilter_forwarding_and_rp_filter_in_a_namespace(
+    ns: NodeNetns, pod: NodeNetns
+) -> None:
     registry = CollectorRegistry()
     collector = NodeSysctlCollector("node-1", registry, netns=ns.name)
     ns.write_sysctl("net/ipv4/ip_forward", 1)
@@ -135,6 +156,10 @@ def test_bridge_netfilter_forwarding_and_rp_filter_in_a_namespace(ns: NodeNetns)
     assert collector.collect() == []  # no bridge with veths: nothing depends on it
     assert check(registry, "bridge_netfilter") == 1
     pod_bridge(ns)
+    assert collector.collect() == []  # a veth pair with both ends here is no pod
+    ns.ip("link", "del", "cni0")
+    ns.ip("link", "del", "veth0")
+    pod_bridge(ns, pod)
     [bridge] = collector.collect()
     assert bridge.reason == "BridgeNetfilterDisabled"
     assert bridge.details["bridges"] == ["cni0"]
@@ -222,6 +247,8 @@ def test_the_kernel_agrees_a_pod_on_the_bridge_cannot_reach_the_dns_service() ->
         throwaway_netns() as client,
         throwaway_netns() as dns,
     ):
+        for each in (node, client, dns):
+            known_start(each)
         node.ip("link", "add", "cni0", "type", "bridge")
         node.ip("addr", "add", "10.244.0.1/24", "dev", "cni0")
         node.ip("link", "set", "cni0", "up")
@@ -306,10 +333,12 @@ def test_overlay_mtu_against_real_links(ns: NodeNetns) -> None:
 
 
 @pytest.mark.root
-def test_scan_reports_node_settings_and_the_resolver_loop(ns: NodeNetns, tmp_path: Path) -> None:
+def test_scan_reports_node_settings_and_the_resolver_loop(
+    ns: NodeNetns, pod: NodeNetns, tmp_path: Path
+) -> None:
     """``nodediag scan`` in a namespace playing the node, with a host root whose
     /etc/resolv.conf is systemd-resolved's stub (and /proc the real one)."""
-    pod_bridge(ns)
+    pod_bridge(ns, pod)
     ns.write_sysctl("net/bridge/bridge-nf-call-iptables", 0)
     ns.write_sysctl("net/ipv4/ip_forward", 1)
     ns.ip("link", "add", "eth0", "mtu", "1450", "type", "veth", "peer", "name", "uplink")
