@@ -150,10 +150,20 @@ class OverlayMtuCollector:
         if pairs is None:
             set_check(self.check_ok, "overlay_mtu", None)
             return []
+        for link, underlay in pairs:
+            if underlay is None:  # not checked: say so
+                self.sources.failed(
+                    f"underlay of {link.name}",
+                    "no pinned link, no route to its remote end, no link with its local"
+                    " address and no default route",
+                )
         findings = [
             found
             for link, underlay in pairs
             if underlay is not None and (found := mtu_finding(self.node, link, underlay))
         ]
-        set_check(self.check_ok, "overlay_mtu", not findings)
+        unchecked = any(underlay is None for _, underlay in pairs)
+        set_check(
+            self.check_ok, "overlay_mtu", None if unchecked and not findings else not findings
+        )
         return findings

@@ -327,6 +327,14 @@ def test_overlay_mtu_against_real_links(ns: NodeNetns) -> None:
     assert routed.details["underlay_found_by"] == "route to 192.0.2.9"
     assert routed.details["excess"] == 1500 + 50 - 1380
     assert check(registry, "overlay_mtu") == 0
+    ns.ip("link", "del", "vxlan.calico")
+    # no dev, no remote, no local, no default route: not checked, and said so
+    ns.ip("link", "add", "vx9", "type", "vxlan", "id", "9", "dstport", "4789")
+    collector.sources.start()
+    assert collector.collect() == []
+    failed = [r for r in collector.sources.results() if r.status == "failed"]
+    assert [r.source for r in failed] == ["underlay of vx9"]
+    assert check(registry, "overlay_mtu") is None
 
 
 # ------------------------------------------------------------------ the real CLI
