@@ -7,11 +7,14 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import realkernel
+from agentproc import REPO
 
 
 @dataclass
@@ -33,6 +36,15 @@ class NodeNetns:
 
     def read_sysctl(self, path: str) -> str:
         return self.run("cat", f"/proc/sys/{path}").strip()
+
+    def scan(self, host_root: Path, cluster_dns: str) -> subprocess.CompletedProcess[str]:
+        """``nodediag scan --json`` inside the namespace, on ``host_root``, as node-x."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.name, sys.executable, "-m", "agent", "scan", "--json",
+             "--no-kube", "--kernel-log", "kmsg", "--since", "1s", "--host-root",
+             str(host_root), "--cluster-dns", cluster_dns, "--node-name", "node-x"],
+            capture_output=True, text=True, timeout=120, cwd=REPO,
+        )  # fmt: skip
 
     @property
     def inode(self) -> int:

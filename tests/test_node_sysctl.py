@@ -7,14 +7,12 @@ build (no br_netfilter module to unload, no ipip/wireguard drivers) run on recor
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import REPO, json_lines
+from agentproc import json_lines
 from nodenet import NodeNetns, throwaway_netns
 from prometheus_client import CollectorRegistry
 
@@ -356,12 +354,7 @@ def test_scan_reports_node_settings_and_the_resolver_loop(
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "resolv.conf").write_text("nameserver 127.0.0.53\noptions edns0\n")
     (root / "proc").symlink_to("/proc")
-    result = subprocess.run(
-        ["ip", "netns", "exec", ns.name, sys.executable, "-m", "agent", "scan", "--json",
-         "--no-kube", "--kernel-log", "kmsg", "--since", "1s", "--host-root", str(root),
-         "--cluster-dns", "10.43.0.10", "--node-name", "node-x"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-    )  # fmt: skip
+    result = ns.scan(root, "10.43.0.10")
     assert result.returncode == 1, result.stderr
     found = {f["reason"]: f for f in json_lines(result.stdout)}
     assert {"BridgeNetfilterDisabled", "OverlayMTUTooLarge", "DNSResolverLoop"} <= set(found)

@@ -162,21 +162,13 @@ def test_in_root_keeps_absolute_links_inside_the_root(tmp_path: Path) -> None:
 def test_scan_says_the_resolver_file_was_not_checked(tmp_path: Path) -> None:
     """kubelet names a resolvConf that is not there (or not mounted): ``scan`` reports the
     source it could not read (CollectorFailed), never "no faults"."""
-    import subprocess
-    import sys
-
-    from agentproc import REPO, json_lines
+    from agentproc import json_lines
     from nodenet import throwaway_netns
 
     write(tmp_path, "/var/lib/kubelet/config.yaml", "resolvConf: /etc/kubelet-resolv.conf\n")
     (tmp_path / "proc").symlink_to("/proc")
     with throwaway_netns() as ns:
-        result = subprocess.run(
-            ["ip", "netns", "exec", ns.name, sys.executable, "-m", "agent", "scan", "--json",
-             "--no-kube", "--kernel-log", "kmsg", "--since", "1s", "--host-root", str(tmp_path),
-             "--cluster-dns", "127.0.0.1", "--node-name", "node-x"],
-            capture_output=True, text=True, timeout=120, cwd=REPO,
-        )  # fmt: skip
+        result = ns.scan(tmp_path, "127.0.0.1")
     failed = [f for f in json_lines(result.stdout) if f["reason"] == "CollectorFailed"]
     resolver = [f for f in failed if f["details"]["collector"] == "resolver"]
     assert [f["details"]["source"] for f in resolver] == ["resolv_conf"], result.stdout
