@@ -130,6 +130,8 @@ class ConntrackReading:
     count: int | None
     max: int | None
     stats: ConntrackStats | None
+    netns_inode: int | None = None
+    """The namespace read (the kernel names any but the initial one by this number)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +228,10 @@ def _when(events: LogEvents) -> str:
     return f" between {first} and {last}"
 
 
-def _where(namespaces: tuple[int, ...]) -> str:
-    parts = ["in the node's network namespace"] if INITIAL_NETNS in namespaces else []
-    others = [str(n) for n in namespaces if n != INITIAL_NETNS]
+def _where(namespaces: tuple[int, ...], node_netns: int | None) -> str:
+    mine = {INITIAL_NETNS, node_netns}
+    parts = ["in the node's network namespace"] if mine & set(namespaces) else []
+    others = [str(n) for n in namespaces if n not in mine]
     if others:
         parts.append(f"in network namespace(s) {', '.join(others)} (a pod's or container's own)")
     return " and ".join(parts)
@@ -267,7 +270,8 @@ def table_full_finding(
     if events.count:
         said.append(
             f"{events.count} 'table full, dropping packet' kernel message(s){_when(events)}"
-            f" {_where(events.namespaces)} (rate limited: at least that many drops)"
+            f" {_where(events.namespaces, reading.netns_inode)} (rate limited: at least that"
+            " many drops)"
         )
     fix = table_full_fix(reading.max)
     message = (
@@ -389,7 +393,13 @@ class ConntrackCollector:
             "nf_conntrack_max", lambda: _read_int(sysctls / "nf_conntrack_max")
         )
         stats = self.sources.read("stat", self._read_stat)
-        return ConntrackReading(count, limit, stats)
+        return ConntrackReading(count, limit, stats, self._netns_inode())
+
+    def _netns_inode(self) -> int | None:
+        try:
+            return (self.proc / "thread-self" / "ns" / "net").stat().st_ino
+        except OSError:
+            return None
 
     def _read_stat(self) -> ConntrackStats:
         path = self.proc / STAT_FILE

@@ -299,15 +299,18 @@ def test_a_real_full_table_drops_and_the_kernel_says_so() -> None:
         assert codes == [errno.EPERM] * 3  # netfilter dropped them
         watch.drain()
         source.close()
-        events = table_full.take()
-        assert events.count >= 1
-        assert events.namespaces == (ns.inode,)
 
+        # The collector takes what the log loop fed, as in `run`.
         registry = CollectorRegistry()
-        collector = ConntrackCollector("node-1", registry, netns=ns.name, log=None)
+        collector = ConntrackCollector("node-1", registry, netns=ns.name, log=table_full)
         [finding] = collector.collect()
         assert finding.reason == "ConntrackTableFull"
-        assert finding.details["evidence"] == ["at_max", "drop"]
+        assert finding.details["evidence"] == ["at_max", "drop", "kernel_log"]
+        counters = finding.details["counters"]
+        assert counters["kernel_log_messages"] >= 1
+        assert counters["kernel_log_namespaces"] == [ns.inode]  # the kernel named this one
+        # ... which is the namespace the collector read: the node's
+        assert "in the node's network namespace" in finding.message
         assert finding.details["counters"]["drop"] == conntrack_stats(ns)["drop"] >= 3
         assert registry.get_sample_value("nodediag_conntrack_entries") == limit
         assert (
