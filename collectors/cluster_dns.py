@@ -91,8 +91,8 @@ def _from_rancher_config(path: Path, problems: list[str]) -> tuple[str, ...]:
     return _valid_ips(value if isinstance(value, list) else [value] if value else [])
 
 
-def kubelet_command_lines(proc: Path) -> Iterator[list[str]]:
-    """argv of every process whose program is a kubelet."""
+def command_lines(proc: Path, program: bytes) -> Iterator[list[str]]:
+    """argv of every process whose program (argv[0]'s base name) is ``program``."""
     for entry in proc.iterdir() if proc.is_dir() else ():
         if not entry.name.isdigit():
             continue
@@ -100,8 +100,13 @@ def kubelet_command_lines(proc: Path) -> Iterator[list[str]]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].rsplit(b"/", 1)[-1] == b"kubelet":
+        if argv and argv[0].rsplit(b"/", 1)[-1] == program:
             yield [arg.decode("utf-8", "replace") for arg in argv if arg]
+
+
+def kubelet_command_lines(proc: Path) -> Iterator[list[str]]:
+    """argv of every process whose program is a kubelet."""
+    return command_lines(proc, b"kubelet")
 
 
 def flag_values(argv: list[str], flag: str) -> list[str]:
@@ -218,9 +223,49 @@ def _find_resolv_conf(host_root: Path, problems: list[str]) -> tuple[str, str]:
     return DEFAULT_RESOLV_CONF, "kubelet default"
 
 
+K3S_FALLBACK_RESOLV_CONF = "/var/lib/rancher/k3s/agent/etc/resolv.conf"
+
+
+def k3s_valid_resolv_conf(text: str) -> bool:
+    """K3s's test of a resolv.conf it may hand kubelet: at least one nameserver, and every
+    one a global unicast address (not loopback, link-local, multicast or unspecified)."""
+    found = False
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] != "nameserver":
+            continue
+        try:
+            address = ipaddress.ip_address(words[1])
+        except ValueError:
+            return False
+        if address.is_loopback or address.is_link_local or address.is_multicast:
+            return False
+        if address.is_unspecified:
+            return False
+        found = True
+    return found
+
+
+def _k3s_choice(host_root: Path) -> tuple[str, str]:
+    """What an embedded K3s kubelet (no kubelet process to read) uses without resolv-conf:
+    the first valid of /etc/resolv.conf and systemd-resolved's upstream file, else a file it
+    writes itself with 8.8.8.8."""
+    for candidate in (DEFAULT_RESOLV_CONF, "/run/systemd/resolve/resolv.conf"):
+        try:
+            text = (host_root / candidate.lstrip("/")).read_text(errors="replace")
+        except OSError:
+            continue
+        if k3s_valid_resolv_conf(text):
+            return candidate, "K3s's own choice (no resolv-conf set)"
+    return K3S_FALLBACK_RESOLV_CONF, "K3s's fallback (no resolv-conf set, no valid host file)"
+
+
 def discover_resolv_conf(host_root: Path = Path("/")) -> ResolvConfSetting:
     """Which file kubelet hands pods with ``dnsPolicy: Default``: a kubelet's own flag or
-    config, the kubeadm config, K3s/RKE2 drop-ins and config, else kubelet's default."""
+    config, the kubeadm config, K3s/RKE2 drop-ins and config, else kubelet's default (or,
+    under K3s, whose kubelet runs inside the k3s process, K3s's own choice)."""
     problems: list[str] = []
     path, source = _find_resolv_conf(host_root, problems)
+    if source == "kubelet default" and any(command_lines(host_root / "proc", b"k3s")):
+        path, source = _k3s_choice(host_root)
     return ResolvConfSetting(path, source, tuple(problems))

@@ -176,3 +176,42 @@ def test_scan_says_the_resolver_file_was_not_checked(tmp_path: Path) -> None:
     # 2, or 1 when a warning comes too (the probe to 127.0.0.1 finds no DNS server there; the
     # host's kernel log may hold others' OOM kills): never 0, "no faults"
     assert result.returncode in (1, 2), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("etc", "upstream", "chosen"),
+    [
+        ("nameserver 10.0.0.2\n", UPSTREAM, "/etc/resolv.conf"),
+        (STUB, UPSTREAM, "/run/systemd/resolve/resolv.conf"),
+        (STUB, None, "/var/lib/rancher/k3s/agent/etc/resolv.conf"),
+        (
+            "nameserver 10.0.0.2\nnameserver fe80::1\n",
+            None,
+            "/var/lib/rancher/k3s/agent/etc/resolv.conf",
+        ),
+    ],
+)
+def test_k3s_picks_its_own_file_without_resolv_conf(
+    tmp_path: Path, etc: str, upstream: str | None, chosen: str
+) -> None:
+    """K3s's kubelet runs inside the k3s process (no kubelet command line to read): without
+    resolv-conf it takes the first valid of /etc/resolv.conf and systemd-resolved's upstream
+    file, else writes its own with 8.8.8.8 — no loop either way."""
+    write(tmp_path, "/proc/321/cmdline", "/usr/local/bin/k3s\0server\0")
+    write(tmp_path, "/etc/resolv.conf", etc)
+    if upstream is not None:
+        write(tmp_path, "/run/systemd/resolve/resolv.conf", upstream)
+    write(tmp_path, "/var/lib/rancher/k3s/agent/etc/resolv.conf", "nameserver 8.8.8.8\n")
+    setting = discover_resolv_conf(tmp_path)
+    assert setting.path == chosen
+    assert setting.source.startswith("K3s's")
+    assert collect(tmp_path) == ([], {}, 1)
+
+
+def test_k3s_with_an_explicit_loopback_file_still_loops(tmp_path: Path) -> None:
+    write(tmp_path, "/proc/321/cmdline", "/usr/local/bin/k3s\0server\0")
+    write(tmp_path, "/etc/rancher/k3s/config.yaml", "resolv-conf: /etc/resolv.conf\n")
+    write(tmp_path, "/etc/resolv.conf", STUB)
+    reasons, details, _ = collect(tmp_path)
+    assert reasons == ["DNSResolverLoop"]
+    assert details["resolv_conf_source"] == "resolv-conf in /etc/rancher/k3s/config.yaml"
