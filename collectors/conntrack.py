@@ -201,6 +201,12 @@ class TableFullLog:
                 self._first = self._first or record.time
                 self._last = record.time
 
+    @property
+    def pending(self) -> int:
+        """How many messages the next ``take`` returns."""
+        with self._lock:
+            return self._count
+
     def take(self) -> LogEvents:
         """The messages since the last ``take`` (and forget them)."""
         with self._lock:
