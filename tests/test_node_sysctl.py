@@ -7,12 +7,15 @@ build (no br_netfilter module to unload, no ipip/wireguard drivers) run on recor
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import json_lines
+from agentproc import REPO, free_port, json_lines
 from nodenet import NodeNetns, throwaway_netns
 from prometheus_client import CollectorRegistry
 
@@ -366,3 +369,69 @@ def test_scan_reports_node_settings_and_the_resolver_loop(
     assert found["OverlayMTUTooLarge"]["details"]["excess"] == 30
     assert found["DNSResolverLoop"]["details"]["loopback"] == ["127.0.0.53"]
     assert "IPForwardingDisabled" not in found
+
+
+@pytest.mark.root
+def test_run_exports_the_node_checks(ns: NodeNetns, pod: NodeNetns, tmp_path: Path) -> None:
+    """``nodediag run`` in a namespace playing the node: the checks' gauge, the conntrack
+    gauges, every new collector and source read, and the finding in the log."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    pod_bridge(ns, pod)
+    ns.write_sysctl("net/bridge/bridge-nf-call-iptables", 0)
+    root = tmp_path / "host"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "resolv.conf").write_text("nameserver 192.0.2.53\n")
+    (root / "proc").symlink_to("/proc")
+    port = free_port()
+    out = (tmp_path / "stdout").open("w+")  # files, not pipes: a full pipe would block it
+    agent = subprocess.Popen(
+        ["ip", "netns", "exec", ns.name, sys.executable, "-m", "agent", "run", "--no-kube",
+         "--kernel-log", "kmsg", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path),
+         "--host-root", str(root), "--cluster-dns", "127.0.0.1", "--node-name", "node-x"],
+        stdout=out, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+    )  # fmt: skip
+    script = f"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    new = ("conntrack", "node_sysctl", "overlay_mtu", "resolver")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = ns.run("python3", "-c", script, check=False)
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            if all(("nodediag_collector_success", (("collector", c),)) in samples for c in new):
+                break
+            time.sleep(0.2)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+        out.seek(0)
+        log = out.read()
+        out.close()
+    assert [samples.get(("nodediag_collector_success", (("collector", c),))) for c in new] == [
+        1.0
+    ] * 4
+    sources = {
+        labels: value
+        for (name, labels), value in samples.items()
+        if name == "nodediag_collector_source_success" and dict(labels)["collector"] in new
+    }
+    assert sources and set(sources.values()) == {1.0}, sources
+    checks = {
+        dict(labels)["check"]: value
+        for (name, labels), value in samples.items()
+        if name == "nodediag_node_check_ok"
+    }
+    assert checks == {
+        "bridge_netfilter": 0.0, "ip_forward": 1.0, "rp_filter": 1.0, "overlay_mtu": 1.0,
+        "resolver": 1.0,
+    }  # fmt: skip
+    limit = float(Path("/proc/sys/net/netfilter/nf_conntrack_max").read_text())
+    assert samples[("nodediag_conntrack_max", ())] == limit
+    assert ("nodediag_conntrack_insert_failed_total", ()) in samples
+    reasons = [json_lines(line)[0]["reason"] for line in log.splitlines() if line.startswith("{")]
+    assert "BridgeNetfilterDisabled" in reasons
