@@ -569,6 +569,9 @@ def test_dashboard_panels() -> None:
         "nodediag_dns_probe_duration_seconds_bucket",
         "nodediag_collector_success",
         "nodediag_collector_source_success",
+        "nodediag_conntrack_entries",
+        "nodediag_conntrack_drops_total",
+        "nodediag_node_check_ok",
         "up{",
     ):
         assert needed in exprs, needed
