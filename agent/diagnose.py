@@ -79,7 +79,7 @@ def scan(
     if containers.down_reason is not None:  # the kills are there, their pod names are not
         why = f"{containers.down_reason}: OOM findings carry pod uid and container id only"
         node_findings.append(collector_failed(settings.node_name, "kernel_log", "containerd", why))
-    log_findings = findings_from_log(settings.node_name, table_full.take(), "kernel log")
+    log_findings = findings_from_log(settings.node_name, table_full.take(), "the kernel log")
     return oom + log_findings + node_findings
 
 

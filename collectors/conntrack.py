@@ -281,7 +281,7 @@ def table_full_finding(
         )
     fix = table_full_fix(reading.max)
     message = (
-        f"The connection tracking table was full ({where}): {'; '.join(said)}. New flows —"
+        f"The connection tracking table was full (from {where}): {'; '.join(said)}. New flows —"
         " DNS queries among them — are dropped while it is. Fix: "
         f"`{fix['fix']}`, persisted in {PERSIST_FILE}; on a kube-proxy node raise"
         " conntrack.maxPerCore in kube-proxy's configuration (it sets the limit at start)."
@@ -326,8 +326,8 @@ def insert_failed_finding(
             "insert_failed_total": stats.get("insert_failed"),
             "clash_resolved_total": stats.get("clashres"),
             "cpus": stats.cpus,
+            "since": "counters started" if first else "last check",
         },
-        "since": "counters started" if first else "last check",
         "fix": "NodeLocal DNSCache",
         "fix_pod": "dnsConfig: {options: [{name: single-request-reopen}]}",
     }
@@ -418,7 +418,7 @@ class ConntrackCollector:
         reading = self.read()
         events = self.log.take() if self.log is not None else LogEvents()
         if reading is None:
-            return findings_from_log(self.node, events, "kernel log")
+            return findings_from_log(self.node, events, "the kernel log")
         self._export(reading)
         first = self._previous is None
         verdict = judge(reading, self._previous, events)
@@ -426,7 +426,11 @@ class ConntrackCollector:
             self._previous = reading.stats
         findings: list[Finding] = []
         if verdict.table_full:
-            findings.append(table_full_finding(self.node, reading, verdict, events, "node", first))
+            findings.append(
+                table_full_finding(
+                    self.node, reading, verdict, events, "the node's counters", first
+                )
+            )
         if verdict.insert_failed and reading.stats is not None:
             findings.append(insert_failed_finding(self.node, verdict, reading.stats, first))
         return findings
