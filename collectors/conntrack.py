@@ -45,9 +45,10 @@ from collectors.registry import SourceLog
 TABLE_FULL_WORDS: tuple[bytes, ...] = (b"table full",)
 """What a kernel log source must let through for :class:`TableFullLog` (a prefilter)."""
 _TABLE_FULL = re.compile(
-    r"\b(?:nf|ip)_conntrack: (?:nf_conntrack: )?table full(?: in netns (?P<netns>\d{1,20}))?,"
+    r"\b(?:nf|ip)_conntrack: (?:nf_conntrack: )?table full(?: in netns (?P<netns>[0-9]{1,20}))?,"
     r" dropping packet"
 )
+_HEX_WORD = re.compile(r"[0-9a-fA-F]{1,16}")
 SYSCTL_DIR = "sys/net/netfilter"
 STAT_FILE = "thread-self/net/stat/nf_conntrack"
 """Under ``proc``: ``thread-self`` so a reader in another namespace's thread reads that one."""
@@ -91,6 +92,7 @@ def parse_stat(text: str) -> ConntrackStats | None:
     ``None`` without a header row. A row whose width differs from the header's or that holds
     a non-hex word is skipped (not guessed at); ``cpus`` counts the rows used."""
     lines = [line.split() for line in text.splitlines() if line.strip()]
+    hex_word = _HEX_WORD.fullmatch
     if not lines or lines[0][:1] != ["entries"]:
         return None
     names = lines[0]
@@ -98,12 +100,9 @@ def parse_stat(text: str) -> ConntrackStats | None:
     entries: int | None = None
     cpus = 0
     for words in lines[1:]:
-        if len(words) != len(names):
+        if len(words) != len(names) or not all(hex_word(word) for word in words):
             continue
-        try:
-            values = [int(word, 16) for word in words]
-        except ValueError:
-            continue
+        values = [int(word, 16) for word in words]
         cpus += 1
         # Every row carries the same (namespace-wide) entry count.
         entries = values[0] if entries is None else entries
