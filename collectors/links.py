@@ -95,10 +95,17 @@ class LinkView:
 
     links: list[NetLink]
     global_ipv6: list[str] = field(default_factory=list)
-    """Links (not ``lo``) holding a global IPv6 address: the node is IPv6 or dual-stack."""
+    """Links (not ``lo``) holding a global IPv6 address."""
 
     def by_index(self, index: int | None) -> NetLink | None:
         return next((link for link in self.links if link.index == index), None)
+
+    @property
+    def ipv6_pod_links(self) -> list[str]:
+        """Pod bridges and overlays with a global IPv6 address: pods get IPv6 here (an IPv6
+        address on the uplink alone does not make the pods' network IPv6)."""
+        pod_side = {link.name for link in pod_bridges(self.links) + overlay_links(self.links)}
+        return [name for name in self.global_ipv6 if name in pod_side]
 
 
 # ----------------------------------------------------------------------------------- I/O

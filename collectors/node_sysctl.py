@@ -1,12 +1,14 @@
 """Node settings that break pod DNS: bridge netfilter, forwarding, strict reverse-path filter.
 
 - ``br_netfilter`` absent (no ``/proc/sys/net/bridge``), or ``net.bridge.bridge-nf-call-
-  iptables`` (``-ip6tables`` on an IPv6 node) = 0, while pods sit on a Linux bridge (a bridge
-  with veth ports: ``cni0``, ``docker0``, …): bridged pod → Service traffic skips iptables,
-  so kube-proxy's DNAT never happens for a DNS pod on the same bridge, and its replies come
-  back from the pod IP the client never asked (`BridgeNetfilterDisabled`).
-- ``net.ipv4.ip_forward`` = 0 (``net.ipv6.conf.all.forwarding`` = 0 on an IPv6 node) while pod
-  links exist: nothing is routed between pods, the node and other nodes (`IPForwardingDisabled`).
+  iptables`` (``-ip6tables`` when the pod bridge has IPv6) = 0, while pods sit on a Linux
+  bridge (a bridge with pods' veths as ports: ``cni0``, ``docker0``, …): bridged pod →
+  Service traffic skips iptables, so kube-proxy's DNAT never happens for a DNS pod on the
+  same bridge, and its replies come back from the pod IP the client never asked
+  (`BridgeNetfilterDisabled`).
+- ``net.ipv4.ip_forward`` = 0 (``net.ipv6.conf.all.forwarding`` = 0 when a pod bridge or
+  overlay has IPv6) while pod links exist: nothing is routed between pods, the node and
+  other nodes (`IPForwardingDisabled`).
 - ``rp_filter`` = 1 (strict) on an overlay or pod-bridge link, the effective value being
   ``max(conf.all, conf.<link>)``: replies arriving on another link than the route back are
   dropped (`StrictReversePathFilter`).
@@ -67,7 +69,7 @@ def bridge_finding(node: str, view: LinkView, s: Settings) -> Finding | None:
     bridges = [b.name for b in pod_bridges(view.links)]
     if not bridges or s.br_netfilter is None:
         return None
-    ipv6 = bool(view.global_ipv6)
+    ipv6 = bool(view.ipv6_pod_links)
     wanted = {sysctl_name(BRIDGE_NF): 1} | ({sysctl_name(BRIDGE_NF6): 1} if ipv6 else {})
     if not s.br_netfilter:
         evidence = "the br_netfilter module is not loaded (no /proc/sys/net/bridge)"
@@ -94,7 +96,7 @@ def bridge_finding(node: str, view: LinkView, s: Settings) -> Finding | None:
         "br_netfilter_loaded": s.br_netfilter,
         "bridge_nf_call_iptables": s.bridge_nf,
         "bridge_nf_call_ip6tables": s.bridge_nf6,
-        "ipv6_links": view.global_ipv6,
+        "ipv6_pod_links": view.ipv6_pod_links,
         **fix,
     }
     return _finding("BridgeNetfilterDisabled", node, message, details)
@@ -105,7 +107,7 @@ def forwarding_finding(node: str, view: LinkView, s: Settings) -> Finding | None
     if not pod_links:
         return None
     off = {sysctl_name(IP_FORWARD): s.ip_forward}
-    if view.global_ipv6:
+    if view.ipv6_pod_links:
         off[sysctl_name(IPV6_FORWARDING)] = s.ipv6_forwarding
     off = {name: value for name, value in off.items() if value == 0}
     if not off:
@@ -119,7 +121,12 @@ def forwarding_finding(node: str, view: LinkView, s: Settings) -> Finding | None
         " routes nothing between pods, itself and other nodes, so pods cannot reach the DNS"
         f" (or anything else). Fix: `{fix['fix']}`; persist: `{fix['fix_persistent']}`."
     )
-    details = {"disabled": list(off), "pod_links": pod_links, "ipv6_links": view.global_ipv6, **fix}
+    details = {
+        "disabled": list(off),
+        "pod_links": pod_links,
+        "ipv6_pod_links": view.ipv6_pod_links,
+        **fix,
+    }
     return _finding("IPForwardingDisabled", node, message, details)
 
 

@@ -106,6 +106,14 @@ class RunningAgent:
                     total += sample.value
         return total
 
+    @property
+    def oom_findings(self) -> list[dict[str, Any]]:
+        """The OOM kill findings (the node checks may report the machine's settings too)."""
+        from agent.metrics import OOM_REASONS
+
+        with self._lock:
+            return [f for f in self.findings if f["reason"] in OOM_REASONS]
+
     def findings_for(self, container_id: str) -> list[dict[str, Any]]:
         with self._lock:
             return [f for f in self.findings if f["subject"].get("container_id") == container_id]

@@ -158,6 +158,6 @@ def test_restart_resumes_after_the_last_reported_record(
         assert len(second.findings_for(while_down.container_id)) == 1
         assert second.findings_for(before_stop.container_id) == []
         # Every kill counted is one reported (other kills on the machine may count too).
-        assert second.metric("nodediag_oom_kills_total") == len(second.findings)
+        assert second.metric("nodediag_oom_kills_total") == len(second.oom_findings)
     finally:
         assert second.stop() == 0, second.log()

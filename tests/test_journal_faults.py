@@ -82,7 +82,7 @@ def test_run_reads_on_across_journald_restart_outage_rotation_and_vacuum(
         assert agent.proc.poll() is None
         assert agent.metric("nodediag_collector_success", collector="kernel_log") == 1
         # Every kill counted is one reported (other kills on the machine may count too).
-        assert agent.metric("nodediag_oom_kills_total") == len(agent.findings)
+        assert agent.metric("nodediag_oom_kills_total") == len(agent.oom_findings)
     finally:
         assert agent.stop() == 0, agent.log()
     assert "Traceback" not in "\n".join(agent.log_lines)
