@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -157,6 +158,42 @@ def discover(host_root: Path = Path("/"), explicit: Iterable[str] = ()) -> Clust
 
 
 # ----------------------------------------------------------------------- kubelet resolvConf
+
+
+def nameservers(text: str) -> list[str]:
+    """The ``nameserver`` addresses of resolv.conf text, in order (zone ids dropped); a line
+    that is not a valid address is skipped, as the resolver does."""
+    found: list[str] = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] != "nameserver":
+            continue
+        try:
+            found.append(str(ipaddress.ip_address(words[1].split("%", 1)[0])))
+        except ValueError:
+            continue
+    return found
+
+
+def in_root(root: Path, path: str, hops: int = 16) -> Path:
+    """``path`` on the host seen under ``root``, following symlinks inside ``root`` (an
+    absolute link target is the host's, not this process's). ``OSError`` on a link loop."""
+    parts = list(PurePosixPath(path).parts[1:])
+    current = root
+    while parts:
+        part = parts.pop(0)
+        candidate = current / part
+        if candidate.is_symlink():
+            if hops == 0:
+                raise OSError(f"{path}: too many symbolic links under {root}")
+            hops -= 1
+            target = PurePosixPath(os.readlink(candidate))
+            base = root if target.is_absolute() else current
+            parts = list(target.parts[1:] if target.is_absolute() else target.parts) + parts
+            current = base
+            continue
+        current = current.parent if part == ".." and current != root else candidate
+    return current
 
 
 @dataclass(frozen=True, slots=True)

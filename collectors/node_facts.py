@@ -16,8 +16,8 @@ host's, in the DaemonSet) and reads the files under the host root.
 - the node's addresses (global ones, not on pod, overlay, cache or IPVS links) and the uplink
   (the default route's device); NodeLocal DNSCache's addresses on ``nodelocaldns``; IPVS mode
   when ``kube-ipvs0`` exists;
-- the upstream nameservers: kubelet's ``resolvConf`` (kubeadm's ``config.yaml``; default
-  ``/etc/resolv.conf``).
+- the upstream nameservers: kubelet's ``resolvConf`` (``cluster_dns.discover_resolv_conf``;
+  default ``/etc/resolv.conf``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from collectors.cluster_dns import discover_resolv_conf, in_root, nameservers
 from collectors.netfilter.flows import NodeFacts, OverlayLink
 
 log = logging.getLogger(__name__)
@@ -238,32 +237,13 @@ def _cni_subnets(text: str) -> list[str]:
     return subnets
 
 
-def nameservers(text: str) -> list[str]:
-    found = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            try:
-                found.append(str(ipaddress.ip_address(parts[1].split("%")[0])))
-            except ValueError:
-                continue
-    return found
-
-
 # --------------------------------------------------------------------------- I/O
 
 
 def resolv_conf_path(host_root: Path) -> Path:
-    """The resolver file kubelet gives pods: ``resolvConf`` of kubeadm's kubelet config, else
-    ``/etc/resolv.conf`` (under the host root)."""
-    try:
-        config = yaml.safe_load((host_root / KUBELET_CONFIG).read_text())
-    except (OSError, yaml.YAMLError):
-        config = None
-    named = config.get("resolvConf") if isinstance(config, dict) else None
-    if isinstance(named, str) and named:
-        return host_root / named.lstrip("/")
-    return host_root / DEFAULT_RESOLV
+    """The resolver file kubelet gives pods (:func:`discover_resolv_conf`: its flag or config,
+    kubeadm's, K3s/RKE2's, else ``/etc/resolv.conf``), seen under the host root."""
+    return in_root(host_root, discover_resolv_conf(host_root).path or "/" + DEFAULT_RESOLV)
 
 
 def _read(path: Path, problems: list[str]) -> str | None:

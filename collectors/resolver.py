@@ -8,20 +8,19 @@ pod itself inside the pod: CoreDNS forwards to itself, its ``loop`` plugin stops
 (CrashLoopBackOff) or queries go unanswered. No nameserver at all is as bad: the resolver
 falls back to 127.0.0.1 and CoreDNS's ``forward`` has nowhere to go (`DNSResolverLoop`).
 
-Pure part: :func:`nameservers`, :func:`resolver_finding`. I/O: :class:`ResolverCollector`
-(files under the host root; symlinks followed inside it).
+Pure part: :func:`resolver_finding` (on ``cluster_dns.nameservers``). I/O:
+:class:`ResolverCollector` (files under the host root; symlinks followed inside it).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from collectors.cluster_dns import ResolvConfSetting, discover_resolv_conf
+from collectors.cluster_dns import ResolvConfSetting, discover_resolv_conf, in_root, nameservers
 from collectors.finding import Finding
 from collectors.node_checks import check_gauge, set_check
 from collectors.registry import SourceLog
@@ -30,21 +29,6 @@ RESOLVED_UPSTREAM = "/run/systemd/resolve/resolv.conf"
 """systemd-resolved's list of the real upstream servers (the stub file names 127.0.0.53)."""
 MAX_NAMESERVERS = 3
 """glibc (MAXNS) and kubelet use the first three."""
-
-
-def nameservers(text: str) -> list[str]:
-    """The ``nameserver`` addresses of resolv.conf text, in order (zone ids dropped);
-    a line that is not a valid address is skipped, as the resolver does."""
-    found: list[str] = []
-    for line in text.splitlines():
-        words = line.split()
-        if len(words) < 2 or words[0] != "nameserver":
-            continue
-        try:
-            found.append(str(ipaddress.ip_address(words[1].split("%", 1)[0])))
-        except ValueError:
-            continue
-    return found
 
 
 def loopback(servers: list[str]) -> list[str]:
@@ -99,27 +83,6 @@ def resolver_finding(
         **fix,
     }
     return Finding.on_node("DNSResolverLoop", node, message, details, time=datetime.now(UTC))
-
-
-def in_root(root: Path, path: str, hops: int = 16) -> Path:
-    """``path`` on the host seen under ``root``, following symlinks inside ``root`` (an
-    absolute link target is the host's, not this process's). ``OSError`` on a link loop."""
-    parts = list(PurePosixPath(path).parts[1:])
-    current = root
-    while parts:
-        part = parts.pop(0)
-        candidate = current / part
-        if candidate.is_symlink():
-            if hops == 0:
-                raise OSError(f"{path}: too many symbolic links under {root}")
-            hops -= 1
-            target = PurePosixPath(os.readlink(candidate))
-            base = root if target.is_absolute() else current
-            parts = list(target.parts[1:] if target.is_absolute() else target.parts) + parts
-            current = base
-            continue
-        current = current.parent if part == ".." and current != root else candidate
-    return current
 
 
 class ResolverCollector:

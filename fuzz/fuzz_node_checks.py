@@ -1,5 +1,5 @@
 """Fuzz the node checks' parsers: ``collectors/conntrack.py`` ``parse_stat`` and
-``table_full_netns``; ``collectors/resolver.py`` ``nameservers``; ``collectors/cluster_dns.py``
+``table_full_netns``; ``collectors/cluster_dns.py`` ``nameservers`` and
 ``k3s_valid_resolv_conf``.
 
 Input: a first byte choosing the parser (mod 3), then ``/proc/net/stat/nf_conntrack`` text,
@@ -29,9 +29,8 @@ import atheris
 
 _common.enable_hooks(atheris)
 with atheris.instrument_imports(include=["collectors"]):
-    from collectors.cluster_dns import k3s_valid_resolv_conf
+    from collectors.cluster_dns import k3s_valid_resolv_conf, nameservers
     from collectors.conntrack import parse_stat, table_full_netns
-    from collectors.resolver import nameservers
 
 
 def check_stat(text: str) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from collectors.cluster_dns import discover_resolv_conf
-from collectors.resolver import ResolverCollector, in_root, nameservers
+from collectors.cluster_dns import discover_resolv_conf, in_root, nameservers
+from collectors.resolver import ResolverCollector
 
 STUB = """\
 # This is /run/systemd/resolve/stub-resolv.conf managed by man:systemd-resolved(8).
