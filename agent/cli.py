@@ -73,6 +73,12 @@ def _common_flags(*, kernel_log_source: bool = True) -> argparse.ArgumentParser:
         help="host:port for /metrics, /healthz, /readyz (default 0.0.0.0:9102)",
     )
     add(
+        "--web-config-file",
+        type=Path,
+        default=_env("web-config-file"),
+        help="TLS and basic auth for --listen, as the exporters' --web.config.file (default off)",
+    )
+    add(
         "--state-dir",
         type=Path,
         default=_env("state-dir") or "/var/lib/nodediag",
@@ -225,6 +231,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         kernel_log=kernel_log,  # type: ignore[arg-type]
         journal_path=Path(args.journal_path) if args.journal_path else None,
         listen=args.listen if isinstance(args.listen, tuple) else parse_listen(args.listen),
+        web_config_file=Path(args.web_config_file) if args.web_config_file else None,
         kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
         no_kube=args.no_kube,
         fix_vxlan_offload=args.fix_vxlan_offload,
@@ -251,7 +258,18 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     kubeconfig = settings.kubeconfig
     if kubeconfig is not None and not settings.no_kube and not kubeconfig.is_file():
         raise InputError(f"--kubeconfig {kubeconfig}: no such file")
+    _check_web_config(settings.web_config_file)
     return run(settings)
+
+
+def _check_web_config(path: Path | None) -> None:
+    from agent.web_config import WebConfigError, load
+
+    if path is not None:
+        try:
+            load(path)
+        except WebConfigError as error:
+            raise InputError(str(error)) from error
 
 
 def _check_state_dir(path: Path) -> None:

@@ -21,6 +21,7 @@ from agent.oom_findings import LiveEvidence, OomFindings
 from agent.periodic import ClusterDnsSource, PeriodicCollectors, build_collectors
 from agent.settings import Settings
 from agent.state import StateFile
+from agent.web_config import WebConfig
 from collectors.conntrack import TableFullLog
 from collectors.finding import Finding
 from collectors.memcg import MemcgProbe
@@ -76,9 +77,13 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     def ready() -> tuple[bool, str]:
         return watch.caught_up, "caught up" if watch.caught_up else "catching up on the kernel log"
 
-    server = HttpServer(*settings.listen, make_app(metrics.registry, healthy, ready))
+    web_config = WebConfig(settings.web_config_file) if settings.web_config_file else None
+    app = make_app(metrics.registry, healthy, ready)
+    server = HttpServer(*settings.listen, app, web_config=web_config)
     server.start()
-    log.info("serving /metrics, /healthz, /readyz on %s:%d", settings.listen[0], server.port)
+    scheme = "https" if web_config and web_config.tls else "http"
+    log.info("serving /metrics, /healthz, /readyz on %s://%s:%d", scheme, settings.listen[0],
+             server.port)  # fmt: skip
     _stop_on_signals(stop)
     threads = _start_periodic(settings, metrics, stop, report, table_full)
     pods = kube.pods if kube else None

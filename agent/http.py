@@ -1,42 +1,30 @@
-"""``/metrics``, ``/healthz`` and ``/readyz`` on one small threaded HTTP server.
+"""``/metrics``, ``/healthz`` and ``/readyz``: the WSGI app, served by a bounded server
+(agent/http_server.py: a fixed number of threads, deadlines, optional TLS and basic auth).
 
 Only ``GET`` and ``HEAD`` of those three paths are served: any other method is 405 (with
 ``Allow``), any other path 404; a ``HEAD`` answer carries the headers and no body."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
-import threading
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from agent.http_server import DEFAULT_LIMITS, IDLE_POLL, BoundedHttpServer, Limits
+from agent.web_config import WebConfig
 
 log = logging.getLogger(__name__)
 
 StartResponse = Callable[..., Any]
 Check = Callable[[], tuple[bool, str]]
 
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + format, *args)
-
+__all__ = ["IDLE_POLL", "HttpServer", "Limits", "make_app"]
 
 PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 METHODS = ("GET", "HEAD")
 TEXT = ("Content-Type", "text/plain; charset=utf-8")
-# serve_forever looks for a shutdown request only between two select() timeouts (0.5 s by
-# default: two wake-ups a second on an idle agent); ``stop`` wakes it with a connection.
-IDLE_POLL = 60.0
 
 
 def make_app(registry: CollectorRegistry, healthy: Check, ready: Check) -> Callable[..., Any]:
@@ -80,35 +68,39 @@ def _routes(registry: CollectorRegistry, healthy: Check, ready: Check) -> Callab
 
 
 class HttpServer:
-    """Serves the app on a daemon thread; ``port`` is the bound port (useful with port 0)."""
+    """Serves the app on a daemon thread; ``port`` is the bound port (useful with port 0).
 
-    def __init__(self, host: str, port: int, app: Callable[..., Any]) -> None:
-        self._server = make_server(
-            host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler
+    With a web configuration, answers go over TLS and ``/metrics`` asks for the configured
+    basic-auth users or client certificate; ``/healthz`` and ``/readyz`` ask for neither (the
+    kubelet's probes can present neither)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        app: Callable[..., Any],
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        web_config: WebConfig | None = None,
+    ) -> None:
+        if web_config is not None:
+            app = web_config.guard(app)
+        self._server = BoundedHttpServer(
+            host,
+            port,
+            app,
+            limits=limits,
+            tls=web_config.tls_context if web_config else lambda: None,
         )
-        self.port = self._server.server_port
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": IDLE_POLL},
-            name="http",
-            daemon=True,
-        )
+        self.port = self._server.address[1]
+        self._thread = self._server.thread
+
+    @property
+    def stats(self) -> Any:
+        return self._server.stats
 
     def start(self) -> None:
-        self._thread.start()
+        self._server.start()
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            stopper = threading.Thread(target=self._server.shutdown, daemon=True)
-            stopper.start()
-            while stopper.is_alive():
-                self._poke()
-                stopper.join(0.05)
-        self._server.server_close()
-
-    def _poke(self) -> None:
-        """A connection that ends the server's select() at once."""
-        host, port = self._server.server_address[:2]
-        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(str(host), str(host))
-        with contextlib.suppress(OSError):
-            socket.create_connection((host, port), timeout=1).close()
+        self._server.stop()

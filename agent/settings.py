@@ -46,6 +46,10 @@ class Settings:
     listen: tuple[str, int] = ("0.0.0.0", 9102)
     """Address and port serving ``/metrics``, ``/healthz`` and ``/readyz``."""
 
+    web_config_file: Path | None = None
+    """TLS, client certificates and basic auth for that endpoint, in the format of the
+    exporters' ``--web.config.file`` (agent/web_config.py); None: plain HTTP, no auth."""
+
     kubeconfig: Path | None = None
     """Kubeconfig to use; else in-cluster config, else ``$KUBECONFIG``."""
 

@@ -1,0 +1,431 @@
+"""A bounded HTTP/1.1 server: one thread multiplexes every connection (``selectors``), a
+fixed pool of handler threads runs the slow requests; nothing grows with the number of clients.
+
+- Connections cost a socket and a small record, no thread. At most ``max_connections`` are
+  held; a new one beyond that closes the oldest that has not yet sent a whole request.
+- A request head must arrive (TLS handshake included) within ``read_timeout`` seconds of the
+  connection, and the answer must be taken by the client within ``write_timeout`` seconds,
+  else the connection is closed.
+- Requests for the ``pooled`` paths (``/metrics``) go to ``handlers`` threads; at most
+  ``max_requests`` of them are queued, running or being written at once, more get 503. Every
+  other path (``/healthz``, ``/readyz``, 404s) is answered by the loop itself at once, so the
+  kubelet's probes are answered whatever ``/metrics`` is doing.
+- Out of file descriptors (EMFILE/ENFILE), the oldest unanswered connection is closed to make
+  room; with none to close the listener pauses for a moment (logged, at most once a minute).
+- One request per connection (``Connection: close``)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import queue
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from agent.http_wire import (
+    MAX_HEAD,
+    BadRequest,
+    WsgiApp,
+    environ_for,
+    head_end,
+    parse_head,
+    run_app,
+    simple_response,
+)
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL = 60.0
+"""Longest sleep of the loop when no deadline is near (it is woken for stop and answers)."""
+ACCEPTS_PER_ROUND = 64
+PAUSE_WHEN_OUT_OF_FDS = 0.1
+_RECV = 4096
+_SEND = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    handlers: int = 4
+    """Threads answering ``/metrics`` (the prometheus_client exposition: CPU-bound)."""
+    max_requests: int = 40
+    """``/metrics`` requests queued, running or being written at once (node_exporter's
+    ``--web.max-requests``); more are answered 503."""
+    max_connections: int = 512
+    """Connections held at once; a new one beyond closes the oldest not yet answered."""
+    read_timeout: float = 10.0
+    """Seconds from accept to a complete request head (TLS handshake included)."""
+    write_timeout: float = 10.0
+    """Seconds for the client to take the whole answer."""
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Stats:
+    """What the server did to clients, for tests, the bench and the debug log."""
+
+    accepted: int = 0
+    answered: int = 0
+    read_timeouts: int = 0
+    write_timeouts: int = 0
+    evicted: int = 0
+    busy: int = 0
+    bad: int = 0
+    tls_failures: int = 0
+    out_of_fds: int = 0
+    open_now: int = 0
+    """Connections held now."""
+    by_status: dict[int, int] = field(default_factory=dict)
+
+
+class _Conn:
+    __slots__ = ("deadline", "handshaken", "head", "out", "peer", "pooled", "sent", "sock")
+
+    def __init__(self, sock: socket.socket, peer: str, deadline: float, tls: bool) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.deadline = deadline
+        self.handshaken = not tls
+        self.head = bytearray()
+        self.out = b""
+        self.sent = 0
+        self.pooled = False
+
+
+_LISTENER = object()
+_WAKER = object()
+
+
+class BoundedHttpServer:
+    """Serves a WSGI app; ``tls`` gives the SSL context to use now (None: plain HTTP)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        app: WsgiApp,
+        *,
+        pooled: frozenset[str] = frozenset({"/metrics"}),
+        limits: Limits = DEFAULT_LIMITS,
+        tls: Callable[[], ssl.SSLContext | None] = lambda: None,
+    ) -> None:
+        self._app = app
+        self._pooled = pooled
+        self.limits = limits
+        self._tls = tls
+        self.stats = Stats()
+        self._listener = _listen(host, port)
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._selector = selectors.DefaultSelector()
+        self._waker_r, self._waker_w = socket.socketpair()
+        for sock in (self._listener, self._waker_r, self._waker_w):
+            sock.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
+        self._selector.register(self._waker_r, selectors.EVENT_READ, _WAKER)
+        self._reading: dict[int, _Conn] = {}  # accept order = deadline order
+        self._writing: dict[int, _Conn] = {}  # answer order = deadline order
+        self._in_pool = 0
+        self._jobs: queue.SimpleQueue[tuple[_Conn, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._done: collections.deque[tuple[_Conn, bytes]] = collections.deque()
+        self._paused_until = 0.0
+        self._last_fd_warning = -1e9
+        self._stopping = False
+        self._workers = [
+            threading.Thread(target=self._work, name=f"http-handler-{i}", daemon=True)
+            for i in range(limits.handlers)
+        ]
+        self.thread = threading.Thread(target=self._loop, name="http", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        for worker in self._workers:
+            worker.start()
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake()
+        if self.thread.is_alive():
+            self.thread.join(5)
+        for _ in self._workers:
+            self._jobs.put(None)
+        for worker in self._workers:
+            if worker.is_alive():
+                worker.join(1)
+        self._close_all()
+
+    def _close_all(self) -> None:
+        for conn in [*self._reading.values(), *self._writing.values()]:
+            self._close(conn)
+        self._selector.close()
+        for sock in (self._listener, self._waker_r, self._waker_w):
+            sock.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (already woken) or closed
+            self._waker_w.send(b"\0")
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                events = self._selector.select(self._next_timeout())
+            except OSError:  # closed under us at stop
+                return
+            for key, _ in events:
+                if key.data is _LISTENER:
+                    self._accept()
+                elif key.data is _WAKER:
+                    self._drain_waker()
+                elif key.data.sock.fileno() < 0:
+                    continue  # closed earlier in this round
+                elif key.data.out:
+                    self._send(key.data)
+                else:
+                    self._receive(key.data)
+            self._take_answers()
+            self._expire(time.monotonic())
+
+    def _next_timeout(self) -> float:
+        deadlines = [
+            conns[next(iter(conns))].deadline for conns in (self._reading, self._writing) if conns
+        ]
+        if self._paused_until:
+            deadlines.append(self._paused_until)
+        if not deadlines:
+            return IDLE_POLL
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
+        for conns, what in ((self._reading, "read"), (self._writing, "write")):
+            while conns:
+                conn = conns[next(iter(conns))]
+                if conn.deadline > now:
+                    break
+                if what == "read":
+                    self.stats.read_timeouts += 1
+                else:
+                    self.stats.write_timeouts += 1
+                log.debug("http: %s timed out (%s)", conn.peer, what)
+                self._close(conn)
+
+    # ------------------------------------------------------------------ accepting
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPTS_PER_ROUND):
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._out_of_fds(error)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone
+            self.stats.accepted += 1
+            self._admit(sock, str(peer[0]))
+
+    def _admit(self, sock: socket.socket, peer: str) -> None:
+        if self.stats.open_now >= self.limits.max_connections:
+            if not self._reading:
+                sock.close()
+                return
+            self.stats.evicted += 1
+            self._close(self._reading[next(iter(self._reading))])
+        sock.setblocking(False)
+        context = self._tls()
+        if context is not None:
+            try:
+                sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError):
+                sock.close()
+                return
+        conn = _Conn(sock, peer, time.monotonic() + self.limits.read_timeout, context is not None)
+        self._reading[sock.fileno()] = conn
+        self.stats.open_now += 1
+        self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _out_of_fds(self, error: OSError) -> None:
+        self.stats.out_of_fds += 1
+        now = time.monotonic()
+        if now - self._last_fd_warning >= 60:
+            self._last_fd_warning = now
+            log.warning(
+                "http: cannot accept a connection (%s); closing the oldest unanswered one",
+                error.strerror,
+            )
+        if self._reading:
+            self.stats.evicted += 1
+            self._close(self._reading[next(iter(self._reading))])
+        else:
+            self._selector.unregister(self._listener)
+            self._paused_until = now + PAUSE_WHEN_OUT_OF_FDS
+
+    # ------------------------------------------------------------------ reading a request
+
+    def _receive(self, conn: _Conn) -> None:
+        try:
+            if not conn.handshaken:
+                assert isinstance(conn.sock, ssl.SSLSocket)
+                conn.sock.do_handshake()
+                conn.handshaken = True
+                self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            while len(conn.head) <= MAX_HEAD:
+                data = conn.sock.recv(_RECV)
+                if not data:
+                    self._close(conn)  # the client went away
+                    return
+                start = len(conn.head)
+                conn.head += data
+                end = head_end(conn.head, start)
+                if end >= 0:
+                    self._dispatch(conn, bytes(conn.head[:end]))
+                    return
+        except ssl.SSLWantWriteError:
+            self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+            return
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return
+        except ssl.SSLError as error:
+            self.stats.tls_failures += 1
+            log.debug("http: TLS with %s failed: %s", conn.peer, error)
+            self._close(conn)
+            return
+        except OSError:
+            self._close(conn)
+            return
+        self._answer(conn, simple_response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE))
+
+    def _dispatch(self, conn: _Conn, head: bytes) -> None:
+        try:
+            request = parse_head(head)
+        except BadRequest as error:
+            self.stats.bad += 1
+            log.debug("http: %s: %s", conn.peer, error)
+            self._answer(conn, simple_response(HTTPStatus.BAD_REQUEST))
+            return
+        scheme = "https" if isinstance(conn.sock, ssl.SSLSocket) else "http"
+        environ = environ_for(request, self.address, conn.peer, scheme)
+        if isinstance(conn.sock, ssl.SSLSocket):
+            environ["nodediag.client_cert"] = bool(conn.sock.getpeercert())
+        if environ["PATH_INFO"] not in self._pooled:
+            self._answer(conn, self._run(environ))
+            return
+        if self._in_pool >= self.limits.max_requests:
+            self.stats.busy += 1
+            busy = simple_response(HTTPStatus.SERVICE_UNAVAILABLE, ("Retry-After", "1"))
+            self._answer(conn, busy)
+            return
+        del self._reading[conn.sock.fileno()]
+        self._selector.unregister(conn.sock)
+        conn.pooled = True
+        self._in_pool += 1
+        self._jobs.put((conn, environ))
+
+    def _run(self, environ: dict[str, Any]) -> bytes:
+        try:
+            return run_app(self._app, environ)
+        except Exception:
+            log.exception("http: answering %s failed", environ.get("PATH_INFO"))
+            return simple_response(HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    # ------------------------------------------------------------------ the handler pool
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            conn, environ = job
+            self._done.append((conn, self._run(environ)))
+            self._wake()
+
+    def _drain_waker(self) -> None:
+        try:
+            while self._waker_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _take_answers(self) -> None:
+        while self._done:
+            conn, answer = self._done.popleft()
+            self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+            self._start_writing(conn, answer)
+
+    # ------------------------------------------------------------------ writing the answer
+
+    def _answer(self, conn: _Conn, answer: bytes) -> None:
+        del self._reading[conn.sock.fileno()]
+        self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        self._start_writing(conn, answer)
+
+    def _start_writing(self, conn: _Conn, answer: bytes) -> None:
+        self.stats.answered += 1
+        status = int(answer[9:12])
+        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+        conn.head = bytearray()
+        conn.out = answer
+        conn.deadline = time.monotonic() + self.limits.write_timeout
+        self._writing[conn.sock.fileno()] = conn
+        self._send(conn)
+
+    def _send(self, conn: _Conn) -> None:
+        try:
+            while conn.sent < len(conn.out):
+                conn.sent += conn.sock.send(conn.out[conn.sent : conn.sent + _SEND])
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            return
+        except ssl.SSLWantReadError:
+            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            return
+        except OSError:
+            pass  # the client went away
+        else:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+        self._close(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        self._reading.pop(fd, None)
+        self._writing.pop(fd, None)
+        if conn.pooled:
+            conn.pooled = False
+            self._in_pool -= 1
+        # A pooled connection is not registered while a handler works on it.
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn.sock)
+        conn.sock.close()
+        self.stats.open_now -= 1
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family, _, _, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host in ("::", ""):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
