@@ -225,7 +225,8 @@ def test_health_answers_while_every_handler_is_busy_and_excess_metrics_get_503()
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ["PATH_INFO"] == "/metrics":
             release.wait(PATIENCE)  # a scrape that takes long
-        return metrics(environ, start_response)
+        answer: Iterable[bytes] = metrics(environ, start_response)
+        return answer
 
     served = Served(limits(max_requests=5, write_timeout=PATIENCE), app)
     waiting = [served.connect() for _ in range(5)]
