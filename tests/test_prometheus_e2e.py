@@ -33,7 +33,14 @@ INVISIBLE = 'nodediag_oom_kills_total{scope="invisible"}'
 class Prometheus:
     """A real Prometheus server on 127.0.0.1 with a temporary TSDB."""
 
-    def __init__(self, workdir: Path, target: str, rule_files: list[Path]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        target: str,
+        rule_files: list[Path],
+        jobs: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """``jobs``: more scrape jobs of the target, by name, with their scrape settings."""
         binary = shutil.which("prometheus")
         if binary is None:
             realkernel.skip_or_fail("prometheus not installed (Debian package prometheus)")
@@ -45,7 +52,8 @@ class Prometheus:
             },
             "rule_files": [str(p) for p in rule_files],
             "scrape_configs": [
-                {"job_name": "nodediag", "static_configs": [{"targets": [target]}]},
+                {"job_name": name, "static_configs": [{"targets": [target]}], **settings}
+                for name, settings in {"nodediag": {}, **(jobs or {})}.items()
             ],
         }
         config_file = workdir / "prometheus.yml"
