@@ -46,8 +46,10 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL = 60.0
 """Longest sleep of the loop when no deadline is near (it is woken for stop and answers)."""
-ACCEPTS_PER_ROUND = 64
+ACCEPTS_PER_ROUND = 256
+"""Fewer than ``max_connections``: a new connection is read before it can be evicted."""
 PAUSE_WHEN_OUT_OF_FDS = 0.1
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _RECV = 4096
 _SEND = 64 * 1024
 
@@ -227,7 +229,7 @@ class BoundedHttpServer:
     # ------------------------------------------------------------------ accepting
 
     def _accept(self) -> None:
-        for _ in range(ACCEPTS_PER_ROUND):
+        for _ in range(min(ACCEPTS_PER_ROUND, max(1, self.limits.max_connections // 2))):
             try:
                 sock, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -424,7 +426,7 @@ def _listen(host: str, port: int) -> socket.socket:
         if family == socket.AF_INET6 and host in ("::", ""):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(address)
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()
         raise

@@ -53,7 +53,10 @@ def render(directory: Path, components: list[Path] | None = None) -> list[Obj]:
     for component in [directory / c for c in kustomization.get("components", [])] + extra:
         spec = yaml.safe_load((component / "kustomization.yaml").read_text())
         assert spec["kind"] == "Component", component
-        assert set(spec) <= {"apiVersion", "kind", "patches"}, f"{component}: unsupported keys"
+        known = {"apiVersion", "kind", "resources", "patches"}
+        assert set(spec) <= known, f"{component}: unsupported keys"
+        for resource in spec.get("resources", []):
+            objects.extend(d for d in yaml.safe_load_all((component / resource).read_text()) if d)
         _apply_patches(objects, spec.get("patches", []))
     _apply_patches(objects, kustomization.get("patches", []))
     for image in kustomization.get("images", []):
@@ -149,7 +152,7 @@ def env(objects: list[Obj]) -> dict[str, Any]:
 
 
 def test_components_exist() -> None:
-    assert set(COMPONENTS) == {"kmsg", "fix-vxlan-offload"}
+    assert set(COMPONENTS) == {"kmsg", "fix-vxlan-offload", "tls"}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -159,6 +162,7 @@ def test_every_object_validates_against_the_official_schemas(variant: str) -> No
     assert kinds == sorted(
         ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet",
          "Service", "ServiceMonitor", "PrometheusRule"]
+        + (["ConfigMap"] if variant == "tls" else [])
     )  # fmt: skip
     for obj in objects:
         if obj["apiVersion"] in CRDS:
@@ -240,6 +244,70 @@ def test_fix_vxlan_offload_component() -> None:
     assert env(objects)["NODEDIAG_FIX_VXLAN_OFFLOAD"] == "1"
     assert "NET_ADMIN" in container(objects)["securityContext"]["capabilities"]["add"]
     assert "privileged" not in container(objects)["securityContext"]
+
+
+def test_tls_component_serves_https_and_its_probes_still_pass(tmp_path: Path) -> None:
+    """The rendered web configuration, with a test CA's files where the Secret is mounted,
+    is loaded by the agent's own server: a kubelet-like probe (HTTPS, certificate not
+    checked, none presented) gets /healthz and /readyz; /metrics wants a client certificate."""
+    import http.client
+    import ssl
+
+    from prometheus_client import CollectorRegistry
+    from testca import make_test_ca
+
+    from agent.http import HttpServer, make_app
+    from agent.web_config import WebConfig
+
+    objects = rendered("tls")
+    agent = container(objects)
+    config_path = Path(env(objects)["NODEDIAG_WEB_CONFIG_FILE"])
+    mounts = {m["name"]: m for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    config_volume = next(n for n, m in mounts.items() if m["mountPath"] == str(config_path.parent))
+    config_map = the(objects, "ConfigMap")
+    assert volumes[config_volume]["configMap"]["name"] == config_map["metadata"]["name"]
+    secret_dir = Path(mounts["tls"]["mountPath"])
+    assert volumes["tls"]["secret"]["secretName"] == "nodediag-tls"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert agent[probe]["httpGet"]["scheme"] == "HTTPS"
+    endpoint = the(objects, "ServiceMonitor")["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"]["serverName"] == "nodediag.nodediag.svc"
+    assert (
+        endpoint["tlsConfig"]["keySecret"]["name"]
+        == endpoint["tlsConfig"]["cert"]["secret"]["name"]
+    )
+
+    # The Secret's keys (kubernetes.io/tls plus ca.crt), with a test CA's files.
+    certs = make_test_ca(tmp_path / "ca")
+    mounted = tmp_path / "secret"
+    mounted.mkdir()
+    for key, source in (("tls.crt", certs.server_cert), ("tls.key", certs.server_key),
+                        ("ca.crt", certs.ca)):  # fmt: skip
+        shutil.copy(source, mounted / key)
+    text = config_map["data"][config_path.name]
+    assert str(secret_dir) in text
+    local = tmp_path / config_path.name
+    local.write_text(text.replace(str(secret_dir), str(mounted)))
+    app = make_app(CollectorRegistry(), lambda: (True, "ok"), lambda: (True, "ready"))
+    server = HttpServer("127.0.0.1", 0, app, web_config=WebConfig(local))
+    server.start()
+    try:
+        kubelet = ssl.create_default_context()
+        kubelet.check_hostname = False
+        kubelet.verify_mode = ssl.CERT_NONE  # the kubelet's HTTPS probes verify nothing
+        for path, status in (
+            (agent["livenessProbe"]["httpGet"]["path"], 200),
+            (agent["readinessProbe"]["httpGet"]["path"], 200),
+            ("/metrics", 403),
+        ):
+            conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=kubelet)
+            conn.request("GET", path)
+            assert conn.getresponse().status == status, path
+            conn.close()
+    finally:
+        server.stop()
 
 
 def test_env_vars_name_real_flags() -> None:
