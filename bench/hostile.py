@@ -13,7 +13,8 @@ scrapes ``/metrics`` and ``/healthz`` over fresh connections every 0.2 s and tim
 
 Phases, each ``--phase-seconds`` long, in order:
 - idle: no hostile client (the baseline);
-- idle-10k: ``--idle`` connections opened and held, each reopened when the server closes it;
+- idle-10k: ``--idle`` connections opened once and held (the server keeps 512, closes the rest);
+- flood-10k: the same, each reopened as soon as the server closes it (a reconnect flood);
 - slowloris: 1,000 connections sending one header byte every second, reopened when closed;
 - slow-readers: 200 connections asking for /metrics with a 4 KiB receive buffer and never
   reading, reopened every 12 s;
@@ -46,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-PHASES = ("idle", "idle-10k", "slowloris", "slow-readers", "garbage", "all", "rest")
+PHASES = ("idle", "idle-10k", "flood-10k", "slowloris", "slow-readers", "garbage", "all", "rest")
 
 
 # ---------------------------------------------------------------------- the server (child)
@@ -94,13 +95,15 @@ class Pool:
     """``size`` client sockets of one kind, each reopened when the server closes it."""
 
     def __init__(self, port: int, size: int, first: bytes, drip: bytes, lifetime: float,
-                 reads: bool, rcvbuf: int = 0) -> None:  # fmt: skip
+                 reads: bool, rcvbuf: int = 0, reopen: bool = True) -> None:  # fmt: skip
         self.port, self.size, self.first, self.drip = port, size, first, drip
-        self.lifetime, self.reads, self.rcvbuf = lifetime, reads, rcvbuf
+        self.lifetime, self.reads, self.rcvbuf, self.reopen = lifetime, reads, rcvbuf, reopen
         self.born: dict[socket.socket, float] = {}
+        self.opened = 0
 
     def open(self, selector: selectors.BaseSelector) -> None:
-        while len(self.born) < self.size:
+        while len(self.born) < self.size and (self.reopen or self.opened < self.size):
+            self.opened += 1
             sock = socket.socket()
             if self.rcvbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
@@ -139,7 +142,8 @@ class Pool:
 def pools_for(phase: str, port: int, idle: int) -> list[Pool]:
     garbage = os.urandom(4096)
     kinds = {
-        "idle-10k": [Pool(port, idle, b"", b"", 0, reads=True)],
+        "idle-10k": [Pool(port, idle, b"", b"", 0, reads=True, reopen=False)],
+        "flood-10k": [Pool(port, idle, b"", b"", 0, reads=True)],
         "slowloris": [Pool(port, 1000, b"GET /metrics HTTP/1.1\r\n", b"X", 0, reads=True)],
         "slow-readers": [
             Pool(port, 200, b"GET /metrics HTTP/1.1\r\n\r\n", b"", 12, reads=False, rcvbuf=4096)
@@ -147,7 +151,7 @@ def pools_for(phase: str, port: int, idle: int) -> list[Pool]:
         "garbage": [Pool(port, 8, garbage, b"", 0, reads=True)],
     }
     if phase == "all":
-        return [pool for name in ("idle-10k", "slowloris", "slow-readers", "garbage")
+        return [pool for name in ("flood-10k", "slowloris", "slow-readers", "garbage")
                 for pool in pools_for(name, port, idle)]  # fmt: skip
     return kinds.get(phase, [])
 
@@ -272,8 +276,10 @@ def run(args: argparse.Namespace) -> None:
 
 def print_table(rows: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> None:
     idle_rss = max(s[0] for s in rows[0][1]["samples"])
-    print(f"hostile clients, {args.phase_seconds:.0f} s a phase, {'TLS' if args.tls else 'HTTP'};"
-          f" idle RSS {idle_rss:.1f} MiB")  # fmt: skip
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    mode = "TLS" if args.tls else "HTTP"
+    print(f"hostile clients, {args.phase_seconds:.0f} s a phase, {mode}; idle RSS "
+          f"{idle_rss:.1f} MiB; {os.cpu_count()} CPUs, load {load} at the end")  # fmt: skip
     header = ("phase", "RSS max MiB", "vs idle", "threads", "fds max", "scrape p50/p99/max ms",
               "healthz p50/max ms", "failed")  # fmt: skip
     print("| " + " | ".join(header) + " |")

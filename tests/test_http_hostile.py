@@ -279,3 +279,52 @@ def test_parse_head() -> None:
                 b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 101 + b"\r\n"):  # fmt: skip
         with pytest.raises(BadRequest):
             parse_head(bad)
+
+
+SERVER_WITH_FEW_FDS = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from prometheus_client import CollectorRegistry
+from agent.http import HttpServer, Limits, make_app
+app = make_app(CollectorRegistry(), lambda: (True, "ok"), lambda: (True, ""))
+server = HttpServer("127.0.0.1", 0, app, limits=Limits(read_timeout=60))
+server.start()
+print(server.port, flush=True)
+sys.stdin.read()
+print(server.stats.out_of_fds, server.stats.evicted, flush=True)
+server.stop()
+"""
+
+
+def test_out_of_file_descriptors_the_oldest_unanswered_connection_makes_room() -> None:
+    """A server process limited to 64 fds, 200 clients: it keeps accepting (closing the
+    oldest idle connection for each new one) and /healthz still answers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(
+        [sys.executable, "-c", SERVER_WITH_FEW_FDS],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=repo,
+    )  # fmt: skip
+    assert child.stdout is not None and child.stdin is not None
+    try:
+        port = int(child.stdout.readline())
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) for _ in range(200)]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=PATIENCE)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert closed_by_server(idle[0])
+        for sock in idle:
+            sock.close()
+        child.stdin.close()
+        out_of_fds, evicted = map(int, child.stdout.readline().split())
+        assert out_of_fds > 0 and evicted > 0
+        assert child.wait(PATIENCE) == 0, child.stderr.read() if child.stderr else ""
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
