@@ -91,13 +91,22 @@ class Stats:
 
 
 class _Conn:
-    __slots__ = ("deadline", "handshaken", "head", "out", "peer", "pooled", "sent", "sock")
+    __slots__ = ("closed", "deadline", "fd", "handshaken", "head", "out", "peer", "pooled", "sent",
+                 "sock", "tls")  # fmt: skip
 
-    def __init__(self, sock: socket.socket, peer: str, deadline: float, tls: bool) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: str, deadline: float, tls: ssl.SSLContext | None
+    ) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
+        """The key in the server's tables, whatever happens to the socket object."""
+        self.closed = False
         self.peer = peer
         self.deadline = deadline
-        self.handshaken = not tls
+        self.tls = tls
+        """The context to wrap the socket in when its first bytes arrive (then None): a
+        connection that sends nothing costs no TLS state."""
+        self.handshaken = tls is None
         self.head = bytearray()
         self.out = b""
         self.sent = 0
@@ -135,6 +144,7 @@ class BoundedHttpServer:
         self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
         self._selector.register(self._waker_r, selectors.EVENT_READ, _WAKER)
         self._reading: dict[int, _Conn] = {}  # accept order = deadline order
+        self._silent: dict[int, _Conn] = {}  # those of them that have sent nothing yet
         self._writing: dict[int, _Conn] = {}  # answer order = deadline order
         self._in_pool = 0
         self._jobs: queue.SimpleQueue[tuple[_Conn, dict[str, Any]] | None] = queue.SimpleQueue()
@@ -191,7 +201,7 @@ class BoundedHttpServer:
                     self._accept()
                 elif key.data is _WAKER:
                     self._drain_waker()
-                elif key.data.sock.fileno() < 0:
+                elif key.data.closed:
                     continue  # closed earlier in this round
                 elif key.data.out:
                     self._send(key.data)
@@ -243,24 +253,24 @@ class BoundedHttpServer:
             self._admit(sock, str(peer[0]))
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
-        if self.stats.open_now >= self.limits.max_connections:
-            if not self._reading:
-                sock.close()
-                return
-            self.stats.evicted += 1
-            self._close(self._reading[next(iter(self._reading))])
+        if self.stats.open_now >= self.limits.max_connections and not self._evict_one():
+            sock.close()
+            return
         sock.setblocking(False)
-        context = self._tls()
-        if context is not None:
-            try:
-                sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            except (OSError, ValueError):
-                sock.close()
-                return
-        conn = _Conn(sock, peer, time.monotonic() + self.limits.read_timeout, context is not None)
-        self._reading[sock.fileno()] = conn
+        conn = _Conn(sock, peer, time.monotonic() + self.limits.read_timeout, self._tls())
+        self._reading[conn.fd] = conn
+        self._silent[conn.fd] = conn
         self.stats.open_now += 1
         self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _evict_one(self) -> bool:
+        """Close the oldest connection that has sent nothing, else the oldest unanswered."""
+        for conns in (self._silent, self._reading):
+            if conns:
+                self.stats.evicted += 1
+                self._close(conns[next(iter(conns))])
+                return True
+        return False
 
     def _out_of_fds(self, error: OSError) -> None:
         self.stats.out_of_fds += 1
@@ -271,16 +281,16 @@ class BoundedHttpServer:
                 "http: cannot accept a connection (%s); closing the oldest unanswered one",
                 error.strerror,
             )
-        if self._reading:
-            self.stats.evicted += 1
-            self._close(self._reading[next(iter(self._reading))])
-        else:
+        if not self._evict_one():
             self._selector.unregister(self._listener)
             self._paused_until = now + PAUSE_WHEN_OUT_OF_FDS
 
     # ------------------------------------------------------------------ reading a request
 
     def _receive(self, conn: _Conn) -> None:
+        self._silent.pop(conn.fd, None)
+        if conn.tls is not None and not self._wrap(conn, conn.tls):
+            return
         try:
             if not conn.handshaken:
                 assert isinstance(conn.sock, ssl.SSLSocket)
@@ -313,6 +323,19 @@ class BoundedHttpServer:
             return
         self._answer(conn, simple_response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE))
 
+    def _wrap(self, conn: _Conn, context: ssl.SSLContext) -> bool:
+        conn.tls = None
+        self._selector.unregister(conn.sock)
+        try:
+            conn.sock = context.wrap_socket(
+                conn.sock, server_side=True, do_handshake_on_connect=False
+            )
+        except (OSError, ValueError):
+            self._close(conn)
+            return False
+        self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+        return True
+
     def _dispatch(self, conn: _Conn, head: bytes) -> None:
         try:
             request = parse_head(head)
@@ -333,7 +356,7 @@ class BoundedHttpServer:
             busy = simple_response(HTTPStatus.SERVICE_UNAVAILABLE, ("Retry-After", "1"))
             self._answer(conn, busy)
             return
-        del self._reading[conn.sock.fileno()]
+        del self._reading[conn.fd]
         self._selector.unregister(conn.sock)
         conn.pooled = True
         self._in_pool += 1
@@ -370,7 +393,7 @@ class BoundedHttpServer:
     # ------------------------------------------------------------------ writing the answer
 
     def _answer(self, conn: _Conn, answer: bytes) -> None:
-        del self._reading[conn.sock.fileno()]
+        del self._reading[conn.fd]
         self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
         self._start_writing(conn, answer)
 
@@ -381,7 +404,7 @@ class BoundedHttpServer:
         conn.head = bytearray()
         conn.out = answer
         conn.deadline = time.monotonic() + self.limits.write_timeout
-        self._writing[conn.sock.fileno()] = conn
+        self._writing[conn.fd] = conn
         self._send(conn)
 
     def _send(self, conn: _Conn) -> None:
@@ -401,18 +424,19 @@ class BoundedHttpServer:
         self._close(conn)
 
     def _close(self, conn: _Conn) -> None:
-        fd = conn.sock.fileno()
-        if fd < 0:
+        if conn.closed:
             return
-        self._reading.pop(fd, None)
-        self._writing.pop(fd, None)
+        conn.closed = True
+        for table in (self._reading, self._silent, self._writing):
+            table.pop(conn.fd, None)
         if conn.pooled:
             conn.pooled = False
             self._in_pool -= 1
         # A pooled connection is not registered while a handler works on it.
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
-        conn.sock.close()
+        with contextlib.suppress(OSError):
+            conn.sock.close()
         self.stats.open_now -= 1
 
 
