@@ -1,8 +1,9 @@
 """A bounded HTTP/1.1 server: one thread multiplexes every connection (``selectors``), a
 fixed pool of handler threads runs the slow requests; nothing grows with the number of clients.
 
-- Connections cost a socket and a small record, no thread. At most ``max_connections`` are
-  held; a new one beyond that closes the oldest that has not yet sent a whole request.
+- Connections cost a socket and a small record, no thread (with TLS, no TLS state either
+  until their first bytes arrive). At most ``max_connections`` are held; a new one beyond
+  that closes the oldest that has sent nothing yet, else the oldest not yet answered.
 - A request head must arrive (TLS handshake included) within ``read_timeout`` seconds of the
   connection, and the answer must be taken by the client within ``write_timeout`` seconds,
   else the connection is closed.
@@ -10,8 +11,8 @@ fixed pool of handler threads runs the slow requests; nothing grows with the num
   ``max_requests`` of them are queued, running or being written at once, more get 503. Every
   other path (``/healthz``, ``/readyz``, 404s) is answered by the loop itself at once, so the
   kubelet's probes are answered whatever ``/metrics`` is doing.
-- Out of file descriptors (EMFILE/ENFILE), the oldest unanswered connection is closed to make
-  room; with none to close the listener pauses for a moment (logged, at most once a minute).
+- Out of file descriptors (EMFILE/ENFILE), a connection is closed the same way to make room;
+  with none to close the listener pauses for a moment (logged, at most once a minute).
 - One request per connection (``Connection: close``)."""
 
 from __future__ import annotations
@@ -91,13 +92,15 @@ class Stats:
 
 
 class _Conn:
-    __slots__ = ("closed", "deadline", "fd", "handshaken", "head", "out", "peer", "pooled", "sent",
-                 "sock", "tls")  # fmt: skip
+    __slots__ = ("closed", "deadline", "fd", "handshaken", "head", "out", "peer", "pooled",
+                 "round", "sent", "sock", "tls")  # fmt: skip
 
     def __init__(
-        self, sock: socket.socket, peer: str, deadline: float, tls: ssl.SSLContext | None
+        self, sock: socket.socket, peer: str, deadline: float, tls: ssl.SSLContext | None, turn: int
     ) -> None:
         self.sock = sock
+        self.round = turn
+        """The loop round that accepted it: it is not evicted before the next round read it."""
         self.fd = sock.fileno()
         """The key in the server's tables, whatever happens to the socket object."""
         self.closed = False
@@ -150,6 +153,7 @@ class BoundedHttpServer:
         self._jobs: queue.SimpleQueue[tuple[_Conn, dict[str, Any]] | None] = queue.SimpleQueue()
         self._done: collections.deque[tuple[_Conn, bytes]] = collections.deque()
         self._paused_until = 0.0
+        self._round = 0
         self._last_fd_warning = -1e9
         self._stopping = False
         self._workers = [
@@ -196,9 +200,11 @@ class BoundedHttpServer:
                 events = self._selector.select(self._next_timeout())
             except OSError:  # closed under us at stop
                 return
+            self._round += 1
+            accept = False
             for key, _ in events:
                 if key.data is _LISTENER:
-                    self._accept()
+                    accept = True  # after the others: last round's newcomers are read first
                 elif key.data is _WAKER:
                     self._drain_waker()
                 elif key.data.closed:
@@ -207,6 +213,8 @@ class BoundedHttpServer:
                     self._send(key.data)
                 else:
                     self._receive(key.data)
+            if accept:
+                self._accept()
             self._take_answers()
             self._expire(time.monotonic())
 
@@ -257,18 +265,21 @@ class BoundedHttpServer:
             sock.close()
             return
         sock.setblocking(False)
-        conn = _Conn(sock, peer, time.monotonic() + self.limits.read_timeout, self._tls())
+        deadline = time.monotonic() + self.limits.read_timeout
+        conn = _Conn(sock, peer, deadline, self._tls(), self._round)
         self._reading[conn.fd] = conn
         self._silent[conn.fd] = conn
         self.stats.open_now += 1
         self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _evict_one(self) -> bool:
-        """Close the oldest connection that has sent nothing, else the oldest unanswered."""
+        """Close the oldest connection that has sent nothing, else the oldest unanswered;
+        never one accepted in this round (it has not been read yet)."""
         for conns in (self._silent, self._reading):
-            if conns:
+            oldest = conns[next(iter(conns))] if conns else None
+            if oldest is not None and oldest.round < self._round:
                 self.stats.evicted += 1
-                self._close(conns[next(iter(conns))])
+                self._close(oldest)
                 return True
         return False
 
