@@ -116,6 +116,8 @@ class _Conn:
         self.pooled = False
 
 
+_TLS_HANDSHAKE = b"\x16"
+"""The content type of the record that opens every TLS connection."""
 _LISTENER = object()
 _WAKER = object()
 
@@ -335,6 +337,19 @@ class BoundedHttpServer:
         self._answer(conn, simple_response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE))
 
     def _wrap(self, conn: _Conn, context: ssl.SSLContext) -> bool:
+        """Wrap a TLS connection's socket once its first byte is there, if that byte starts a
+        TLS handshake record (plain HTTP or garbage costs no TLS state)."""
+        try:
+            first = conn.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            first = b""
+        if first != _TLS_HANDSHAKE:
+            if first:
+                self.stats.tls_failures += 1
+            self._close(conn)
+            return False
         conn.tls = None
         self._selector.unregister(conn.sock)
         try:
