@@ -195,12 +195,23 @@ def proc_status(pid: int) -> tuple[float, int, int]:
     return rss, int(fields["Threads"]), len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+ERRORS: dict[str, int] = {}
+
+
 def timed_get(url: str, context: ssl.SSLContext | None) -> float | None:
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(url, timeout=5, context=context) as response:
             response.read()
-    except OSError:
+    except OSError as error:
+        reason = getattr(error, "reason", error)
+        name = f"{url.rpartition('/')[2]}: {type(reason).__name__} {str(reason)[:60]}"
+        ERRORS[name] = ERRORS.get(name, 0) + 1
         return None
     return (time.perf_counter() - started) * 1000
 
@@ -214,6 +225,7 @@ def measure(seconds: float, pid: int, base: str, context: ssl.SSLContext | None)
             samples.append(proc_status(pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
+    cpu_before, started = cpu_seconds(pid), time.monotonic()
     sampler.start()
     scrapes: list[float | None] = []
     health: list[float | None] = []
@@ -224,7 +236,8 @@ def measure(seconds: float, pid: int, base: str, context: ssl.SSLContext | None)
         time.sleep(0.2)
     done.set()
     sampler.join()
-    return {"samples": samples, "scrapes": scrapes, "health": health}
+    cpu = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - started) * 100
+    return {"samples": samples, "scrapes": scrapes, "health": health, "cpu": cpu}
 
 
 def ms(values: list[float | None]) -> tuple[str, str, str]:
@@ -280,7 +293,8 @@ def print_table(rows: list[tuple[str, dict[str, Any]]], args: argparse.Namespace
     mode = "TLS" if args.tls else "HTTP"
     print(f"hostile clients, {args.phase_seconds:.0f} s a phase, {mode}; idle RSS "
           f"{idle_rss:.1f} MiB; {os.cpu_count()} CPUs, load {load} at the end")  # fmt: skip
-    header = ("phase", "RSS max MiB", "vs idle", "threads", "fds max", "scrape p50/p99/max ms",
+    header = ("phase", "RSS max MiB", "vs idle", "threads", "fds max", "server CPU %",
+              "scrape p50/p99/max ms",
               "healthz p50/max ms", "failed")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -293,8 +307,11 @@ def print_table(rows: list[tuple[str, dict[str, Any]]], args: argparse.Namespace
         p50, p99, top = ms(result["scrapes"])
         h50, _, htop = ms(result["health"])
         print(f"| {phase} | {rss:.1f} | {rss - idle_rss:+.1f} | {threads} | "
-              f"{max(s[2] for s in samples)} | {p50} / {p99} / {top} | {h50} / {htop} | "
+              f"{max(s[2] for s in samples)} | {result['cpu']:.0f} | {p50} / {p99} / {top} | "
+              f"{h50} / {htop} | "
               f"{failed}/{total} |")  # fmt: skip
+    for name, count in ERRORS.items():
+        print(f"failed: {count} x {name}")
 
 
 def main(argv: list[str] | None = None) -> None:
