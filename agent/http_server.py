@@ -50,6 +50,9 @@ IDLE_POLL = 60.0
 ACCEPTS_PER_ROUND = 256
 """Fewer than ``max_connections``: a new connection is read before it can be evicted."""
 PAUSE_WHEN_OUT_OF_FDS = 0.1
+SILENT_GRACE = 1.0
+"""A connection that has sent nothing for this long goes first when one must be closed (a
+young one may be a scraper descheduled between connect and send)."""
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _RECV = 4096
 _SEND = 64 * 1024
@@ -275,15 +278,23 @@ class BoundedHttpServer:
         self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _evict_one(self) -> bool:
-        """Close the oldest connection that has sent nothing, else the oldest unanswered;
-        never one accepted in this round (it has not been read yet)."""
-        for conns in (self._silent, self._reading):
-            oldest = conns[next(iter(conns))] if conns else None
-            if oldest is not None and oldest.round < self._round:
-                self.stats.evicted += 1
-                self._close(oldest)
-                return True
+        """Close the oldest connection silent for SILENT_GRACE seconds, else the oldest not
+        yet answered; never one the loop has not read once (accepted in this round)."""
+        if self._silent:
+            oldest = self._silent[next(iter(self._silent))]
+            accepted = oldest.deadline - self.limits.read_timeout
+            if accepted <= time.monotonic() - SILENT_GRACE:
+                return self._evict(oldest)
+        if self._reading:
+            oldest = self._reading[next(iter(self._reading))]
+            if oldest.round < self._round:
+                return self._evict(oldest)
         return False
+
+    def _evict(self, conn: _Conn) -> bool:
+        self.stats.evicted += 1
+        self._close(conn)
+        return True
 
     def _out_of_fds(self, error: OSError) -> None:
         self.stats.out_of_fds += 1
