@@ -3,7 +3,7 @@ fixed pool of handler threads runs the slow requests; nothing grows with the num
 
 - Connections cost a socket and a small record, no thread (with TLS, no TLS state either
   until their first bytes arrive). At most ``max_connections`` are held; a new one beyond
-  that closes the oldest that has sent nothing yet, else the oldest not yet answered.
+  that closes the unanswered one that has been quiet (sent no bytes) the longest.
 - A request head must arrive (TLS handshake included) within ``read_timeout`` seconds of the
   connection, and the answer must be taken by the client within ``write_timeout`` seconds,
   else the connection is closed.
@@ -50,9 +50,6 @@ IDLE_POLL = 60.0
 ACCEPTS_PER_ROUND = 256
 """Fewer than ``max_connections``: a new connection is read before it can be evicted."""
 PAUSE_WHEN_OUT_OF_FDS = 0.1
-SILENT_GRACE = 1.0
-"""A connection that has sent nothing for this long goes first when one must be closed (a
-young one may be a scraper descheduled between connect and send)."""
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _RECV = 4096
 _SEND = 64 * 1024
@@ -152,7 +149,8 @@ class BoundedHttpServer:
         self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
         self._selector.register(self._waker_r, selectors.EVENT_READ, _WAKER)
         self._reading: dict[int, _Conn] = {}  # accept order = deadline order
-        self._silent: dict[int, _Conn] = {}  # those of them that have sent nothing yet
+        # The same, least recently active first: the one a newcomer closes when full.
+        self._activity: collections.OrderedDict[int, _Conn] = collections.OrderedDict()
         self._writing: dict[int, _Conn] = {}  # answer order = deadline order
         self._in_pool = 0
         self._jobs: queue.SimpleQueue[tuple[_Conn, dict[str, Any]] | None] = queue.SimpleQueue()
@@ -273,20 +271,15 @@ class BoundedHttpServer:
         deadline = time.monotonic() + self.limits.read_timeout
         conn = _Conn(sock, peer, deadline, self._tls(), self._round)
         self._reading[conn.fd] = conn
-        self._silent[conn.fd] = conn
+        self._activity[conn.fd] = conn
         self.stats.open_now += 1
         self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _evict_one(self) -> bool:
-        """Close the oldest connection silent for SILENT_GRACE seconds, else the oldest not
-        yet answered; never one the loop has not read once (accepted in this round)."""
-        if self._silent:
-            oldest = self._silent[next(iter(self._silent))]
-            accepted = oldest.deadline - self.limits.read_timeout
-            if accepted <= time.monotonic() - SILENT_GRACE:
-                return self._evict(oldest)
-        if self._reading:
-            oldest = self._reading[next(iter(self._reading))]
+        """Close the unanswered connection that has sent nothing for the longest time; never
+        one accepted in this round (the loop has not read it yet)."""
+        if self._activity:
+            oldest = self._activity[next(iter(self._activity))]
             if oldest.round < self._round:
                 return self._evict(oldest)
         return False
@@ -312,7 +305,8 @@ class BoundedHttpServer:
     # ------------------------------------------------------------------ reading a request
 
     def _receive(self, conn: _Conn) -> None:
-        self._silent.pop(conn.fd, None)
+        if conn.fd in self._activity:
+            self._activity.move_to_end(conn.fd)
         if conn.tls is not None and not self._wrap(conn, conn.tls):
             return
         try:
@@ -394,6 +388,7 @@ class BoundedHttpServer:
             self._answer(conn, busy)
             return
         del self._reading[conn.fd]
+        self._activity.pop(conn.fd, None)
         self._selector.unregister(conn.sock)
         conn.pooled = True
         self._in_pool += 1
@@ -431,6 +426,7 @@ class BoundedHttpServer:
 
     def _answer(self, conn: _Conn, answer: bytes) -> None:
         del self._reading[conn.fd]
+        self._activity.pop(conn.fd, None)
         self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
         self._start_writing(conn, answer)
 
@@ -464,7 +460,7 @@ class BoundedHttpServer:
         if conn.closed:
             return
         conn.closed = True
-        for table in (self._reading, self._silent, self._writing):
+        for table in (self._reading, self._activity, self._writing):
             table.pop(conn.fd, None)
         if conn.pooled:
             conn.pooled = False
