@@ -3,7 +3,7 @@ fixed pool of handler threads runs the slow requests; nothing grows with the num
 
 - Connections cost a socket and a small record, no thread (with TLS, no TLS state either
   until their first bytes arrive). At most ``max_connections`` are held; a new one beyond
-  that closes the unanswered one that has been quiet (sent no bytes) the longest.
+  that closes an unanswered one (``_evict_one``: idle ones first, then the quiet longest).
 - A request head must arrive (TLS handshake included) within ``read_timeout`` seconds of the
   connection, and the answer must be taken by the client within ``write_timeout`` seconds,
   else the connection is closed.
@@ -50,6 +50,8 @@ IDLE_POLL = 60.0
 ACCEPTS_PER_ROUND = 256
 """Fewer than ``max_connections``: a new connection is read before it can be evicted."""
 PAUSE_WHEN_OUT_OF_FDS = 0.1
+SILENT_GRACE = 1.0
+"""Seconds after which a connection that has sent nothing is idle, not a client being slow."""
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _RECV = 4096
 _SEND = 64 * 1024
@@ -88,6 +90,8 @@ class Stats:
     out_of_fds: int = 0
     open_now: int = 0
     """Connections held now."""
+    in_pool: int = 0
+    """``/metrics`` requests queued, running or being written now."""
     by_status: dict[int, int] = field(default_factory=dict)
 
 
@@ -149,10 +153,11 @@ class BoundedHttpServer:
         self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
         self._selector.register(self._waker_r, selectors.EVENT_READ, _WAKER)
         self._reading: dict[int, _Conn] = {}  # accept order = deadline order
-        # The same, least recently active first: the one a newcomer closes when full.
+        # The unanswered again, split for eviction: those that have sent nothing (accept order)
+        # and those that have (least recently active first).
+        self._silent: dict[int, _Conn] = {}
         self._activity: collections.OrderedDict[int, _Conn] = collections.OrderedDict()
         self._writing: dict[int, _Conn] = {}  # answer order = deadline order
-        self._in_pool = 0
         self._jobs: queue.SimpleQueue[tuple[_Conn, dict[str, Any]] | None] = queue.SimpleQueue()
         self._done: collections.deque[tuple[_Conn, bytes]] = collections.deque()
         self._paused_until = 0.0
@@ -271,18 +276,33 @@ class BoundedHttpServer:
         deadline = time.monotonic() + self.limits.read_timeout
         conn = _Conn(sock, peer, deadline, self._tls(), self._round)
         self._reading[conn.fd] = conn
-        self._activity[conn.fd] = conn
+        self._silent[conn.fd] = conn
         self.stats.open_now += 1
         self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _evict_one(self) -> bool:
-        """Close the unanswered connection that has sent nothing for the longest time; never
-        one accepted in this round (the loop has not read it yet)."""
-        if self._activity:
-            oldest = self._activity[next(iter(self._activity))]
-            if oldest.round < self._round:
-                return self._evict(oldest)
-        return False
+        """Make room for a newcomer by closing an unanswered connection, never one accepted in
+        this round (the loop has not read it yet):
+
+        - the oldest that has sent nothing, if silent for SILENT_GRACE seconds or if silent
+          ones are the majority (a connection flood: whoever has sent bytes is kept, e.g. a
+          scraper in the middle of a TLS handshake);
+        - else the one quiet the longest among those that have sent bytes (slowloris): a
+          young silent one may be a scraper not yet scheduled to send its request."""
+        silent = self._first(self._silent)
+        if silent is not None and (
+            silent.deadline - self.limits.read_timeout <= time.monotonic() - SILENT_GRACE
+            or 2 * len(self._silent) >= len(self._reading)
+        ):
+            return self._evict(silent)
+        chosen = self._first(self._activity) or silent
+        return self._evict(chosen) if chosen is not None else False
+
+    def _first(self, conns: dict[int, _Conn]) -> _Conn | None:
+        if not conns:
+            return None
+        oldest = conns[next(iter(conns))]
+        return oldest if oldest.round < self._round else None
 
     def _evict(self, conn: _Conn) -> bool:
         self.stats.evicted += 1
@@ -305,7 +325,9 @@ class BoundedHttpServer:
     # ------------------------------------------------------------------ reading a request
 
     def _receive(self, conn: _Conn) -> None:
-        if conn.fd in self._activity:
+        if self._silent.pop(conn.fd, None) is not None:
+            self._activity[conn.fd] = conn
+        elif conn.fd in self._activity:
             self._activity.move_to_end(conn.fd)
         if conn.tls is not None and not self._wrap(conn, conn.tls):
             return
@@ -382,16 +404,17 @@ class BoundedHttpServer:
         if environ["PATH_INFO"] not in self._pooled:
             self._answer(conn, self._run(environ))
             return
-        if self._in_pool >= self.limits.max_requests:
+        if self.stats.in_pool >= self.limits.max_requests:
             self.stats.busy += 1
             busy = simple_response(HTTPStatus.SERVICE_UNAVAILABLE, ("Retry-After", "1"))
             self._answer(conn, busy)
             return
         del self._reading[conn.fd]
         self._activity.pop(conn.fd, None)
+        self._silent.pop(conn.fd, None)
         self._selector.unregister(conn.sock)
         conn.pooled = True
-        self._in_pool += 1
+        self.stats.in_pool += 1
         self._jobs.put((conn, environ))
 
     def _run(self, environ: dict[str, Any]) -> bytes:
@@ -427,6 +450,7 @@ class BoundedHttpServer:
     def _answer(self, conn: _Conn, answer: bytes) -> None:
         del self._reading[conn.fd]
         self._activity.pop(conn.fd, None)
+        self._silent.pop(conn.fd, None)
         self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
         self._start_writing(conn, answer)
 
@@ -460,11 +484,11 @@ class BoundedHttpServer:
         if conn.closed:
             return
         conn.closed = True
-        for table in (self._reading, self._activity, self._writing):
+        for table in (self._reading, self._silent, self._activity, self._writing):
             table.pop(conn.fd, None)
         if conn.pooled:
             conn.pooled = False
-            self._in_pool -= 1
+            self.stats.in_pool -= 1
         # A pooled connection is not registered while a handler works on it.
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)

@@ -93,26 +93,27 @@ def closed_by_server(sock: socket.socket) -> bool:
     return True
 
 
-def test_hundreds_of_idle_connections_leave_threads_fixed_and_health_answering(
-    served: Served,
-) -> None:
-    before = http_threads()
-    assert len(before) == 1 + 2, before  # the loop and two handlers
-    idle = [served.connect() for _ in range(500)]
+def test_hundreds_of_idle_connections_leave_threads_fixed_and_health_answering() -> None:
+    app = make_app(big_registry(), lambda: (True, "ok"), lambda: (True, "ready"))
+    served = Served(limits(max_connections=1000, read_timeout=5), app)
     try:
+        before = http_threads()
+        assert len(before) == 1 + 2, before  # the loop and two handlers
+        idle = [served.connect() for _ in range(500)]
         status, body = served.get("/healthz")
         assert (status, body) == (200, b"ok\n")
+        assert served.server.stats.open_now >= 400  # held, each without a thread
         assert served.get("/metrics")[0] == 200
         assert http_threads() == before
-        assert served.server.stats.open_now >= 400  # held, each without a thread
-    finally:
         for sock in idle:
             sock.close()
-    # Idle connections are closed at their read deadline.
-    deadline = time.monotonic() + PATIENCE
-    while served.server.stats.open_now and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert served.server.stats.open_now == 0
+        # Closed by their clients: the server lets them go.
+        deadline = time.monotonic() + PATIENCE
+        while served.server.stats.open_now and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert served.server.stats.open_now == 0
+    finally:
+        served.server.stop()
 
 
 def test_slowloris_heads_are_closed_at_the_read_deadline(served: Served) -> None:
@@ -218,6 +219,28 @@ def test_beyond_max_connections_the_oldest_unanswered_is_closed() -> None:
         served.server.stop()
 
 
+def test_in_a_flood_of_silent_connections_a_client_mid_request_is_kept() -> None:
+    app = make_app(CollectorRegistry(), lambda: (True, "ok"), lambda: (True, ""))
+    served = Served(limits(max_connections=50, read_timeout=60), app)
+    try:
+        client = served.connect()
+        client.sendall(b"GET /healthz HTTP/1.1\r\n")  # half a request, like a slow scraper
+        deadline = time.monotonic() + PATIENCE
+        loop = served.server._server
+        while not loop._activity and time.monotonic() < deadline:  # the half request read
+            time.sleep(0.02)
+        flood = [served.connect() for _ in range(300)]
+        assert served.get("/healthz")[0] == 200
+        assert served.server.stats.evicted >= 250
+        client.sendall(b"Host: x\r\n\r\n")
+        client.settimeout(PATIENCE)
+        assert client.recv(12) == b"HTTP/1.1 200"
+        for sock in [client, *flood]:
+            sock.close()
+    finally:
+        served.server.stop()
+
+
 def test_health_answers_while_every_handler_is_busy_and_excess_metrics_get_503() -> None:
     release = threading.Event()
     metrics = make_app(CollectorRegistry(), lambda: (True, "ok"), lambda: (True, "ready"))
@@ -233,7 +256,9 @@ def test_health_answers_while_every_handler_is_busy_and_excess_metrics_get_503()
     try:
         for sock in waiting:
             sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
-        time.sleep(0.2)
+        deadline = time.monotonic() + PATIENCE
+        while served.server.stats.in_pool < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert served.get("/healthz") == (200, b"ok\n")
         assert served.get("/readyz") == (200, b"ready\n")
         assert served.get("/metrics")[0] == 503  # a sixth: over max_requests
