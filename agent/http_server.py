@@ -8,7 +8,8 @@ fixed pool of handler threads runs the slow requests; nothing grows with the num
   connection, and the answer must be taken by the client within ``write_timeout`` seconds,
   else the connection is closed.
 - Requests for the ``pooled`` paths (``/metrics``) go to ``handlers`` threads; at most
-  ``max_requests`` of them are queued, running or being written at once, more get 503. Every
+  ``max_requests`` of them are queued, running or being written at once; when all are taken a
+  new one takes the slot of an answer not read for a second, else gets 503. Every
   other path (``/healthz``, ``/readyz``, 404s) is answered by the loop itself at once, so the
   kubelet's probes are answered whatever ``/metrics`` is doing.
 - Out of file descriptors (EMFILE/ENFILE), a connection is closed the same way to make room;
@@ -50,6 +51,9 @@ IDLE_POLL = 60.0
 ACCEPTS_PER_ROUND = 256
 """Fewer than ``max_connections``: a new connection is read before it can be evicted."""
 PAUSE_WHEN_OUT_OF_FDS = 0.1
+SLOW_READER = 1.0
+"""Seconds after which a client still taking its ``/metrics`` answer may lose it to a new
+request when every request slot is taken (a scraper reads its answer in milliseconds)."""
 SILENT_GRACE = 1.0
 """Seconds after which a connection that has sent nothing is idle, not a client being slow."""
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
@@ -404,7 +408,7 @@ class BoundedHttpServer:
         if environ["PATH_INFO"] not in self._pooled:
             self._answer(conn, self._run(environ))
             return
-        if self.stats.in_pool >= self.limits.max_requests:
+        if self.stats.in_pool >= self.limits.max_requests and not self._drop_slow_reader():
             self.stats.busy += 1
             busy = simple_response(HTTPStatus.SERVICE_UNAVAILABLE, ("Retry-After", "1"))
             self._answer(conn, busy)
@@ -416,6 +420,19 @@ class BoundedHttpServer:
         conn.pooled = True
         self.stats.in_pool += 1
         self._jobs.put((conn, environ))
+
+    def _drop_slow_reader(self) -> bool:
+        """Close the ``/metrics`` answer longest in writing if its client has not taken it for
+        SLOW_READER seconds: clients that do not read must not hold every request slot."""
+        cutoff = time.monotonic() - SLOW_READER + self.limits.write_timeout
+        for conn in self._writing.values():
+            if conn.deadline > cutoff:
+                return False  # answer order: the rest are younger
+            if conn.pooled:
+                self.stats.write_timeouts += 1
+                self._close(conn)
+                return True
+        return False
 
     def _run(self, environ: dict[str, Any]) -> bytes:
         try:

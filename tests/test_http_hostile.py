@@ -179,6 +179,36 @@ def test_clients_that_never_read_are_closed_at_the_write_deadline() -> None:
         served.server.stop()
 
 
+def test_clients_that_never_read_cannot_hold_every_request_slot() -> None:
+    body = b"x" * (16 << 20)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [body if environ["PATH_INFO"] == "/metrics" else b"ok"]
+
+    served = Served(limits(max_requests=3, write_timeout=60), app)
+    readers = []
+    try:
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", served.port))
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            readers.append(sock)
+        deadline = time.monotonic() + PATIENCE
+        while served.server.stats.in_pool < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.5)  # past SLOW_READER: their answers have waited long enough
+        status, answer = served.get("/metrics", timeout=PATIENCE)
+        assert status == 200 and len(answer) == len(body)
+        assert served.server.stats.write_timeouts >= 1
+        assert served.server.stats.busy == 0
+    finally:
+        for sock in readers:
+            sock.close()
+        served.server.stop()
+
+
 @pytest.mark.parametrize(
     "garbage",
     [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n",
