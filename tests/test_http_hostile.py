@@ -143,21 +143,31 @@ def test_slowloris_heads_are_closed_at_the_read_deadline(served: Served) -> None
             sock.close()
 
 
-def test_clients_that_never_read_are_closed_at_the_write_deadline() -> None:
-    body = b"x" * (16 << 20)  # more than the kernel's socket buffers take (tcp_wmem max: 4 MiB)
+BIG_ANSWER = b"x" * (16 << 20)
+"""More than the kernel's socket buffers take (tcp_wmem max: 4 MiB)."""
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [body]
 
-    served = Served(limits(), app)
+def big_answers(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [BIG_ANSWER if environ["PATH_INFO"] == "/metrics" else b"ok"]
+
+
+def non_readers(served: Served, count: int) -> list[socket.socket]:
+    """Clients that ask for /metrics with a small receive buffer and never read."""
     readers = []
-    for _ in range(3):
+    for _ in range(count):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", served.port))
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         readers.append(sock)
+    return readers
+
+
+def test_clients_that_never_read_are_closed_at_the_write_deadline() -> None:
+    body = BIG_ANSWER
+    served = Served(limits(), big_answers)
+    readers = non_readers(served, 3)
     try:
         deadline = time.monotonic() + PATIENCE
         while served.server.stats.write_timeouts < 3 and time.monotonic() < deadline:
@@ -180,27 +190,15 @@ def test_clients_that_never_read_are_closed_at_the_write_deadline() -> None:
 
 
 def test_clients_that_never_read_cannot_hold_every_request_slot() -> None:
-    body = b"x" * (16 << 20)
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [body if environ["PATH_INFO"] == "/metrics" else b"ok"]
-
-    served = Served(limits(max_requests=3, write_timeout=60), app)
-    readers = []
+    served = Served(limits(max_requests=3, write_timeout=60), big_answers)
+    readers = non_readers(served, 3)
     try:
-        for _ in range(3):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", served.port))
-            sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
-            readers.append(sock)
         deadline = time.monotonic() + PATIENCE
         while served.server.stats.in_pool < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(1.5)  # past SLOW_READER: their answers have waited long enough
         status, answer = served.get("/metrics", timeout=PATIENCE)
-        assert status == 200 and len(answer) == len(body)
+        assert status == 200 and len(answer) == len(BIG_ANSWER)
         assert served.server.stats.write_timeouts >= 1
         assert served.server.stats.busy == 0
     finally:
