@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from agent.http_server import DEFAULT_LIMITS, IDLE_POLL, BoundedHttpServer, Limits
+from agent.http_server import DEFAULT_LIMITS, IDLE_POLL, BoundedHttpServer, Limits, Stats
 from agent.web_config import WebConfig
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ class HttpServer:
         self._thread = self._server.thread
 
     @property
-    def stats(self) -> Any:
+    def stats(self) -> Stats:
+        """What the server did to clients (timeouts, evictions, 503s); read-only use."""
         return self._server.stats
 
     def start(self) -> None:
