@@ -340,7 +340,6 @@ class BoundedHttpServer:
                 assert isinstance(conn.sock, ssl.SSLSocket)
                 conn.sock.do_handshake()
                 conn.handshaken = True
-                self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
             while len(conn.head) <= MAX_HEAD:
                 data = conn.sock.recv(_RECV)
                 if not data:
@@ -353,9 +352,10 @@ class BoundedHttpServer:
                     self._dispatch(conn, bytes(conn.head[:end]))
                     return
         except ssl.SSLWantWriteError:
-            self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+            self._want(conn, selectors.EVENT_WRITE)
             return
         except (BlockingIOError, ssl.SSLWantReadError):
+            self._want(conn, selectors.EVENT_READ)
             return
         except ssl.SSLError as error:
             self.stats.tls_failures += 1
@@ -486,9 +486,10 @@ class BoundedHttpServer:
             while conn.sent < len(conn.out):
                 conn.sent += conn.sock.send(conn.out[conn.sent : conn.sent + _SEND])
         except (BlockingIOError, ssl.SSLWantWriteError):
+            self._want(conn, selectors.EVENT_WRITE)
             return
-        except ssl.SSLWantReadError:
-            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        except ssl.SSLWantReadError:  # TLS may need the peer's bytes to go on writing
+            self._want(conn, selectors.EVENT_READ)
             return
         except OSError:
             pass  # the client went away
@@ -496,6 +497,11 @@ class BoundedHttpServer:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)
         self._close(conn)
+
+    def _want(self, conn: _Conn, events: int) -> None:
+        """Wait for ``events`` on the connection (TLS may swap reading and writing)."""
+        if self._selector.get_key(conn.sock).events != events:
+            self._selector.modify(conn.sock, events, conn)
 
     def _close(self, conn: _Conn) -> None:
         if conn.closed:
