@@ -21,6 +21,7 @@ from agent.oom_findings import LiveEvidence, OomFindings
 from agent.periodic import ClusterDnsSource, PeriodicCollectors, build_collectors
 from agent.settings import Settings
 from agent.state import StateFile
+from agent.supervise import Supervisor
 from agent.web_config import WebConfig
 from collectors.conntrack import TableFullLog
 from collectors.finding import Finding
@@ -47,7 +48,8 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     source = open_source(settings)
     live = LiveEvidence(MemcgProbe(settings.host_root), settings.live_evidence_window)
     containers = ContainerLookup(containerd_client(settings), metrics)
-    kube = start_kube(settings, metrics.registry, stop)  # None: --no-kube or no cluster
+    supervisor = Supervisor(metrics.registry, stop)
+    kube = start_kube(settings, metrics.registry, stop, supervisor)  # None: --no-kube or no cluster
     report = fan_out(log_finding, kube.submit) if kube else log_finding
     table_full = TableFullLog()  # conntrack's messages, for the conntrack collector
     watch = KernelWatch(
@@ -72,7 +74,9 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
 
     def healthy() -> tuple[bool, str]:
         stalled = time.monotonic() - watch.last_loop
-        return stalled < STALL_SECONDS, f"kernel log loop ran {stalled:.1f}s ago"
+        threads_ok, threads = supervisor.health()
+        ok = stalled < STALL_SECONDS and threads_ok
+        return ok, f"kernel log loop ran {stalled:.1f}s ago; {threads}"
 
     def ready() -> tuple[bool, str]:
         return watch.caught_up, "caught up" if watch.caught_up else "catching up on the kernel log"
@@ -85,17 +89,17 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     log.info("serving /metrics, /healthz, /readyz on %s://%s:%d", scheme, settings.listen[0],
              server.port)  # fmt: skip
     _stop_on_signals(stop)
-    threads = _start_periodic(settings, metrics, stop, report, table_full)
+    _start_periodic(settings, metrics, supervisor, report, table_full)
     pods = kube.pods if kube else None
     alive = (lambda uid: pods.pod(uid) is not None) if pods is not None else None
-    threads.append(_start_expiry(metrics, stop, alive))
+    _start_expiry(metrics, supervisor, alive)
     try:
         watch.follow(stop, settings.idle_flush_seconds)
     finally:
         stop.set()
         server.stop()
         source.close()
-        for thread in threads:
+        for thread in supervisor.threads():
             thread.join(timeout=10)
         if kube:
             kube.join(timeout=10)  # the event sink's final flush
@@ -106,44 +110,30 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
 def _start_periodic(
     settings: Settings,
     metrics: Metrics,
-    stop: threading.Event,
+    supervisor: Supervisor,
     report: Callable[[Finding], None] = log_finding,
     table_full: TableFullLog | None = None,
-) -> list[threading.Thread]:
+) -> None:
     collectors = build_collectors(settings, metrics, ClusterDnsSource(settings), table_full)
     periodic = PeriodicCollectors(collectors, metrics, report)
-    threads = [
-        threading.Thread(
-            target=periodic.loop,
-            args=(stop, settings.collect_interval),
-            name="collectors",
-            daemon=True,
-        )
-    ]
+    supervisor.start("collectors", lambda stop: periodic.loop(stop, settings.collect_interval))
     if settings.fix_vxlan_offload:
         from collectors.vxlan import VxlanCollector
 
         vxlan = next(c for c in collectors if isinstance(c, VxlanCollector))
-        threads.append(
-            threading.Thread(target=vxlan.watch_links, args=(stop,), name="vxlan-fix", daemon=True)
-        )
-    for thread in threads:
-        thread.start()
-    return threads
+        supervisor.start("vxlan-fix", vxlan.watch_links)
 
 
 def _start_expiry(
-    metrics: Metrics, stop: threading.Event, alive: Callable[[str], bool] | None
-) -> threading.Thread:
-    def loop() -> None:
+    metrics: Metrics, supervisor: Supervisor, alive: Callable[[str], bool] | None
+) -> None:
+    def loop(stop: threading.Event) -> None:
         while not stop.wait(EXPIRE_SECONDS):
             dropped = metrics.expire_oom_series(alive)
             if dropped:
                 log.info("dropped %d OOM series of pods gone from the node", dropped)
 
-    thread = threading.Thread(target=loop, name="series-expiry", daemon=True)
-    thread.start()
-    return thread
+    supervisor.start("series-expiry", loop)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

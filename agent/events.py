@@ -52,6 +52,7 @@ from agent.kube import (
 )
 from agent.pod_lookup import PodLookup, PodRef
 from agent.settings import Settings
+from agent.supervise import Supervisor
 from collectors.finding import Finding
 
 log = logging.getLogger(__name__)
@@ -577,7 +578,8 @@ class EventSink:
         now: float,
     ) -> None:
         status = error.status
-        if status == 429 or status >= 500:
+        if status in (401, 429) or status >= 500:
+            # 401: the token is being rotated or not yet valid; the client has re-read it
             self._api_failed(error, now)
         elif status == 409 and creating and error.reason == "AlreadyExists":
             # An earlier attempt did create it (its answer was lost): now patch the count.
@@ -743,11 +745,15 @@ class KubeServices:
 
 
 def start_kube(
-    settings: Settings, registry: CollectorRegistry | None, stop: threading.Event
+    settings: Settings,
+    registry: CollectorRegistry | None,
+    stop: threading.Event,
+    supervisor: Supervisor | None = None,
 ) -> KubeServices | None:
-    """The event sink and the pod lookup on their own threads; ``None`` with ``--no-kube``
-    or when no cluster is configured. A cluster that does not answer yet is retried in the
-    background (findings are held for it, within the sink's bounds)."""
+    """The event sink and the pod lookup on their own threads (restarted by ``supervisor``
+    when they fail); ``None`` with ``--no-kube`` or when no cluster is configured. A cluster
+    that does not answer yet is retried in the background (findings are held for it, within
+    the sink's bounds)."""
     source = config_source(settings)
     if source is None:
         if not settings.no_kube:
@@ -756,6 +762,7 @@ def start_kube(
                 "findings go to the log and /metrics only"
             )
         return None
+    supervisor = supervisor or Supervisor(registry, stop)
     connection = Connection(source)
     pods = PodLookup(settings.node_name, connection.client)
     sink = EventSink(
@@ -766,12 +773,7 @@ def start_kube(
         options=EventSinkOptions.from_env(),
     )
     log.info("Kubernetes Events via %s", source)
-    threads = [
-        threading.Thread(target=sink.run, args=(stop,), name="events", daemon=True),
-        threading.Thread(target=pods.run, args=(stop,), name="pod-watch", daemon=True),
-    ]
-    for thread in threads:
-        thread.start()
+    threads = [supervisor.start("events", sink.run), supervisor.start("pod-watch", pods.run)]
 
     def wake_on_stop() -> None:
         stop.wait()

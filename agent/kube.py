@@ -4,6 +4,14 @@ Config, first match wins (the order of DESIGN.md's CLI contract): ``--kubeconfig
 in-cluster service account (``KUBERNETES_SERVICE_HOST`` and its token file); ``$KUBECONFIG``.
 ``--no-kube`` turns all of it off.
 
+In-cluster, the service-account directory (``token``, ``ca.crt``; default
+``/var/run/secrets/kubernetes.io/serviceaccount``, ``$NODEDIAG_SERVICE_ACCOUNT_DIR`` for
+tests) is read here, not by the official ``load_incluster_config``: that one sends the token
+file as it is, trailing newline included (an invalid header value: every request fails), and
+reads a rotated token only once a minute. Kubelet replaces the projected token file as it
+rotates the token; :class:`ServiceAccountToken` reads it again once a minute and at once after
+a 401 (as client-go's cached token source does).
+
 The official ``kubernetes`` package is imported lazily, only here and only when a cluster is
 configured: it costs ~22 MiB RSS (its package ``__init__`` pulls in the config loaders,
 ``dynamic`` — which imports ``kubernetes_validate`` and ``jsonschema`` — ``stream``,
@@ -18,6 +26,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +38,8 @@ from agent.settings import Settings
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
-SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 REQUEST_TIMEOUT = 10.0
+TOKEN_REFRESH_SECONDS = 60.0
 
 
 class KubeError(Exception):
@@ -102,8 +111,9 @@ def config_source(
         return None
     if settings.kubeconfig is not None:
         return KubeConfigSource("kubeconfig", settings.kubeconfig)
-    if env.get("KUBERNETES_SERVICE_HOST") and SERVICE_ACCOUNT_TOKEN.exists():
-        return KubeConfigSource("in-cluster")
+    token = settings.service_account_dir / "token"
+    if env.get("KUBERNETES_SERVICE_HOST") and token.exists():
+        return KubeConfigSource("in-cluster", settings.service_account_dir)
     if env.get("KUBECONFIG"):
         # Like kubectl, a list of files: the first one that exists.
         paths = [Path(p) for p in env["KUBECONFIG"].split(os.pathsep) if p]
@@ -112,12 +122,65 @@ def config_source(
     return None
 
 
+class ServiceAccountToken:
+    """The projected service-account token: surrounding whitespace is not part of it; read
+    again every ``refresh`` seconds and after :meth:`reset` (a 401). A failed re-read keeps
+    the token already held (kubelet swaps the file atomically; a read can still race it)."""
+
+    def __init__(
+        self,
+        path: Path,
+        refresh: float = TOKEN_REFRESH_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.refresh = refresh
+        self._clock = clock
+        self._token: str | None = None
+        self._read_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def get(self) -> str:
+        """The token; ``KubeUnreachable`` when there is none (missing, empty, malformed)."""
+        with self._lock:
+            if self._clock() - self._read_at >= self.refresh:
+                self._reload()
+            assert self._token is not None
+            return self._token
+
+    def reset(self) -> bool:
+        """Read the file again now; whether the token changed."""
+        with self._lock:
+            before = self._token
+            self._reload()
+            return self._token != before
+
+    def _reload(self) -> None:
+        try:
+            token = self.path.read_text().strip()
+            if not token or any(ch.isspace() or not ch.isprintable() for ch in token):
+                raise ValueError("empty" if not token else "whitespace or control characters")
+        except (OSError, ValueError) as error:
+            if self._token is None:
+                raise KubeUnreachable(f"service-account token {self.path}: {error}") from error
+            log.debug("token %s not read again (%s): keeping the one held", self.path, error)
+            return
+        self._token = token
+        self._read_at = self._clock()
+
+
 class KubeClient:
     """JSON requests through the official client's ``ApiClient`` (auth, TLS, proxies)."""
 
-    def __init__(self, api_client: Any, source: KubeConfigSource) -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        source: KubeConfigSource,
+        token: ServiceAccountToken | None = None,
+    ) -> None:
         self._client = api_client
         self.source = source
+        self._token = token
 
     @property
     def host(self) -> str:
@@ -138,13 +201,16 @@ class KubeClient:
         import urllib3
 
         headers = {"Accept": "application/json", "Content-Type": content_type}
-        serialized = self._client.param_serialize(
-            method=method, resource_path=path, header_params=headers, auth_settings=["BearerToken"]
-        )
-        _, url, header_params, _, _ = serialized
-        if query:
-            url += "?" + urlencode(query, quote_via=quote)
         try:
+            serialized = self._client.param_serialize(
+                method=method,
+                resource_path=path,
+                header_params=headers,
+                auth_settings=["BearerToken"],
+            )
+            _, url, header_params, _, _ = serialized
+            if query:
+                url += "?" + urlencode(query, quote_via=quote)
             return self._client.rest_client.pool_manager.request(
                 method,
                 url,
@@ -156,6 +222,20 @@ class KubeClient:
             )
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise KubeUnreachable(f"{method} {path}: {error}") from error
+        except ValueError as error:
+            # http.client refuses to send it (e.g. "Invalid header value"): the config is
+            # at fault, not the server; retried like an unreachable server, said once.
+            raise KubeUnreachable(f"{method} {path} not sent: {error}") from error
+
+    def _unauthorized(self) -> bool:
+        """A 401: read the token file again (kubelet may have rotated it); whether a
+        different token is now held (worth one more try)."""
+        if self._token is None:
+            return False
+        try:
+            return self._token.reset()
+        except KubeUnreachable:
+            return False
 
     def request(
         self,
@@ -167,9 +247,15 @@ class KubeClient:
         content_type: str = "application/json",
         timeout: float = REQUEST_TIMEOUT,
     ) -> JSON:
+        response = self._send(method, path, query, body, content_type, timeout)
+        if response.status == 401 and self._unauthorized():
+            _discard(response)
+            response = self._send(method, path, query, body, content_type, timeout)
+        return self._answer(method, path, response)
+
+    def _answer(self, method: str, path: str, response: Any) -> JSON:
         import urllib3
 
-        response = self._send(method, path, query, body, content_type, timeout)
         try:
             data = response.data
         except (urllib3.exceptions.HTTPError, OSError) as error:
@@ -189,6 +275,8 @@ class KubeClient:
                               (5.0, timeout))  # fmt: skip
         try:
             if not 200 <= response.status < 300:
+                if response.status == 401:
+                    self._unauthorized()
                 raise KubeError(response.status, _parse(response.data), response.headers)
             pending = b""
             for chunk in response.stream(65536, decode_content=True):
@@ -202,6 +290,17 @@ class KubeClient:
         finally:
             response.release_conn()
             response.close()
+
+
+def _discard(response: Any) -> None:
+    import urllib3
+
+    try:
+        response.drain_conn()
+    except (urllib3.exceptions.HTTPError, OSError):
+        pass
+    finally:
+        response.release_conn()
 
 
 def _first(timeout: float | tuple[float, float]) -> float:
@@ -220,16 +319,18 @@ def _parse(data: bytes) -> JSON:
     return parsed if isinstance(parsed, dict) else {"items": parsed}
 
 
-def connect(source: KubeConfigSource) -> KubeClient:
+def connect(source: KubeConfigSource, env: Mapping[str, str] | None = None) -> KubeClient:
     """Load the config (``kubernetes`` is imported here, lazily). Raises ``KubeUnreachable``
     when the config cannot be loaded (missing file, no token yet, …)."""
     from kubernetes.client import ApiClient, Configuration
-    from kubernetes.config import ConfigException, load_incluster_config, load_kube_config
+    from kubernetes.config import ConfigException, load_kube_config
 
     configuration = Configuration()
+    token: ServiceAccountToken | None = None
     try:
         if source.kind == "in-cluster":
-            load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            assert source.path is not None
+            token = _in_cluster(configuration, source.path, os.environ if env is None else env)
         else:
             load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=str(source.path),
@@ -239,7 +340,30 @@ def connect(source: KubeConfigSource) -> KubeClient:
     except (ConfigException, OSError, ValueError, TypeError, KeyError) as error:
         raise KubeUnreachable(f"cannot load the {source} config: {error}") from error
     configuration.retries = False  # our callers retry, with backoff
-    return KubeClient(ApiClient(configuration), source)
+    return KubeClient(ApiClient(configuration), source, token)
+
+
+def _in_cluster(configuration: Any, directory: Path, env: Mapping[str, str]) -> ServiceAccountToken:
+    """What ``load_incluster_config`` sets, from ``directory``, with a token read as kubelet
+    rotates it."""
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        raise KubeUnreachable("KUBERNETES_SERVICE_HOST or KUBERNETES_SERVICE_PORT is not set")
+    ca = directory / "ca.crt"
+    if not ca.is_file() or not ca.stat().st_size:
+        raise KubeUnreachable(f"in-cluster config: {ca} is missing or empty")
+    token = ServiceAccountToken(directory / "token")
+    token.get()
+    configuration.host = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    configuration.ssl_ca_cert = str(ca)
+    configuration.api_key_prefix["BearerToken"] = "Bearer"
+
+    def refresh(config: Any) -> None:
+        config.api_key["BearerToken"] = token.get()
+
+    refresh(configuration)
+    configuration.refresh_api_key_hook = refresh
+    return token
 
 
 class Connection:
@@ -272,3 +396,38 @@ def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], floa
     """Exponential backoff with jitter: uniformly in [d/2, d], d = min(cap, base·2^attempt)."""
     delay = min(cap, base * float(2 ** min(attempt, 30)))
     return delay / 2 + rand() * delay / 2
+
+
+class ReconnectBackoff:
+    """client-go's reflector backoff (``wait.NewExponentialBackoffManager(800ms, 30s, 2min,
+    2.0, 1.0)``): before each new list or watch, wait d + jitter·d, where d starts at
+    ``base``, doubles each time up to ``cap``, and goes back to ``base`` when the previous
+    wait began more than ``reset_after`` seconds ago (a watch that lasted that long was
+    healthy). A watch the server ends at once is so retried in [30, 60) s at most, not at once.
+    """
+
+    def __init__(
+        self,
+        base: float = 0.8,
+        cap: float = 30.0,
+        reset_after: float = 120.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = lambda: 0.5,
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self.reset_after = reset_after
+        self._clock = clock
+        self._rand = rand
+        self._delay = base
+        self._last: float | None = None
+
+    def next(self) -> float:
+        now = self._clock()
+        if self._last is None or now - self._last > self.reset_after:
+            self._delay = self.base
+        delay = self._delay
+        self._delay = min(self.cap, self._delay * 2)
+        self._last = now
+        return delay + self._rand() * delay

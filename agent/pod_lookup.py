@@ -2,8 +2,13 @@
 
 A second source next to containerd (which may be unreachable or not know a removed
 container), and where Events get the Pod's name, namespace and UID for ``regarding``.
-One ``list`` + ``watch`` of ``/api/v1/pods?fieldSelector=spec.nodeName=<node>``; the watch
-resumes from its last ``resourceVersion`` after a cut, and lists again on 410 Gone.
+One ``list`` + ``watch`` of ``/api/v1/pods?fieldSelector=spec.nodeName=<node>``, the way
+client-go's reflector does it: the first list with ``resourceVersion=0`` (served from the API
+server's watch cache), watches with a random ``timeoutSeconds`` in [300, 600) and bookmarks;
+after a watch ends or fails, the next one resumes from its last ``resourceVersion`` once the
+:class:`~agent.kube.ReconnectBackoff` delay has passed (~1 s after a healthy watch, growing to
+[30, 60) s when the server keeps ending them early); a 410 Gone lists again, consistently
+(no ``resourceVersion``). Steady state: one watch request per 5 to 10 minutes per node.
 Deleted pods are remembered for a while: an OOM kill is often reported as its pod goes.
 """
 
@@ -17,12 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.kube import JSON, Api, KubeError, KubeUnreachable, backoff_delay
+from agent.kube import JSON, Api, KubeError, KubeUnreachable, ReconnectBackoff
 from collectors.containerd import CONTAINER_NAME, POD_NAME, POD_NAMESPACE, POD_UID, ContainerInfo
 
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 300
+"""The shortest watch asked for; each asks for WATCH_SECONDS·(1 + random) (client-go's
+minWatchTimeout), so the watches of many nodes do not end in step."""
 DELETED_TTL = 600.0
 
 
@@ -113,32 +120,30 @@ class PodLookup:
         return {"fieldSelector": f"spec.nodeName={self.node}"}
 
     def run(self, stop: threading.Event) -> None:
-        """List, then watch until ``stop``; reconnects with backoff, relists on 410."""
+        """List, then watch until ``stop``; every new request after the backoff delay."""
         version: str | None = None
-        attempt = 0
+        consistent = False  # after a 410, list from etcd, not the watch cache
+        backoff = ReconnectBackoff(clock=self._clock, rand=self._rand)
         while not stop.is_set():
             try:
                 api = self._api()
                 if version is None:
-                    version = self._list(api)
+                    version = self._list(api, consistent)
                     self._recovered()
                 version = self._watch(api, version, stop)
-                attempt = 0
-                self._recovered()
+                consistent = version is None
             except KubeError as error:
                 if error.status == 410:
-                    version = None
-                    continue
-                self._failed(error)
+                    version, consistent = None, True
+                else:
+                    self._failed(error)
             except (KubeUnreachable, ValueError) as error:
                 self._failed(error)
-            else:
-                continue
-            stop.wait(backoff_delay(attempt, 0.5, 30.0, self._rand))
-            attempt += 1
+            stop.wait(backoff.next())
 
-    def _list(self, api: Api) -> str:
-        answer = api.request("GET", "/api/v1/pods", query=self._query)
+    def _list(self, api: Api, consistent: bool) -> str:
+        query = self._query if consistent else {**self._query, "resourceVersion": "0"}
+        answer = api.request("GET", "/api/v1/pods", query=query)
         pods = [p for p in answer.get("items") or [] if isinstance(p, dict)]
         with self._lock:
             alive = set()
@@ -153,13 +158,14 @@ class PodLookup:
 
     def _watch(self, api: Api, version: str, stop: threading.Event) -> str | None:
         """Follow the watch; the version to resume from, ``None`` to list again."""
+        seconds = int(WATCH_SECONDS * (1 + self._rand()))
         query = {
             **self._query,
             "resourceVersion": version,
             "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(WATCH_SECONDS),
+            "timeoutSeconds": str(seconds),
         }
-        for event in api.watch("/api/v1/pods", query, timeout=WATCH_SECONDS + 30):
+        for event in api.watch("/api/v1/pods", query, timeout=seconds + 30):
             kind = event.get("type")
             obj: Any = event.get("object") or {}
             if kind == "ERROR":

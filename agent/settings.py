@@ -53,6 +53,15 @@ class Settings:
     kubeconfig: Path | None = None
     """Kubeconfig to use; else in-cluster config, else ``$KUBECONFIG``."""
 
+    service_account_dir: Path = field(
+        default_factory=lambda: Path(
+            os.environ.get("NODEDIAG_SERVICE_ACCOUNT_DIR")
+            or "/var/run/secrets/kubernetes.io/serviceaccount"
+        )
+    )
+    """In-cluster credentials (``token``, ``ca.crt``, ``namespace``) as kubelet projects
+    them; ``$NODEDIAG_SERVICE_ACCOUNT_DIR`` points elsewhere (tests)."""
+
     no_kube: bool = False
     """Never talk to the Kubernetes API: findings go to the log and metrics only."""
 

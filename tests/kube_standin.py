@@ -731,6 +731,8 @@ class KubeStandin:
         self._outages: list[_Outage] = []
         self._forbidden: list[tuple[str, str, str, str | None]] = []
         self._stopping = False
+        self.watch_event_limit: int | None = None
+        """End each watch stream after this many events (a proxy with a short idle timeout)."""
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -1747,6 +1749,7 @@ class KubeStandin:
                     position = -1
 
         req.start_chunked()
+        sent = 0
         try:
             for event in pending:
                 req.write_chunk(event)
@@ -1784,6 +1787,10 @@ class KubeStandin:
                                 out.append({"type": "DELETED", "object": shape(obj)})
                 for event in out:
                     req.write_chunk(event)
+                    sent += 1
+                    if self.watch_event_limit is not None and sent >= self.watch_event_limit:
+                        req.end_chunked()
+                        return
             req.end_chunked()
         except OSError:
             return
