@@ -59,12 +59,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as dt
-import http.server
 import json
 import random
 import re
-import socket
 import threading
 import time
 import urllib.parse
@@ -74,565 +71,58 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import jsonschema
-import kubernetes_validate  # type: ignore[import-untyped]
-import kubernetes_validate.utils  # type: ignore[import-untyped]
-import referencing
-
-JSON = dict[str, Any]
-
-EVENTS_GROUP = "events.k8s.io"
-EVENTS_V1 = "events.k8s.io/v1"
-DEFAULT_TOKEN = "standin-token"
-DEFAULT_USER = "system:serviceaccount:kube-system:nodediag"
-
-# events.k8s.io/v1 name <-> internal (core/v1) name for the fields that differ.
-_V1_TO_CORE = {
-    "regarding": "involvedObject",
-    "note": "message",
-    "reportingController": "reportingComponent",
-    "deprecatedSource": "source",
-    "deprecatedFirstTimestamp": "firstTimestamp",
-    "deprecatedLastTimestamp": "lastTimestamp",
-    "deprecatedCount": "count",
-}
-_CORE_TO_V1 = {v: k for k, v in _V1_TO_CORE.items()}
-
-_MICROTIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
-_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+from standin_http import _Handler, _Server
+from standin_query import (
+    _EVENT_FIELDS,
+    _NODE_FIELDS,
+    _POD_FIELDS,
+    _field_value,
+    _labels_match,
+    _parse_field_selector,
+    _parse_label_selector,
+    json_patch,
+    merge_patch,
+    strategic_merge_patch,
 )
-_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_NS_MISMATCH = (
-    "the namespace of the provided object does not match the namespace sent on the request"
+from standin_validation import (
+    _MODIFIED,
+    _NAME_SUFFIX_ALPHABET,
+    _NS_MISMATCH,
+    _V1_TO_CORE,
+    DEFAULT_TOKEN,
+    DEFAULT_USER,
+    EVENTS_GROUP,
+    EVENTS_V1,
+    JSON,
+    ApiError,
+    Cause,
+    SchemaValidator,
+    _bad_request,
+    _dig,
+    _field_path,
+    _invalid,
+    _invalid_error,
+    _required,
+    _unknown_fields,
+    check_event_times,
+    event_to_core,
+    event_to_v1,
+    micro_time,
+    now_rfc3339,
+    status_object,
+    validate_event,
 )
-_MODIFIED = (
-    "the object has been modified; please apply your changes to the latest version and try again"
-)
-_NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # apiserver names.SimpleNameGenerator
 
-
-def now_rfc3339() -> str:
-    """Server-side ``metav1.Time`` (seconds precision, UTC, ``Z``)."""
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def micro_time(when: dt.datetime | None = None) -> str:
-    """A ``metav1.MicroTime`` string the real server accepts (exactly 6 fractional digits)."""
-    when = when or dt.datetime.now(dt.UTC)
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-# --------------------------------------------------------------------------- errors / Status
-
-
-def status_object(code: int, reason: str, message: str, details: JSON | None = None) -> JSON:
-    body: JSON = {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
-    if details:
-        body["details"] = details
-    return body
-
-
-class ApiError(Exception):
-    """Raised inside handlers; becomes a ``Status`` answer."""
-
-    def __init__(
-        self,
-        code: int,
-        reason: str,
-        message: str,
-        details: JSON | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.body = status_object(code, reason, message, details)
-        self.headers = headers or {}
-
-
-@dataclass(frozen=True)
-class Cause:
-    """One ``field.Error``: reason is FieldValueRequired / FieldValueInvalid / …"""
-
-    reason: str
-    field: str
-    message: str
-
-
-def _required(path: str) -> Cause:
-    return Cause("FieldValueRequired", path, "Required value")
-
-
-def _invalid(path: str, value: Any, detail: str) -> Cause:
-    return Cause("FieldValueInvalid", path, f"Invalid value: {json.dumps(value)}: {detail}")
-
-
-def _invalid_error(kind: str, group: str, name: str, causes: list[Cause]) -> ApiError:
-    """422 Invalid like ``apierrors.NewInvalid``."""
-    qualified = f"{kind}.{group}" if group else kind
-    parts = [f"{c.field}: {c.message}" for c in causes]
-    joined = parts[0] if len(parts) == 1 else "[" + ", ".join(parts) + "]"
-    details: JSON = {
-        "name": name,
-        "kind": kind,
-        "causes": [{"reason": c.reason, "message": c.message, "field": c.field} for c in causes],
-    }
-    if group:
-        details["group"] = group
-    return ApiError(422, "Invalid", f'{qualified} "{name}" is invalid: {joined}', details)
-
-
-def _bad_request(message: str) -> ApiError:
-    return ApiError(400, "BadRequest", message)
-
-
-# --------------------------------------------------------------------------- schemas
-
-
-class SchemaValidator:
-    """JSON-schema validation with the schemas ``kubernetes-validate`` ships.
-
-    Same file choice as ``kubernetes_validate.validate(obj, version, strict=True)`` (the newest
-    shipped schema set not newer than ``version``, ``-strict`` variant where every object has
-    ``additionalProperties: false``), but each validator is built once and cached: the
-    definitions file is ~1.8 MB and the package re-reads it on every call.
-    """
-
-    def __init__(self, version: str) -> None:
-        utils = kubernetes_validate.utils
-        wanted = utils.major_minor(version.lstrip("v"))
-        versions = [
-            v
-            for v in utils.all_versions()
-            if _version_key(utils.major_minor(v)) <= _version_key(wanted)
-        ]
-        if not versions:
-            raise ValueError(f"kubernetes-validate has no schemas for Kubernetes {version}")
-        self.schema_version: str = str(versions[-1])
-        self._dir = f"kubernetes-json-schema/v{self.schema_version}-local-strict"
-        self._definitions: Any = None
-        self._cache: dict[tuple[str, str], jsonschema.protocols.Validator] = {}
-        self._lock = threading.Lock()
-
-    def _validator(self, kind: str, api_version: str) -> jsonschema.protocols.Validator:
-        key = (kind, api_version)
-        with self._lock:
-            if key not in self._cache:
-                utils = kubernetes_validate.utils
-                # kubernetes_validate's file naming: events.k8s.io/v1 -> events-v1
-                suffix = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
-                schema = utils.schema_contents(
-                    f"{self._dir}/{kind.lower()}-{suffix}.json", self.schema_version
-                )
-                if self._definitions is None:
-                    self._definitions = utils.schema_contents(
-                        f"{self._dir}/_definitions.json", self.schema_version
-                    )
-                registry: referencing.Registry[Any] = referencing.Registry()
-                registry = referencing.Resource.from_contents(schema) @ registry
-                registry = referencing.Resource.from_contents(self._definitions) @ registry
-                self._cache[key] = jsonschema.Draft202012Validator(schema, registry=registry)
-            return self._cache[key]
-
-    def errors(self, obj: JSON) -> list[jsonschema.ValidationError]:
-        validator = self._validator(str(obj["kind"]), str(obj["apiVersion"]))
-        return sorted(validator.iter_errors(obj), key=lambda e: [str(p) for p in e.absolute_path])
-
-
-def _version_key(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in v.split(".")[:2])
-
-
-def _field_path(parts: Any) -> str:
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _unknown_fields(err: jsonschema.ValidationError) -> list[str]:
-    if err.validator != "additionalProperties" or not isinstance(err.instance, dict):
-        return []
-    known = set(err.schema.get("properties", {})) if isinstance(err.schema, dict) else set()
-    base = _field_path(err.absolute_path)
-    return [f"{base}.{k}" if base else k for k in err.instance if k not in known]
-
-
-# --------------------------------------------------------------------------- selectors
-
-
-def _dig(obj: JSON, dotted: str) -> Any:
-    cur: Any = obj
-    for part in dotted.split("."):
-        if not isinstance(cur, dict):
-            return None
-        cur = cur.get(part)
-    return cur
-
-
-_POD_FIELDS = {
-    "metadata.name",
-    "metadata.namespace",
-    "spec.nodeName",
-    "spec.restartPolicy",
-    "spec.schedulerName",
-    "spec.serviceAccountName",
-    "spec.hostNetwork",
-    "status.phase",
-    "status.podIP",
-    "status.nominatedNodeName",
-}
-_EVENT_FIELDS = {
-    "metadata.name",
-    "metadata.namespace",
-    "involvedObject.kind",
-    "involvedObject.namespace",
-    "involvedObject.name",
-    "involvedObject.uid",
-    "involvedObject.apiVersion",
-    "involvedObject.resourceVersion",
-    "involvedObject.fieldPath",
-    "reason",
-    "reportingComponent",
-    "source",
-    "type",
-}
-_NODE_FIELDS = {"metadata.name", "spec.unschedulable"}
-
-
-def _parse_field_selector(text: str, allowed: set[str]) -> list[tuple[str, bool, str]]:
-    terms: list[tuple[str, bool, str]] = []
-    for raw in filter(None, (t.strip() for t in text.split(","))):
-        m = re.match(r"^([^!=]+)(!=|==|=)(.*)$", raw)
-        if not m:
-            raise _bad_request(f"invalid selector: '{text}'; can't understand '{raw}'")
-        key, op, value = m.group(1), m.group(2), m.group(3)
-        if key not in allowed:
-            raise _bad_request(f"field label not supported: {key}")
-        terms.append((key, op == "!=", value))
-    return terms
-
-
-def _field_value(obj: JSON, key: str) -> str:
-    value = _dig(obj, "source.component") if key == "source" else _dig(obj, key)
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _parse_label_selector(text: str) -> list[tuple[str, str, str]]:
-    terms: list[tuple[str, str, str]] = []
-    for raw in filter(None, (t.strip() for t in text.split(","))):
-        if raw.startswith("!"):
-            terms.append((raw[1:], "!exists", ""))
-            continue
-        m = re.match(r"^([^!=]+)(!=|==|=)(.*)$", raw)
-        if m:
-            terms.append((m.group(1), "!=" if m.group(2) == "!=" else "=", m.group(3)))
-        else:
-            terms.append((raw, "exists", ""))
-    return terms
-
-
-def _labels_match(obj: JSON, terms: list[tuple[str, str, str]]) -> bool:
-    labels = (obj.get("metadata") or {}).get("labels") or {}
-    for key, op, value in terms:
-        if op == "exists" and key not in labels:
-            return False
-        if op == "!exists" and key in labels:
-            return False
-        if op == "=" and labels.get(key) != value:
-            return False
-        if op == "!=" and labels.get(key) == value:
-            return False
-    return True
-
-
-# --------------------------------------------------------------------------- patches
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-def strategic_merge_patch(target: Any, patch: Any) -> Any:
-    """Strategic merge patch for the objects served here: like a merge patch (no Event field
-    has a patch merge key), plus the ``$patch: replace|delete`` directives on maps."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    directive = patch.get("$patch")
-    if directive == "delete":
-        return None
-    body = {k: v for k, v in patch.items() if k != "$patch"}
-    if directive == "replace":
-        return copy.deepcopy(body)
-    if directive is not None:
-        raise _bad_request(f"Unknown patch directive: {directive!r}")
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in body.items():
-        if key.startswith("$"):
-            raise _bad_request(f"unsupported strategic merge directive {key!r}")
-        if value is None:
-            result.pop(key, None)
-        else:
-            merged = strategic_merge_patch(result.get(key), value)
-            if merged is None:
-                result.pop(key, None)
-            else:
-                result[key] = merged
-    return result
-
-
-def _json_pointer(path: str) -> list[str]:
-    if path == "":
-        return []
-    if not path.startswith("/"):
-        raise _bad_request(f"invalid JSON pointer {path!r}")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def json_patch(target: Any, ops: Any) -> Any:
-    """RFC 6902 JSON patch (add, remove, replace, test, copy, move)."""
-    if not isinstance(ops, list):
-        raise _bad_request("json patch must be a list of operations")
-    doc = copy.deepcopy(target)
-
-    def parent(parts: list[str]) -> tuple[Any, str]:
-        cur = doc
-        for p in parts[:-1]:
-            cur = cur[int(p)] if isinstance(cur, list) else cur[p]
-        return cur, parts[-1]
-
-    def get(parts: list[str]) -> Any:
-        cur = doc
-        for p in parts:
-            cur = cur[int(p)] if isinstance(cur, list) else cur[p]
-        return cur
-
-    try:
-        for op in ops:
-            kind, parts = op["op"], _json_pointer(op["path"])
-            if kind == "test":
-                if get(parts) != op["value"]:
-                    raise ApiError(422, "Invalid", f"testing value {op['path']} failed")
-                continue
-            if kind in ("copy", "move"):
-                value = copy.deepcopy(get(_json_pointer(op["from"])))
-                if kind == "move":
-                    src, skey = parent(_json_pointer(op["from"]))
-                    del src[int(skey) if isinstance(src, list) else skey]
-                kind, op = "add", {"value": value}
-            if not parts:
-                doc = copy.deepcopy(op.get("value"))
-                continue
-            container, key = parent(parts)
-            if kind == "add":
-                if isinstance(container, list):
-                    idx = len(container) if key == "-" else int(key)
-                    container.insert(idx, copy.deepcopy(op["value"]))
-                else:
-                    container[key] = copy.deepcopy(op["value"])
-            elif kind == "replace":
-                get(parts)  # must exist
-                container[int(key) if isinstance(container, list) else key] = copy.deepcopy(
-                    op["value"]
-                )
-            elif kind == "remove":
-                del container[int(key) if isinstance(container, list) else key]
-            else:
-                raise _bad_request(f"unknown json patch op {kind!r}")
-    except (KeyError, IndexError, ValueError, TypeError) as exc:
-        raise ApiError(422, "Invalid", f"the json patch could not be applied: {exc!r}") from exc
-    return doc
-
-
-# --------------------------------------------------------------------------- event conversion
-
-
-def event_to_core(obj: JSON) -> JSON:
-    """events.k8s.io/v1 Event -> core/v1 (internal) field names."""
-    out: JSON = {}
-    for key, value in obj.items():
-        out[_V1_TO_CORE.get(key, key)] = copy.deepcopy(value)
-    out["apiVersion"], out["kind"] = "v1", "Event"
-    return out
-
-
-def event_to_v1(obj: JSON) -> JSON:
-    """core/v1 Event -> events.k8s.io/v1 field names."""
-    out: JSON = {}
-    for key, value in obj.items():
-        out[_CORE_TO_V1.get(key, key)] = copy.deepcopy(value)
-    out["apiVersion"], out["kind"] = EVENTS_V1, "Event"
-    return out
-
-
-def _empty(value: Any) -> bool:
-    return value in (None, "", 0, {}, [])
-
-
-def validate_event(
-    ev: JSON, group: str, old: JSON | None = None, *, extra_rules: bool = True
-) -> list[Cause]:
-    """The API server's Event rules on an internal (core/v1-named) Event dict."""
-    causes: list[Cause] = []
-    ns = str((ev.get("metadata") or {}).get("namespace") or "")
-    involved = ev.get("involvedObject") or {}
-    has_event_time = not _empty(ev.get("eventTime"))
-
-    # legacyValidateEvent (both groups)
-    if not has_event_time:
-        inv_ns = str(involved.get("namespace") or "")
-        if (inv_ns == "" and ns not in ("", "default")) or (inv_ns != "" and ns != inv_ns):
-            causes.append(
-                _invalid("involvedObject.namespace", inv_ns, "does not match event.namespace")
-            )
-    else:
-        inv_ns = str(involved.get("namespace") or "")
-        if inv_ns == "" and ns not in ("default", "kube-system"):
-            causes.append(
-                _invalid("involvedObject.namespace", inv_ns, "does not match event.namespace")
-            )
-        controller = str(ev.get("reportingComponent") or "")
-        if not controller:
-            causes.append(_required("reportingController"))
-        elif msg := _qualified_name_error(controller):
-            causes.append(_invalid("reportingController", controller, msg))
-        for fld, limit in (("reportingInstance", 128), ("action", 128), ("reason", 128)):
-            value = str(ev.get(fld) or "")
-            if not value:
-                causes.append(_required(fld))
-            elif len(value.encode()) > limit:
-                causes.append(_invalid(fld, "", f"can have at most {limit} characters"))
-        if len(str(ev.get("message") or "").encode()) > 1024:
-            causes.append(_invalid("message", "", "can have at most 1024 characters"))
-    if ns and not _DNS1123_LABEL.match(ns):
-        causes.append(_invalid("namespace", ns, "a lowercase RFC 1123 label must consist of …"))
-
-    if extra_rules and (not involved.get("kind") or not involved.get("name")):
-        causes.append(
-            Cause(
-                "FieldValueRequired",
-                "involvedObject",
-                "Required value: stand-in rule: regarding must name the object (kind, name)",
-            )
-        )
-
-    if group != EVENTS_GROUP:
-        return causes
-
-    series_changed = old is None or ev.get("series") != old.get("series")
-    if series_changed and ev.get("series") is not None:
-        series = ev["series"] or {}
-        if int(series.get("count") or 0) < 2:
-            causes.append(_invalid("series.count", "", "should be at least 2"))
-        if _empty(series.get("lastObservedTime")):
-            causes.append(_required("series.lastObservedTime"))
-
-    if old is None:  # ValidateEventCreate
-        name = str((ev.get("metadata") or {}).get("name") or "")
-        if len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
-            causes.append(
-                _invalid("metadata.name", name, "a lowercase RFC 1123 subdomain must consist of …")
-            )
-        if not has_event_time:
-            causes.append(_required("eventTime"))
-        if ev.get("type") not in ("Normal", "Warning"):
-            causes.append(_invalid("type", "", f"has invalid value: {ev.get('type') or ''}"))
-        for fld in ("firstTimestamp", "lastTimestamp", "count"):
-            if not _empty(ev.get(fld)):
-                causes.append(_invalid(fld, "", "needs to be unset"))
-        source = ev.get("source") or {}
-        if source.get("component") or source.get("host"):
-            causes.append(_invalid("source", "", "needs to be unset"))
-    else:  # ValidateEventUpdate
-        for fld in (
-            "involvedObject",
-            "reason",
-            "message",
-            "source",
-            "firstTimestamp",
-            "lastTimestamp",
-            "count",
-            "type",
-            "eventTime",
-            "action",
-            "related",
-            "reportingComponent",
-            "reportingInstance",
-        ):
-            if ev.get(fld) != old.get(fld) and not (_empty(ev.get(fld)) and _empty(old.get(fld))):
-                path = "reportingController" if fld == "reportingComponent" else fld
-                causes.append(_invalid(path, ev.get(fld), "field is immutable"))
-    return causes
-
-
-def _qualified_name_error(value: str) -> str | None:
-    prefix, _, name = value.rpartition("/")
-    if "/" in value and (not prefix or len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)):
-        return "prefix part a lowercase RFC 1123 subdomain must consist of …"
-    if not name or len(name) > 63 or not _QUALIFIED_NAME.match(name):
-        return "name part must consist of alphanumeric characters, '-', '_' or '.', …"
-    return None
-
-
-def check_event_times(ev: JSON, kind_desc: str) -> None:
-    """Decode-time checks (400 like the real JSON decoder) on an internal Event."""
-    micro = {
-        "eventTime": ev.get("eventTime"),
-        "series.lastObservedTime": _dig(ev, "series.lastObservedTime"),
-    }
-    for path, value in micro.items():
-        if value is not None and not (
-            isinstance(value, str) and _MICROTIME_RE.match(value) and _parses(value)
-        ):
-            raise _bad_request(
-                f"{kind_desc} cannot be handled as a Event: {path}: parsing time"
-                f' {json.dumps(value)} as "2006-01-02T15:04:05.000000Z07:00": cannot parse'
-                " (MicroTime needs exactly 6 fractional digits and a zone)"
-            )
-    for path in ("firstTimestamp", "lastTimestamp", "metadata.creationTimestamp"):
-        value = _dig(ev, path)
-        if value is not None and not (
-            isinstance(value, str) and _TIME_RE.match(value) and _parses(value)
-        ):
-            raise _bad_request(
-                f"{kind_desc} cannot be handled as a Event: {path}: parsing time"
-                f' {json.dumps(value)} as "2006-01-02T15:04:05Z07:00": cannot parse'
-            )
-
-
-def _parses(value: str) -> bool:
-    try:
-        dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    return True
-
+__all__ = [
+    "DEFAULT_TOKEN",
+    "EVENTS_GROUP",
+    "JSON",
+    "ApiError",
+    "KubeStandin",
+    "RecordedRequest",
+    "micro_time",
+    "running",
+]
 
 # --------------------------------------------------------------------------- request log / faults
 
@@ -1860,94 +1350,6 @@ def status_success(name: str, group: str) -> JSON:
         "status": "Success",
         "details": details,
     }
-
-
-# --------------------------------------------------------------------------- HTTP plumbing
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    standin: KubeStandin
-
-    def __init__(self, addr: tuple[str, int], handler: type[_Handler]) -> None:
-        super().__init__(addr, handler)
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-
-    def track(self, conn: socket.socket, add: bool) -> None:
-        with self._conns_lock:
-            if add:
-                self._conns.add(conn)
-            else:
-                self._conns.discard(conn)
-
-    def close_all_connections(self) -> None:
-        with self._conns_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection, True)
-
-    def finish(self) -> None:
-        with contextlib.suppress(OSError):
-            super().finish()
-        self.server.track(self.connection, False)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _handle(self) -> None:
-        try:
-            self.server.standin.handle(self)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-
-    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _handle
-
-    def send_json(self, status: int, body: JSON, headers: dict[str, str]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Audit-Id", str(uuid.uuid4()))
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def drop(self) -> None:
-        """Close the socket without answering."""
-        self.close_connection = True
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_RDWR)
-
-    def start_chunked(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self.wfile.flush()
-        self.close_connection = True
-
-    def write_chunk(self, obj: JSON) -> None:
-        data = json.dumps(obj).encode() + b"\n"
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def end_chunked(self) -> None:
-        with contextlib.suppress(OSError):
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
 
 
 @contextlib.contextmanager
