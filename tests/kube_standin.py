@@ -71,6 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from standin_auth import Rbac, User, forbidden_message, request_info
 from standin_http import _Handler, _Server
 from standin_query import (
     _EVENT_FIELDS,
@@ -84,6 +85,7 @@ from standin_query import (
     merge_patch,
     strategic_merge_patch,
 )
+from standin_tls import TlsFiles
 from standin_validation import (
     _MODIFIED,
     _NAME_SUFFIX_ALPHABET,
@@ -201,10 +203,19 @@ class KubeStandin:
         user: str = DEFAULT_USER,
         unknown_fields: Literal["reject", "warn"] = "reject",
         extra_rules: bool = True,
+        tls: TlsFiles | None = None,
+        rbac: Rbac | None = None,
+        users: dict[str, User] | None = None,
     ) -> None:
         self.serve_events_v1 = serve_events_v1
         self.token = token
         self.user = user
+        self.tls = tls
+        """Serve HTTPS with this certificate (clients verify it with ``tls.ca_cert``)."""
+        self.rbac = rbac
+        """Authorize every request against these roles and bindings (403 otherwise)."""
+        self.users: dict[str, User] | None = dict(users) if users is not None else None
+        """Bearer token → user; ``None``: the single ``token`` of ``user``."""
         self.unknown_fields = unknown_fields
         self.extra_rules = extra_rules
         self.schemas = SchemaValidator(kubernetes_version)
@@ -235,6 +246,7 @@ class KubeStandin:
             self._stopping = False
         server = _Server(("127.0.0.1", port), _Handler)
         server.standin = self
+        server.tls_context = self.tls.server_context() if self.tls else None
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever,
@@ -270,16 +282,24 @@ class KubeStandin:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
-    def write_kubeconfig(self, path: str | Path, *, namespace: str = "default") -> Path:
-        """A kubeconfig (plain http, bearer token) the official client and kubectl accept."""
+    def write_kubeconfig(
+        self, path: str | Path, *, namespace: str = "default", token: str | None = None
+    ) -> Path:
+        """A kubeconfig (bearer ``token``, default the stand-in's; the CA when serving
+        HTTPS) the official client and kubectl accept."""
         path = Path(path)
-        user: JSON = {"token": self.token} if self.token else {}
+        if token is None:
+            token = self.token
+        user: JSON = {"token": token} if token else {}
+        cluster: JSON = {"server": self.url}
+        if self.tls:
+            cluster["certificate-authority"] = str(self.tls.ca_cert)
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "standin", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "standin", "cluster": cluster}],
             "users": [{"name": "standin", "user": user}],
             "contexts": [
                 {
@@ -578,11 +598,7 @@ class KubeStandin:
             return
 
         try:
-            if (
-                self.token is not None
-                and req.headers.get("Authorization") != f"Bearer {self.token}"
-            ):
-                raise ApiError(401, "Unauthorized", "Unauthorized")
+            self._authorize(method, path, query, self._authenticate(req))
             route = self._route(path)
             if route is not None:
                 self._check_rbac(method, route, query)
@@ -599,6 +615,39 @@ class KubeStandin:
             return
         log(status, response=answer)
         req.send_json(status, answer, headers)
+
+    def add_user(self, token: str, user: User) -> None:
+        """Accept ``token`` for ``user`` (a new projected token, an admin for kubectl)."""
+        with self._cond:
+            self.users = {**(self.users or {}), token: user}
+
+    def revoke(self, token: str) -> None:
+        """``token`` is no longer accepted (401), as an expired projected token."""
+        with self._cond:
+            if self.users is not None:
+                self.users.pop(token, None)
+
+    def _authenticate(self, req: _Handler) -> User:
+        header = req.headers.get("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        with self._cond:
+            if self.users is not None:
+                user = self.users.get(token) if scheme.lower() == "bearer" else None
+            elif self.token is None or header == f"Bearer {self.token}":
+                user = User(self.user, ("system:authenticated",))
+            else:
+                user = None
+        if user is None:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        return user
+
+    def _authorize(self, method: str, path: str, query: dict[str, str], user: User) -> None:
+        if self.rbac is None:
+            return
+        info = request_info(method, path, query)
+        if not self.rbac.allowed(user, info):
+            message, details = forbidden_message(user, info)
+            raise ApiError(403, "Forbidden", message, details)
 
     def _route(self, path: str) -> _Route | None:
         m = _ROUTE_RE.match(path)

@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import json
 import socket
+import ssl
 import threading
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,10 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     standin: KubeStandin
+    tls_context: ssl.SSLContext | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that gave up (or failed the TLS handshake): nothing to report
 
     def __init__(self, addr: tuple[str, int], handler: type[_Handler]) -> None:
         super().__init__(addr, handler)
@@ -49,6 +54,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
+        if self.server.tls_context is not None:  # the handshake on this connection's thread
+            self.request = self.server.tls_context.wrap_socket(self.request, server_side=True)
         super().setup()
         self.server.track(self.connection, True)
 
