@@ -246,7 +246,6 @@ class EventSink:
         self._series: dict[tuple[str, ...], _Series] = {}
         self._buckets: dict[tuple[str, ...], _Bucket] = {}
         self.group: Group | None = None  # None: not connected (discovery pending)
-        self._node_uid: str | None = None
         self._api_not_before = 0.0
         self._api_attempt = 0
         self._down: str | None = None  # why the API is unreachable (logged once)
@@ -444,22 +443,12 @@ class EventSink:
                     raise
                 group = ""
                 log.info("events.k8s.io/v1 is not served: writing core/v1 Events")
-            self._node_uid = self._read_node_uid(api)
         except (KubeUnreachable, KubeError) as error:
             self._api_failed(error, now)
             return False
         self.group = group
         self._api_ok()
         return True
-
-    def _read_node_uid(self, api: Api) -> str:
-        try:
-            uid = api.request("GET", f"/api/v1/nodes/{self.node}")["metadata"]["uid"]
-            return str(uid)
-        except (KubeError, KeyError, TypeError) as error:
-            # The kubelet's own node Events carry the node name as uid; describe finds both.
-            log.debug("node %s uid unknown (%s): using its name", self.node, error)
-            return self.node
 
     def _api_failed(self, error: Exception, now: float) -> None:
         retry_after = error.retry_after if isinstance(error, KubeError) else None
@@ -497,7 +486,10 @@ class EventSink:
         if series.regarding is not None:
             return series.regarding
         subject = series.finding.subject
-        node = Regarding("Node", series.finding.node or self.node, None, self._node_uid)
+        # The node's name as its uid, as kubelet writes its own node Events: `kubectl describe
+        # node` searches Events by that uid (before 1.2x only by it, newer ones by both).
+        node_name = series.finding.node or self.node
+        node = Regarding("Node", node_name, None, node_name)
         if subject.kind != "Pod" or series.on_node:
             return node
         if subject.name and subject.namespace:

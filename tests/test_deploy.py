@@ -485,7 +485,6 @@ def rbac_needed(calls: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
 
 def test_the_code_calls_what_we_think() -> None:
     calls = api_calls()
-    assert ("request", "GET", "/api/v1/nodes/{}") in calls
     assert ("request", "POST", "/apis/events.k8s.io/v1/namespaces/{}/events") in calls
     assert ("request", "PATCH", "/api/v1/namespaces/{}/events/{}") in calls
     assert ("watch", "GET", "/api/v1/pods") in calls

@@ -284,14 +284,14 @@ def test_pod_findings_land_on_the_pod(api: ks.KubeStandin, client: KubeClient, r
 def test_node_findings_land_on_the_node_in_default(
     api: ks.KubeStandin, client: KubeClient, reason: str, severity: str, details: JSON
 ) -> None:
-    node_uid = api._nodes[NODE]["metadata"]["uid"]
     sim = Sim(client)
     sim.sink.submit(node_finding(reason, severity, **details))
     sim.settle()
 
     event = only_event(api)
     assert event["metadata"]["namespace"] == "default"
-    assert event["regarding"] == {"apiVersion": "v1", "kind": "Node", "name": NODE, "uid": node_uid}
+    # kubelet's convention (the name as uid): what `kubectl describe node` searches for
+    assert event["regarding"] == {"apiVersion": "v1", "kind": "Node", "name": NODE, "uid": NODE}
     assert event["reason"] == reason
     assert event["type"] == ("Warning" if severity == "warning" else "Normal")
     assert MICRO.match(event["eventTime"])

@@ -150,17 +150,19 @@ def test_shipped_rbac_allows_what_the_agent_does_and_denies_the_rest(
     assert source == KubeConfigSource("in-cluster", in_cluster)
     client = connect(source)
     try:
-        assert client.request("GET", f"/api/v1/nodes/{NODE}")["metadata"]["name"] == NODE
         assert client.request("GET", "/api/v1/pods", query={"resourceVersion": "0"})["items"] == []
         assert client.request("GET", "/apis/events.k8s.io/v1")["groupVersion"]  # discovery
         with pytest.raises(KubeError) as denied:
-            client.request("GET", "/api/v1/nodes")  # get one node, not list them
+            client.request("GET", f"/api/v1/nodes/{NODE}")
         assert denied.value.status == 403 and denied.value.reason == "Forbidden"
         assert denied.value.body["kind"] == "Status"
         assert denied.value.message == (
-            'nodes is forbidden: User "system:serviceaccount:nodediag:nodediag" cannot list '
-            'resource "nodes" in API group "" at the cluster scope'
+            f'nodes "{NODE}" is forbidden: User "system:serviceaccount:nodediag:nodediag" '
+            'cannot get resource "nodes" in API group "" at the cluster scope'
         )
+        with pytest.raises(KubeError) as denied:
+            client.request("GET", "/api/v1/namespaces/shop/pods/web-0")  # list, not get
+        assert denied.value.status == 403
         with pytest.raises(KubeError) as denied:
             client.request("DELETE", "/api/v1/namespaces/default/events/x")
         assert denied.value.status == 403
@@ -175,7 +177,7 @@ def test_a_wrong_token_is_401_and_a_wrong_ca_is_refused(
     client = connect(KubeConfigSource("in-cluster", in_cluster))
     try:
         with pytest.raises(KubeError) as refused:
-            client.request("GET", f"/api/v1/nodes/{NODE}")
+            client.request("GET", "/api/v1/pods")
         assert refused.value.status == 401 and refused.value.body["reason"] == "Unauthorized"
     finally:
         client.close()
