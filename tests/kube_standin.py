@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime as dt
 import json
 import random
 import re
@@ -85,6 +86,7 @@ from standin_query import (
     merge_patch,
     strategic_merge_patch,
 )
+from standin_tables import event_table, wants_table
 from standin_tls import TlsFiles
 from standin_validation import (
     _MODIFIED,
@@ -609,12 +611,26 @@ class KubeStandin:
                 self._serve_watch(req, route, query)
                 return
             status, answer, headers = self._dispatch(method, path, route, query, body, ctype)
+            if method == "GET" and wants_table(req.headers.get("Accept") or ""):
+                answer = self._as_table(answer)
         except ApiError as err:
             log(err.code, "forbid" if err.code == 403 else None, err.body)
             req.send_json(err.code, err.body, err.headers)
             return
         log(status, response=answer)
         req.send_json(status, answer, headers)
+
+    @staticmethod
+    def _as_table(answer: JSON) -> JSON:
+        """Events as kube-apiserver prints them (other kinds stay objects: kubectl then
+        prints them itself)."""
+        kind = answer.get("kind")
+        if kind not in ("Event", "EventList"):
+            return answer
+        items = answer["items"] if kind == "EventList" else [answer]
+        internal = [event_to_core(e) if "note" in e or "regarding" in e else e for e in items]
+        version = str((answer.get("metadata") or {}).get("resourceVersion") or "")
+        return event_table(internal, version, dt.datetime.now(dt.UTC))
 
     def add_user(self, token: str, user: User) -> None:
         """Accept ``token`` for ``user`` (a new projected token, an admin for kubectl)."""
