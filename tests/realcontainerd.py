@@ -117,6 +117,13 @@ class Containerd:
         self._process: subprocess.Popen[bytes] | None = None
         self._created_base = False
 
+    #: plugins left out (a subclass with the CRI plugin drops it from the list)
+    disabled_plugins: tuple[str, ...] = _DISABLED_PLUGINS
+
+    def command(self) -> list[str]:
+        """How containerd is started (a subclass may run it in a network namespace)."""
+        return ["containerd", "--config", str(self.config)]
+
     # -- lifecycle -----------------------------------------------------------------------
 
     def __enter__(self) -> Containerd:
@@ -146,7 +153,7 @@ class Containerd:
         self.config.write_text(self._config_text())
 
     def _config_text(self) -> str:
-        disabled = ", ".join(json.dumps(p) for p in _DISABLED_PLUGINS)
+        disabled = ", ".join(json.dumps(p) for p in self.disabled_plugins)
         return f"""\
 version = 2
 root = {json.dumps(str(self.root))}
@@ -183,7 +190,7 @@ disabled_plugins = [{disabled}]
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                ["containerd", "--config", str(self.config)],
+                self.command(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -529,9 +536,12 @@ def _rootfs_layer() -> bytes:
     return buf.getvalue()
 
 
-def build_busybox_oci_tarball(path: Path, ref: str = IMAGE_REF) -> Path:
+def build_busybox_oci_tarball(
+    path: Path, ref: str = IMAGE_REF, cmd: Sequence[str] = ("sh",)
+) -> Path:
     """Write an OCI image layout tarball (``oci-layout``, ``index.json``,
-    ``blobs/sha256/*``) with one layer built from the host's static busybox."""
+    ``blobs/sha256/*``) with one layer built from the host's static busybox; ``cmd`` is
+    the image's default command."""
     blobs: dict[str, bytes] = {}
 
     def blob(data: bytes) -> dict[str, object]:
@@ -548,7 +558,7 @@ def build_busybox_oci_tarball(path: Path, ref: str = IMAGE_REF) -> Path:
         "os": "linux",
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sh"],
+            "Cmd": list(cmd),
             "WorkingDir": "/",
         },
         "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]},
