@@ -1,15 +1,34 @@
-"""containerd lookups for findings: failures are counted, and logged once, not per record."""
+"""containerd lookups for findings: failures are counted, and logged once, not per record.
+
+Each task's init pid is also learnt as the task starts (containerd's TaskStart events), so
+a kill reported after its container was already deleted (a pod removed right after the
+kill) still tells whether the victim was the init.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
+from agent.kube import ReconnectBackoff
 from agent.metrics import Metrics
 from agent.settings import Settings
-from collectors.containerd import ContainerdClient, ContainerdUnavailable, ContainerInfo, TaskInfo
+from collectors.containerd import (
+    ContainerdClient,
+    ContainerdUnavailable,
+    ContainerInfo,
+    TaskInfo,
+    TaskStarts,
+)
 
 log = logging.getLogger(__name__)
+
+INIT_PIDS_KEPT = 8192
+"""Init pids remembered (the most recent task starts)."""
+GONE = "DELETED"
+"""The status of a task known only from its start event: containerd has deleted it."""
 
 
 def containerd_client(settings: Settings) -> ContainerdClient:
@@ -23,6 +42,9 @@ class ContainerLookup:
         self.client = client
         self.metrics = metrics
         self._down_reason: str | None = None
+        self._init_pids: OrderedDict[str, int] = OrderedDict()
+        self._init_lock = threading.Lock()
+        self._subscription: TaskStarts | None = None
 
     def container(self, container_id: str) -> ContainerInfo | None:
         try:
@@ -37,18 +59,53 @@ class ContainerLookup:
         return info
 
     def task(self, container_id: str) -> TaskInfo | None:
+        """The task now; when containerd no longer has it, its init pid from its start."""
         try:
             task = self.client.task(container_id)
         except ContainerdUnavailable as error:
             self._unreachable(str(error))
-            return None
-        self._reachable()
+            task = None
+        else:
+            self._reachable()
+        if task is None:
+            with self._init_lock:
+                pid = self._init_pids.get(container_id)
+            if pid is not None:
+                return TaskInfo(pid, GONE, 0)
         return task
 
     @property
     def down_reason(self) -> str | None:
         """Why containerd did not answer the last lookup; None when it did (or none yet)."""
         return self._down_reason
+
+    def remember_start(self, container_id: str, pid: int) -> None:
+        with self._init_lock:
+            self._init_pids[container_id] = pid
+            self._init_pids.move_to_end(container_id)
+            while len(self._init_pids) > INIT_PIDS_KEPT:
+                self._init_pids.popitem(last=False)
+
+    def follow_task_starts(self, stop: threading.Event) -> None:
+        """Remember each task's init pid as it starts, until ``stop`` (for a worker thread):
+        resubscribes with backoff when containerd restarts or is not there yet."""
+        backoff = ReconnectBackoff()
+        threading.Thread(target=self._cancel_on, args=(stop,), daemon=True).start()
+        while not stop.is_set():
+            try:
+                self._subscription = self.client.task_starts()
+                if stop.is_set():
+                    break
+                for container_id, pid in self._subscription:
+                    self.remember_start(container_id, pid)
+            except ContainerdUnavailable as error:
+                log.debug("containerd task events: %s", error)
+            stop.wait(backoff.next())
+
+    def _cancel_on(self, stop: threading.Event) -> None:
+        stop.wait()
+        if self._subscription is not None:
+            self._subscription.cancel()
 
     def _unreachable(self, reason: str) -> None:
         self._count("unreachable")

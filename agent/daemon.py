@@ -89,6 +89,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     log.info("serving /metrics, /healthz, /readyz on %s://%s:%d", scheme, settings.listen[0],
              server.port)  # fmt: skip
     _stop_on_signals(stop)
+    supervisor.start("containerd-events", containers.follow_task_starts)
     _start_periodic(settings, metrics, supervisor, report, table_full)
     pods = kube.pods if kube else None
     alive = (lambda uid: pods.pod(uid) is not None) if pods is not None else None

@@ -137,7 +137,16 @@ def verdict_from_task(kill: OomKill, task: TaskInfo | None) -> Verdict | None:
             f"containerd: the container's task still runs with init pid {task.pid}",
             task.pid,
         )
-    return None
+    # The init was not the victim, so it outlived the kill; that the container stopped
+    # since (its pod deleted, or its init gave up after the loss) is another event. The
+    # CRI said CONTAINER_RUNNING right after such a kill: an empty cgroup seen later must
+    # not make it a container kill.
+    return Verdict(
+        *INVISIBLE,
+        f"the victim was not the container's init (containerd task pid {task.pid}, "
+        f"{task.status.lower() or 'stopped'} now)",
+        task.pid,
+    )
 
 
 def verdict_from_log(

@@ -1,9 +1,11 @@
 """containerd over its unix socket (gRPC), in the CRI namespace ``k8s.io``.
 
-Reads container labels (the CRI's pod name/namespace/uid and container name) and task
-state (init pid, status). Short timeouts; container metadata is cached (a container's
-labels never change), task state is always asked afresh. A failed call drops the channel,
-so the next one reconnects: containerd restarting costs one failed lookup, not more.
+Reads container labels (the CRI's pod name/namespace/uid and container name), task
+state (init pid, status), and follows TaskStart events (each task's init pid as it starts,
+kept by the agent for kills reported after the task is gone). Short timeouts; container
+metadata is cached (a container's labels never change), task state is always asked afresh.
+A failed call drops the channel, so the next one reconnects: containerd restarting costs
+one failed lookup, not more.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from collectors.containerd_api import containers_pb2, tasks_pb2
+from collectors.containerd_api import containers_pb2, events_pb2, tasks_pb2
 
 if TYPE_CHECKING:
     import grpc
@@ -31,6 +33,8 @@ CONTAINER_NAME = "io.kubernetes.container.name"
 GET_CONTAINER = "/containerd.services.containers.v1.Containers/Get"
 GET_TASK = "/containerd.services.tasks.v1.Tasks/Get"
 LIST_PIDS = "/containerd.services.tasks.v1.Tasks/ListPids"
+SUBSCRIBE = "/containerd.services.events.v1.Events/Subscribe"
+TASK_START_TOPIC = "/tasks/start"
 
 
 class ContainerdUnavailable(Exception):
@@ -76,6 +80,34 @@ def _status_name(value: int) -> str:
         return str(tasks_pb2.Status.Name(value))
     except ValueError:
         return "UNKNOWN"
+
+
+class TaskStarts:
+    """A subscription to containerd's TaskStart events: iterate for (container id, init
+    host pid); :meth:`cancel` ends it from another thread."""
+
+    def __init__(self, call: Any, socket: Path) -> None:
+        self._call = call
+        self.socket = socket
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        import grpc
+
+        try:
+            for envelope in self._call:
+                start = events_pb2.TaskStart.FromString(envelope.event.value)
+                yield start.container_id, start.pid
+        except grpc.RpcError as error:
+            if self.cancelled:
+                return
+            raise ContainerdUnavailable(
+                f"containerd events at {self.socket}: {error.code().name}: {error.details()}"
+            ) from error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._call.cancel()
 
 
 class ContainerdClient:
@@ -130,6 +162,22 @@ class ContainerdClient:
             LIST_PIDS, request, tasks_pb2.ListPidsResponse.FromString, container_id
         )
         return [p.pid for p in response.processes] if response is not None else []
+
+    def task_starts(self) -> TaskStarts:
+        """Subscribe to TaskStart events of our namespace on the first existing socket."""
+        existing = [s for s in self.sockets if s.exists()]
+        if not existing:
+            listed = ", ".join(str(s) for s in self.sockets)
+            raise ContainerdUnavailable(f"no containerd socket at {listed}")
+        socket = existing[0]
+        stub: grpc.UnaryStreamMultiCallable[Any, Any] = self._channel(socket).unary_stream(
+            SUBSCRIBE,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=events_pb2.Envelope.FromString,
+        )
+        topic = f'topic=="{TASK_START_TOPIC}",namespace=="{self.namespace}"'
+        request = events_pb2.SubscribeRequest(filters=[topic])
+        return TaskStarts(stub(request), socket)
 
     def close(self) -> None:
         with self._lock:

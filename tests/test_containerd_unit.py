@@ -24,7 +24,8 @@ POD = "11112222-3333-4444-5555-666677778888"
 
 def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
     subprocess.run([str(REPO / "scripts/gen-protos"), str(tmp_path)], check=True, cwd=REPO)
-    for name in ("containers_pb2.py", "tasks_pb2.py", "containers_pb2.pyi", "tasks_pb2.pyi"):
+    for name in ("containers_pb2.py", "tasks_pb2.py", "events_pb2.py", "containers_pb2.pyi",
+                 "tasks_pb2.pyi", "events_pb2.pyi"):  # fmt: skip
         generated = (tmp_path / "collectors/containerd_api" / name).read_text()
         committed = (REPO / "collectors/containerd_api" / name).read_text()
         assert generated == committed, f"{name} is stale: run scripts/gen-protos"
@@ -73,8 +74,25 @@ def test_task_verdicts() -> None:
     assert container.init_pid == 40
     invisible = verdict_from_task(_kill(41), TaskInfo(pid=40, status="RUNNING", exit_status=0))
     assert invisible is not None and invisible.reason == "InvisibleOOMKill"
-    assert verdict_from_task(_kill(41), TaskInfo(pid=40, status="STOPPED", exit_status=137)) is None
+    # the init outlived the kill; the container stopped afterwards (e.g. its pod deleted)
+    stopped = verdict_from_task(_kill(41), TaskInfo(pid=40, status="STOPPED", exit_status=137))
+    assert stopped is not None and stopped.reason == "InvisibleOOMKill"
     assert verdict_from_task(_kill(41), None) is None
+
+
+def test_a_deleted_task_is_judged_by_the_init_pid_seen_at_its_start(tmp_path: Path) -> None:
+    """containerd has deleted the task (its pod was removed right after the kill): the init
+    pid remembered from the TaskStart event still tells init kill from child kill."""
+    lookup = ContainerLookup(ContainerdClient([tmp_path / "no.sock"]), Metrics())
+    assert lookup.task(CID) is None
+    lookup.remember_start(CID, 40)
+    task = lookup.task(CID)
+    assert task == TaskInfo(pid=40, status="DELETED", exit_status=0)
+    child = verdict_from_task(_kill(41), task)
+    assert child is not None and child.reason == "InvisibleOOMKill"
+    assert "deleted now" in child.basis
+    init = verdict_from_task(_kill(40), task)
+    assert init is not None and init.reason == "ContainerOOMKill"
 
 
 def test_unreachable_containerd_is_counted_and_logged_once(

@@ -203,6 +203,20 @@ def test_restarted_container_new_id_same_pod(
     assert cri_verdict(first.status()) == "ContainerOOMKill"  # the first stays as it was
 
 
+def test_pod_removed_right_after_the_kill(
+    cri_client: CriClient, agent: RunningAgent, api: ks.KubeStandin
+) -> None:
+    """The pod is deleted (StopPodSandbox + RemovePodSandbox) right after a child's kill:
+    the CRI said the container was running when the kill happened; the agent must say so
+    too, and still name the pod."""
+    pod = cri_client.run_pod("gone-0", "shop")
+    app = pod.create_container("app", child_hog_args(LIMIT), memory_limit=LIMIT)
+    app.go()
+    status = app.status()
+    pod.remove()
+    assert_agrees(agent, api, app, status)
+
+
 @pytest.mark.parametrize("qos", ["guaranteed", "besteffort"])
 def test_qos_classes(
     cri_client: CriClient, agent: RunningAgent, api: ks.KubeStandin, qos: realcontainerd.Qos
