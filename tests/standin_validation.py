@@ -379,3 +379,23 @@ def _parses(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _not_found_path() -> ApiError:
+    return ApiError(404, "NotFound", "the server could not find the requested resource", {})
+
+
+def _not_found(resource: str, group: str, name: str) -> ApiError:
+    qualified = f"{resource}.{group}" if group else resource
+    details: JSON = {"name": name, "kind": resource}
+    if group:
+        details["group"] = group
+    return ApiError(404, "NotFound", f'{qualified} "{name}" not found', details)
+
+
+def _already_exists(resource: str, group: str, name: str) -> ApiError:
+    qualified = f"{resource}.{group}" if group else resource
+    details: JSON = {"name": name, "kind": resource}
+    if group:
+        details["group"] = group
+    return ApiError(409, "AlreadyExists", f'{qualified} "{name}" already exists', details)
