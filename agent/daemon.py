@@ -72,17 +72,11 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     if settings.no_kube:
         log.info("--no-kube: findings go to the log and /metrics only")
 
-    def healthy() -> tuple[bool, str]:
-        stalled = time.monotonic() - watch.last_loop
-        threads_ok, threads = supervisor.health()
-        ok = stalled < STALL_SECONDS and threads_ok
-        return ok, f"kernel log loop ran {stalled:.1f}s ago; {threads}"
-
     def ready() -> tuple[bool, str]:
         return watch.caught_up, "caught up" if watch.caught_up else "catching up on the kernel log"
 
     web_config = WebConfig(settings.web_config_file) if settings.web_config_file else None
-    app = make_app(metrics.registry, healthy, ready)
+    app = make_app(metrics.registry, health_check(watch, supervisor), ready)
     server = HttpServer(*settings.listen, app, web_config=web_config)
     server.start()
     scheme = "https" if web_config and web_config.tls else "http"
@@ -106,6 +100,18 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             kube.join(timeout=10)  # the event sink's final flush
     log.info("stopped")
     return 0
+
+
+def health_check(watch: KernelWatch, supervisor: Supervisor) -> Callable[[], tuple[bool, str]]:
+    """``/healthz``: the kernel log loop turns, and no worker thread keeps failing."""
+
+    def healthy() -> tuple[bool, str]:
+        stalled = time.monotonic() - watch.last_loop
+        threads_ok, threads = supervisor.health()
+        ok = stalled < STALL_SECONDS and threads_ok
+        return ok, f"kernel log loop ran {stalled:.1f}s ago; {threads}"
+
+    return healthy
 
 
 def _start_periodic(

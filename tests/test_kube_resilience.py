@@ -15,15 +15,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import kube_standin as ks
 import pytest
 from prometheus_client import CollectorRegistry
 from test_events import NODE, node_finding, pod_object
 
+from agent.daemon import health_check
 from agent.events import EventSink
+from agent.http import HttpServer, make_app
+from agent.kernel_watch import KernelWatch
 from agent.kube import (
     KubeClient,
     KubeConfigSource,
@@ -112,6 +119,47 @@ def test_health_fails_when_a_loop_cannot_recover_and_recovers_after_a_stable_run
     clock.t += supervisor.stable_seconds  # it has now run long enough since its last restart
     assert supervisor.health()[0]
     stop.set()
+
+
+def test_healthz_fails_when_a_worker_cannot_recover() -> None:
+    """The daemon's /healthz check: healthy while the kernel log loop turns and workers run;
+    503 once a worker failed ``max_failures`` times in a row (kubelet then restarts the
+    pod), with the thread and its last error in the body."""
+    stop = threading.Event()
+    supervisor = Supervisor(None, stop, backoff_base=0.001, backoff_cap=0.001, max_failures=3)
+    watch = cast(KernelWatch, SimpleNamespace(last_loop=time.monotonic()))
+    app = make_app(CollectorRegistry(), health_check(watch, supervisor), lambda: (True, "ok"))
+    server = HttpServer("127.0.0.1", 0, app)
+    server.start()
+
+    def waits(stop: threading.Event) -> None:
+        stop.wait()
+
+    def broken(stop: threading.Event) -> None:
+        raise OSError("the sink's socket is gone")
+
+    try:
+        supervisor.start("events", waits)
+        assert _get(server.port, "/healthz")[0] == 200
+        supervisor.start("pod-watch", broken)
+        deadline = time.monotonic() + 5
+        while supervisor.health()[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, body = _get(server.port, "/healthz")
+        assert status == 503
+        assert "thread pod-watch failed" in body and "times in a row" in body
+        assert "OSError: the sink's socket is gone" in body
+    finally:
+        stop.set()
+        server.stop()
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 # ----------------------------------------------------------------------------- the token
