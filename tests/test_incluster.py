@@ -277,7 +277,9 @@ def test_agent_process_in_cluster_with_a_rotated_token(
             lambda s: any(e["regarding"].get("uid") == container.pod_uid for e in s.events("shop")),
             timeout=20,
         ), (secure_api.events(), agent.log())
-        event = next(e for e in secure_api.events("shop"))
+        event = next(
+            e for e in secure_api.events("shop") if e["regarding"].get("uid") == container.pod_uid
+        )
         assert event["regarding"]["name"] == "web-0"
         assert not [r for r in secure_api.requests if r.status == 403], agent.log()
         assert agent.get("/healthz")[0] == 200
