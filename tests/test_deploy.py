@@ -639,6 +639,7 @@ def test_dashboard_panels() -> None:
         "nodediag_conntrack_entries",
         "nodediag_conntrack_drops_total",
         "nodediag_node_check_ok",
+        "nodediag_dns_flow_ok",
         "up{",
     ):
         assert needed in exprs, needed
