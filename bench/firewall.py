@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from collectors.netfilter.flows import dns_flows  # noqa: E402
 from collectors.netfilter.iptables import parse_iptables_save  # noqa: E402
 from collectors.netfilter.model import DROP_TABLES  # noqa: E402
 from collectors.netfilter.nft import parse_nft_json  # noqa: E402
+from collectors.registry import ToolNotFound  # noqa: E402
 
 CLUSTER_DNS = ("10.43.0.10", "169.254.20.10")
 FACTS = replace(EVALUATOR_FACTS, local_dns_cache=("169.254.20.10",))
@@ -55,7 +57,9 @@ def timed(action: Callable[[], object], repeat: int) -> float:
     return statistics.median(samples)
 
 
-def bench_backend(backend: str, rules: str, repeat: int) -> list[tuple[str, str, str]]:
+def bench_backend(
+    backend: str, rules: str, repeat: int, tools_alone: bool
+) -> list[tuple[str, str, str]]:
     restore = "iptables-restore" if backend == "iptables-nft" else "iptables-legacy-restore"
     save = ["iptables-save", "-c"] if backend == "iptables-nft" else ["iptables-legacy-save", "-c"]
     rows: list[tuple[str, str, str]] = []
@@ -66,26 +70,87 @@ def bench_backend(backend: str, rules: str, repeat: int) -> list[tuple[str, str,
         text = ns.run(save)
         count = text.count("\n-A ") + text.count("] -A ")
         rows.append((backend, f"rules in {save[0]}", f"{count}"))
-        rows.append(
-            (backend, f"{' '.join(save)} alone", f"{timed(lambda: ns.run(save), repeat):.2f}")
-        )
-        nft = ["nft", "-j", "list", "ruleset"]
-        rows.append(
-            (backend, "nft -j list ruleset alone", f"{timed(lambda: ns.run(nft), repeat):.2f}")
-        )
-
-        def analyse() -> None:
-            ruleset = parse_iptables_save(text, tables=DROP_TABLES)
-            dns_rule_hits([ruleset], CLUSTER_DNS)
-
-        rows.append((backend, "parse + analyse (saved text)", f"{timed(analyse, repeat):.3f}"))
-        collector = FirewallCollector(
-            "bench", lambda: CLUSTER_DNS, CollectorRegistry(), runner=ns.runner
-        )
-        rows.append(
-            (backend, "collector full run (all tools)", f"{timed(collector.collect, repeat):.2f}")
-        )
+        if tools_alone:
+            rows.extend(tool_rows(backend, ns, save, text, repeat))
+        rows.extend(collector_rows(backend, ns, repeat))
     return rows
+
+
+def tool_rows(
+    backend: str, ns: Netns, save: list[str], text: str, repeat: int
+) -> list[tuple[str, str, str]]:
+    """The tools alone (wall s) and our parse + port-53 analysis of the saved text."""
+    rows = [(backend, f"{' '.join(save)} alone", f"{timed(lambda: ns.run(save), repeat):.2f}")]
+    nft = ["nft", "-j", "list", "ruleset"]
+    rows.append((backend, "nft -j list ruleset alone", f"{timed(lambda: ns.run(nft), repeat):.2f}"))
+
+    def analyse() -> None:
+        ruleset = parse_iptables_save(text, tables=DROP_TABLES)
+        dns_rule_hits([ruleset], CLUSTER_DNS)
+
+    rows.append((backend, "parse + analyse (saved text)", f"{timed(analyse, repeat):.3f}"))
+    return rows
+
+
+def collector_rows(backend: str, ns: Netns, repeat: int) -> list[tuple[str, str, str]]:
+    """The collector's full run (with the DNS flows), CPU of the agent and its children and
+    wall time: before (``iptables-save -c`` whole: iptables-nft hidden) and after (iptables-nft
+    read piece by piece), in the same namespace; the verdicts of both must be the same."""
+
+    def hidden(argv: Sequence[str]) -> str:
+        if argv[0] in ("iptables-nft", "ip6tables-nft"):
+            raise ToolNotFound(f"{argv[0]} not found")
+        return ns.runner(argv)
+
+    rows: list[tuple[str, str, str]] = []
+    verdicts: dict[str, list[tuple[str, str]]] = {}
+    for when, runner in (("before", hidden), ("after", ns.runner)):
+        calls: list[str] = []
+        collector = FirewallCollector(
+            "bench",
+            lambda: CLUSTER_DNS,
+            CollectorRegistry(),
+            runner=counting(runner, calls),
+            facts=lambda: FACTS,
+        )
+        cpu, wall = cpu_and_wall(collector.collect, repeat)
+        verdicts[when] = [(v.flow.name, v.verdict) for v in collector.last_verdicts]
+        commands = len(calls) // repeat
+        rows.append((backend, f"collector full run {when}: CPU s (agent + children)", f"{cpu:.2f}"))
+        rows.append((backend, f"collector full run {when}: wall s", f"{wall:.2f}"))
+        rows.append((backend, f"collector {when}: % of one core per 60 s", f"{cpu / 60 * 100:.2f}"))
+        rows.append((backend, f"collector {when}: commands run", str(commands)))
+    same = verdicts["before"] == verdicts["after"]
+    rows.append((backend, "verdicts after == before", f"{same} ({len(verdicts['after'])} flows)"))
+    return rows
+
+
+def counting(
+    runner: Callable[[Sequence[str]], str], calls: list[str]
+) -> Callable[[Sequence[str]], str]:
+    def run(argv: Sequence[str]) -> str:
+        calls.append(" ".join(argv))
+        return runner(argv)
+
+    return run
+
+
+def cpu_and_wall(action: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Median CPU seconds (this process and its children: the tools) and wall seconds."""
+    cpus, walls = [], []
+    for _ in range(repeat):
+        before = _rusage()
+        started = time.perf_counter()
+        action()
+        walls.append(time.perf_counter() - started)
+        cpus.append(_rusage() - before)
+    return statistics.median(cpus), statistics.median(walls)
+
+
+def _rusage() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def cpu_timed(action: Callable[[], object], repeat: int) -> float:
@@ -248,12 +313,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--backend", action="append", choices=["iptables-nft", "iptables-legacy"])
     parser.add_argument("--evaluator-only", action="store_true", help="no network namespaces")
+    parser.add_argument(
+        "--tools-alone", action="store_true", help="also time iptables-save and nft alone"
+    )
     args = parser.parse_args()
     rules = kube_proxy_rules(args.services)
     rows: list[tuple[str, str, str]] = []
     if not args.evaluator_only:
         for backend in args.backend or ["iptables-nft", "iptables-legacy"]:
-            rows.extend(bench_backend(backend, rules, args.repeat))
+            rows.extend(bench_backend(backend, rules, args.repeat, args.tools_alone))
     rows.extend(evaluator_rows(rules, args.services, args.repeat))
     print(f"kube-proxy-shaped rule set, {args.services} Services (median of {args.repeat})")
     width = max(len(r[1]) for r in rows)

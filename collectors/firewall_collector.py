@@ -32,8 +32,14 @@ from collectors.netfilter.flow_findings import flow_findings, with_flows
 from collectors.netfilter.flows import NodeFacts, dns_flows
 from collectors.netfilter.ipset import parse_ipset_save
 from collectors.netfilter.iptables import nat_marks, parse_iptables_save
-from collectors.netfilter.model import DROP_TABLES, Ruleset
+from collectors.netfilter.model import DROP_TABLES, Ruleset, Table
 from collectors.netfilter.nft import parse_nft_json
+from collectors.netfilter.xtables_nft import (
+    FetchedChains,
+    save_text,
+    spec_to_save,
+    xtables_chains,
+)
 from collectors.registry import (
     CollectorError,
     Runner,
@@ -166,6 +172,7 @@ class FirewallCollector:
         self.last_hits: list[DnsRuleHit] = []
         self.last_nat_marks: dict[str, bool] = {}
         self.sources = SourceLog()
+        self._listing: str | None = None
 
     def read(self) -> list[Ruleset]:
         """Run every source that exists, recording each one's outcome in ``sources``;
@@ -174,9 +181,16 @@ class FirewallCollector:
         errors: list[str] = []
         self.last_nat_marks = {}
         self.sources.start()
+        self._listing = None
         for source in self.rule_sources:
             if source.backend == "ipset" and self.facts is None:
                 continue  # only the flow evaluator needs set members
+            if source.backend is None and source.family is not None:
+                piecewise = self._read_xtables_nft(source.family)
+                if piecewise is not None:
+                    read.append((source, piecewise))
+                    self.sources.skipped(source.tool, "read table by table with iptables-nft")
+                    continue
             try:
                 ruleset, text = self._read_one(source, [r for _, r in read])
             except ToolNotFound as error:
@@ -200,6 +214,70 @@ class FirewallCollector:
             tools = ", ".join(s.tool for s in self.rule_sources)
             raise CollectorError(f"cannot read firewall rules ({tools}): {why}: {errors[-1]}")
         return rulesets
+
+    def _chain_listing(self) -> str | None:
+        """``nft -j list chains`` (once per run): the tables and their chains; None when nft
+        cannot list them."""
+        if self._listing is None:
+            try:
+                self._listing = self.runner(("nft", "-j", "list", "chains"))
+            except (CollectorError, OSError):
+                self._listing = ""
+        return self._listing or None
+
+    def _read_xtables_nft(self, family: str) -> Ruleset | None:
+        """The iptables-nft tables of ``family`` read piece by piece (``xtables_nft``); None
+        when they cannot be (no nft or iptables-nft, or no such tables): then the caller
+        reads ``iptables-save -c`` whole."""
+        listing = self._chain_listing()
+        tool = "iptables-nft" if family == "ipv4" else "ip6tables-nft"
+        try:
+            tables = xtables_chains(listing, family) if listing else {}
+        except (ValueError, AttributeError, TypeError):
+            return None
+        if not tables:
+            return None
+        ruleset = Ruleset(backend="iptables-nft")
+        try:
+            for name, chains in tables.items():
+                if name == "nat":
+                    ruleset.tables.append(self._nat_table(tool, family, chains))
+                else:
+                    spec = self.runner((tool, "-t", name, "-S", "-v"))
+                    text = save_text(name, spec)
+                    parsed = parse_iptables_save(text, backend="iptables-nft", family=family)
+                    ruleset.tables.extend(parsed.tables)
+        except ToolNotFound:
+            return None
+        except (CollectorError, OSError) as error:
+            self.sources.failed(tool, Source((tool,), "iptables-nft", family).explain(str(error)))
+            return None
+        self.sources.ok(tool)
+        return ruleset
+
+    def _nat_table(self, tool: str, family: str, names: Sequence[str]) -> Table:
+        """The nat table, its chains read when first needed; the base chains and the two
+        chains of the double-NAT marks now (a base chain that cannot be read fails the
+        source: no base chain is silently left out)."""
+
+        def fetch(chain: str) -> list[str] | None:
+            try:
+                return spec_to_save(self.runner((tool, "-t", "nat", "-S", chain, "-v")))
+            except (CollectorError, OSError) as error:
+                self.sources.failed(tool, f"chain {chain} of table nat not read: {error}")
+                return None
+
+        chains = FetchedChains(names, fetch)
+        table = Table(family, "iptables-nft", "nat", chains=chains)
+        for name in chains.base_names():
+            if name not in chains:
+                raise CollectorError(f"{tool} -t nat -S {name} failed")
+        if family == "ipv4":
+            marked = [c for c in ("KUBE-POSTROUTING", "FLANNEL-POSTRTG") if c in chains]
+            text = "*nat\n" + "".join(f"{r.text}\n" for name in marked for r in chains[name].rules)
+            for key, value in nat_marks(text + "COMMIT\n").items():
+                self.last_nat_marks[key] = self.last_nat_marks.get(key, False) or value
+        return table
 
     def _not_installed(self, source: Source) -> None:
         """Skipped, unless the kernel holds tables only this tool could have shown."""
@@ -244,14 +322,17 @@ class FirewallCollector:
         if not covered:
             return self.runner(source.argv)
         try:
-            return self._list_tables(source, covered)
+            return self._list_tables(source, covered, self._listing)
         except (ValueError, AttributeError, TypeError) as error:
             raise CollectorError(f"{source.tool} -j printed unexpected JSON: {error}") from error
 
-    def _list_tables(self, source: Source, covered: set[tuple[str, str]]) -> str:
+    def _list_tables(
+        self, source: Source, covered: set[tuple[str, str]], listed: str | None
+    ) -> str:
         # "list chains" names every table that has a chain (a table without chains has no
         # rules) and is fast; "list tables" makes nft read every rule first.
-        listing = json.loads(self.runner((source.tool, "-j", "list", "chains")) or "{}")
+        text = listed or self.runner((source.tool, "-j", "list", "chains"))
+        listing = json.loads(text or "{}")
         tables: dict[tuple[str, str], None] = {}
         for item in listing.get("nftables", []):
             chain = item.get("chain") if isinstance(item, dict) else None

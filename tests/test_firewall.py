@@ -541,6 +541,7 @@ def test_collector_skips_missing_tools_and_dedups_legacy() -> None:
     (finding,) = collector.collect()
     assert finding.details["backend"] == "iptables-legacy"
     assert calls == [
+        "nft -j list chains",  # iptables-nft's tables, to read them piece by piece
         "iptables-save -c",
         "ip6tables-save -c",
         "iptables-legacy-save -c",

@@ -139,7 +139,7 @@ def parse_iptables_save(
         if skipping and raw[:1] in ("-", "[", ":"):
             continue
         if gathering is not None and raw[:1] in ("-", "[", ":"):
-            _gather(raw, *gathering)
+            gather_line(raw, *gathering)
             continue
         line = raw.strip()
         if not line:
@@ -201,7 +201,7 @@ def parse_iptables_save(
     return result
 
 
-def _gather(raw: str, lines: dict[str, list[str]], heads: dict[str, str]) -> None:
+def gather_line(raw: str, lines: dict[str, list[str]], heads: dict[str, str]) -> None:
     """File one line of a lazily parsed table under its chain."""
     if raw[0] == ":":
         end = raw.find(" ")
