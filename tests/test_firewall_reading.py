@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from test_firewall import fake_runner
-from test_firewall_netns import kube_proxy_rules
+from test_firewall_netns import Netns, kube_proxy_rules
+
+# The throwaway network namespace fixture, under its own name here.
+from test_firewall_netns import netns as netns_fixture  # noqa: F401
 from test_netfilter_evaluate import FACTS, KUBE_NAT, filter_table
 
 from collectors.finding import Finding
@@ -215,3 +218,35 @@ def test_a_base_chain_that_cannot_be_read_falls_back_to_the_whole_read() -> None
     assert summary(collector.last_verdicts) == summary(whole.last_verdicts)
     statuses = {r.source: r.status for r in collector.sources.results()}
     assert statuses["iptables-nft"] == "failed" and statuses["iptables-save"] == "ok"
+
+
+@pytest.mark.root
+def test_real_iptables_nft_piecewise_read_equals_the_whole_read(
+    netns_fixture: Netns,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """kube-proxy-shaped rules loaded by the real iptables-nft-restore, a REJECT of DNS over
+    TCP in FORWARD: read piece by piece and whole, the same verdicts and findings."""
+    netns_fixture.run(["iptables-nft-restore"], stdin=kube_proxy_rules(60))
+    netns_fixture.run(
+        ["iptables-nft", "-I", "FORWARD", "-p", "tcp", "--dport", "53", "-j", "REJECT"]
+    )
+
+    def hidden(argv: Sequence[str]) -> str:
+        if argv[0] in ("iptables-nft", "ip6tables-nft"):
+            raise ToolNotFound(f"{argv[0]} not found")
+        return netns_fixture.runner(argv)
+
+    whole, whole_findings = run(hidden)
+    calls: list[str] = []
+
+    def recorded(argv: Sequence[str]) -> str:
+        calls.append(" ".join(argv))
+        return netns_fixture.runner(argv)
+
+    piecewise, findings = run(recorded)
+    assert summary(piecewise.last_verdicts) == summary(whole.last_verdicts)
+    assert "drop" in {v.verdict for v in piecewise.last_verdicts}
+    assert comparable(findings) == comparable(whole_findings)
+    assert not [c for c in calls if c.startswith(("iptables-save", "iptables -L"))]
+    nat_reads = [c for c in calls if c.startswith("iptables-nft -t nat -S ")]
+    assert 4 <= len(nat_reads) < 30
