@@ -9,6 +9,9 @@ it into a throwaway network namespace per backend (iptables-nft, iptables-legacy
 ``iptables-save -c`` alone, ``nft -j list ruleset`` alone, parsing + analysis alone on the
 saved text, and the collector's full run (every tool it runs, parsing, analysis, metrics).
 
+kube-proxy's nftables mode: the same Services as ``table ip kube-proxy`` (an ``nft -f`` script),
+the collector's full run before (``nft -j list ruleset`` whole) and after (read piece by piece).
+
 The DNS flow evaluator: every flow of ``dns_flows`` on the same rule set in kube-proxy's
 iptables mode (the saved text, nat parsed lazily) and in its nftables mode (a generated
 ``nft -j list ruleset`` of ``table ip kube-proxy`` with the same Services), as parse time
@@ -31,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
+from kube_proxy_nft import kube_proxy_nft_script  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 from test_firewall_netns import Netns, kube_proxy_rules  # noqa: E402
 from test_netfilter_evaluate import FACTS as EVALUATOR_FACTS  # noqa: E402
@@ -76,6 +80,17 @@ def bench_backend(
     return rows
 
 
+def nft_mode_rows(services: int, repeat: int) -> list[tuple[str, str, str]]:
+    """kube-proxy's nftables mode loaded by the real nft: the collector before (``nft -j
+    list ruleset`` whole) and after (the table read piece by piece)."""
+    mode = "nftables mode"
+    with Netns() as ns:
+        started = time.perf_counter()
+        ns.run(["nft", "-f", "/dev/stdin"], stdin=kube_proxy_nft_script(services))
+        rows = [(mode, "nft -f (load, once)", f"{time.perf_counter() - started:.2f}")]
+        return rows + collector_rows(mode, ns, repeat, chain_listing_hidden)
+
+
 def tool_rows(
     backend: str, ns: Netns, save: list[str], text: str, repeat: int
 ) -> list[tuple[str, str, str]]:
@@ -92,14 +107,30 @@ def tool_rows(
     return rows
 
 
-def collector_rows(backend: str, ns: Netns, repeat: int) -> list[tuple[str, str, str]]:
+def iptables_nft_hidden(argv: Sequence[str]) -> bool:
+    """The earlier read: without iptables-nft, ``iptables-save -c`` whole."""
+    return argv[0] in ("iptables-nft", "ip6tables-nft")
+
+
+def chain_listing_hidden(argv: Sequence[str]) -> bool:
+    """The earlier read of nft tables: without ``nft -j list chains``, ``nft -j list
+    ruleset`` whole."""
+    return list(argv) == ["nft", "-j", "list", "chains"]
+
+
+def collector_rows(
+    backend: str,
+    ns: Netns,
+    repeat: int,
+    hide: Callable[[Sequence[str]], bool] = iptables_nft_hidden,
+) -> list[tuple[str, str, str]]:
     """The collector's full run (with the DNS flows), CPU of the agent and its children and
-    wall time: before (``iptables-save -c`` whole: iptables-nft hidden) and after (iptables-nft
-    read piece by piece), in the same namespace; the verdicts of both must be the same."""
+    wall time: before (the commands ``hide`` names fail: the earlier, whole read) and after
+    (read piece by piece), in the same namespace; the verdicts of both must be the same."""
 
     def hidden(argv: Sequence[str]) -> str:
-        if argv[0] in ("iptables-nft", "ip6tables-nft"):
-            raise ToolNotFound(f"{argv[0]} not found")
+        if hide(argv):
+            raise ToolNotFound(f"{argv[0]} hidden (the earlier read)")
         return ns.runner(argv)
 
     rows: list[tuple[str, str, str]] = []
@@ -322,6 +353,7 @@ def main() -> None:
     if not args.evaluator_only:
         for backend in args.backend or ["iptables-nft", "iptables-legacy"]:
             rows.extend(bench_backend(backend, rules, args.repeat, args.tools_alone))
+        rows.extend(nft_mode_rows(args.services, args.repeat))
     rows.extend(evaluator_rows(rules, args.services, args.repeat))
     print(f"kube-proxy-shaped rule set, {args.services} Services (median of {args.repeat})")
     width = max(len(r[1]) for r in rows)

@@ -529,6 +529,9 @@ class NftCompiler:
         else:
             index = None
         text = f"vmap {data if name else '{…}'}"
+        if name is not None and index is None:
+            # A map not in the dump (not read): any verdict, or none, may come of it.
+            return Verdict("unknown", text=f"{text} (not read)")
         if read is None or index is None:
             return undecided(text)
         found_index = index
