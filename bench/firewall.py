@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from kube_proxy_nft import kube_proxy_nft_script  # noqa: E402
+from kube_proxy_nft import kube_proxy_nft_script, service_specs  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 from test_firewall_netns import Netns, kube_proxy_rules  # noqa: E402
 from test_netfilter_evaluate import FACTS as EVALUATOR_FACTS  # noqa: E402
@@ -301,12 +301,7 @@ def kube_proxy_nft_json(services: int, endpoints: int = 3) -> str:
     rule("masquerading", {"masquerade": None})
     service_ips: list[object] = []
     cluster_ips: list[object] = []
-    specs = [
-        (f"10.43.{100 + n // 250}.{n % 250 + 1}", "tcp", 80, f"ns{n % 97}/svc-{n}")
-        for n in range(services)
-    ]
-    specs += [("10.43.0.10", proto, 53, "kube-system/kube-dns") for proto in ("udp", "tcp")]
-    for n, (ip, proto, port, name) in enumerate(specs):
+    for n, (ip, proto, port, name) in enumerate(service_specs(services, "/")):
         service = f"service-{n:08X}-{name}/{proto}/{port}"
         chain(service)
         service_ips.append([{"concat": [ip, proto, port]}, {"goto": {"target": service}}])

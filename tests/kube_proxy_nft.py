@@ -8,6 +8,17 @@ from __future__ import annotations
 DNS_ENDPOINTS = ("10.42.0.5", "10.42.7.9")
 
 
+def service_specs(services: int, separator: str) -> list[tuple[str, str, int, str]]:
+    """(ClusterIP, protocol, port, namespace + ``separator`` + name) of ``services`` TCP
+    Services and of kube-dns's UDP and TCP ports, in that order."""
+    specs = [
+        (f"10.43.{100 + n // 250}.{n % 250 + 1}", "tcp", 80, f"ns{n % 97}{separator}svc-{n}")
+        for n in range(services)
+    ]
+    dns = f"kube-system{separator}kube-dns"
+    return specs + [("10.43.0.10", proto, 53, dns) for proto in ("udp", "tcp")]
+
+
 def kube_proxy_nft_script(services: int, endpoints: int = 3) -> str:
     chains: list[str] = []
     rules: list[str] = []
@@ -49,12 +60,7 @@ def kube_proxy_nft_script(services: int, endpoints: int = 3) -> str:
         "add rule ip kube-proxy masquerading meta mark & 0x4000 == 0 return",
         "add rule ip kube-proxy masquerading masquerade",
     ]
-    specs = [
-        (f"10.43.{100 + n // 250}.{n % 250 + 1}", "tcp", 80, f"ns{n % 97}-svc-{n}")
-        for n in range(services)
-    ]
-    specs += [("10.43.0.10", proto, 53, "kube-system-kube-dns") for proto in ("udp", "tcp")]
-    for n, (ip, proto, port, name) in enumerate(specs):
+    for n, (ip, proto, port, name) in enumerate(service_specs(services, "-")):
         service = f"service-{n:08X}-{name}-{proto}-{port}"
         chains.append(f"add chain ip kube-proxy {service}")
         service_ips.append(f"{ip} . {proto} . {port} : goto {service}")

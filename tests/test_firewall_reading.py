@@ -221,6 +221,28 @@ def test_a_base_chain_that_cannot_be_read_falls_back_to_the_whole_read() -> None
     assert statuses["iptables-nft"] == "failed" and statuses["iptables-save"] == "ok"
 
 
+def both_reads(
+    ns: Netns, hidden: Sequence[str]
+) -> tuple[FirewallCollector, list[Finding], FirewallCollector, list[Finding], list[str]]:
+    """The collector run in ``ns`` whole (the tools or commands ``hidden`` fail, as on a node
+    without them) and piece by piece (with the commands it ran)."""
+
+    def whole_runner(argv: Sequence[str]) -> str:
+        if argv[0] in hidden or " ".join(argv) in hidden:
+            raise ToolNotFound(f"{argv[0]} not found")
+        return ns.runner(argv)
+
+    whole, whole_findings = run(whole_runner)
+    calls: list[str] = []
+
+    def recorded(argv: Sequence[str]) -> str:
+        calls.append(" ".join(argv))
+        return ns.runner(argv)
+
+    piecewise, findings = run(recorded)
+    return whole, whole_findings, piecewise, findings, calls
+
+
 @pytest.mark.root
 def test_real_iptables_nft_piecewise_read_equals_the_whole_read(
     netns_fixture: Netns,  # noqa: F811 (the fixture imported above)
@@ -232,19 +254,8 @@ def test_real_iptables_nft_piecewise_read_equals_the_whole_read(
         ["iptables-nft", "-I", "FORWARD", "-p", "tcp", "--dport", "53", "-j", "REJECT"]
     )
 
-    def hidden(argv: Sequence[str]) -> str:
-        if argv[0] in ("iptables-nft", "ip6tables-nft"):
-            raise ToolNotFound(f"{argv[0]} not found")
-        return netns_fixture.runner(argv)
-
-    whole, whole_findings = run(hidden)
-    calls: list[str] = []
-
-    def recorded(argv: Sequence[str]) -> str:
-        calls.append(" ".join(argv))
-        return netns_fixture.runner(argv)
-
-    piecewise, findings = run(recorded)
+    hidden = ("iptables-nft", "ip6tables-nft")
+    whole, whole_findings, piecewise, findings, calls = both_reads(netns_fixture, hidden)
     assert summary(piecewise.last_verdicts) == summary(whole.last_verdicts)
     assert "drop" in {v.verdict for v in piecewise.last_verdicts}
     assert comparable(findings) == comparable(whole_findings)
@@ -268,19 +279,8 @@ def test_real_kube_proxy_nftables_mode_piecewise_read_equals_the_whole_read(
         "add rule inet fw block ip daddr 10.42.7.9 udp dport 53 drop\n",
     )
 
-    def unlisted(argv: Sequence[str]) -> str:
-        if list(argv) == ["nft", "-j", "list", "chains"]:
-            raise CollectorError("hidden: read the whole ruleset")
-        return netns_fixture.runner(argv)
-
-    whole, whole_findings = run(unlisted)
-    calls: list[str] = []
-
-    def recorded(argv: Sequence[str]) -> str:
-        calls.append(" ".join(argv))
-        return netns_fixture.runner(argv)
-
-    piecewise, findings = run(recorded)
+    hidden = ("nft -j list chains",)
+    whole, whole_findings, piecewise, findings, calls = both_reads(netns_fixture, hidden)
     assert summary(piecewise.last_verdicts) == summary(whole.last_verdicts)
     verdicts = {v.flow.name: v.verdict for v in piecewise.last_verdicts}
     assert verdicts["pod-dns-udp"] == "may-drop" and verdicts["pod-dns-tcp"] == "pass"
