@@ -32,16 +32,8 @@ from collectors.netfilter.flow_findings import flow_findings, with_flows
 from collectors.netfilter.flows import NodeFacts, dns_flows
 from collectors.netfilter.ipset import parse_ipset_save
 from collectors.netfilter.iptables import nat_marks, parse_iptables_save
-from collectors.netfilter.model import DROP_TABLES, Chain, Ruleset, Table
+from collectors.netfilter.model import DROP_TABLES, Ruleset, Table
 from collectors.netfilter.nft import parse_nft_json
-from collectors.netfilter.nft_pieces import (
-    PIECEWISE_TABLES,
-    chain_from_json,
-    elements_from_json,
-    listed_tables,
-    piecewise_table,
-    table_items,
-)
 from collectors.netfilter.xtables_nft import (
     FetchedChains,
     save_text,
@@ -307,97 +299,52 @@ class FirewallCollector:
 
     def _read_one(self, source: Source, before: Sequence[Ruleset]) -> tuple[Ruleset, str]:
         """One source's rules and raw text; CollectorError when its output is not rules."""
-        pieces: list[Table] = []
         if source.backend == "nft":
-            text, pieces = self._read_nft(source, before)
+            text = self._read_nft(source, before)
         else:
             text = self.runner(source.argv)
         ruleset = _parse(source, text, nat=self.facts is not None)
-        ruleset.tables.extend(pieces)
         if source.backend == "nft" and not ruleset.tables and ruleset.warnings:
             raise CollectorError(f"{source.tool} printed no rules: {ruleset.warnings[0]}")
         return ruleset, text
 
-    def _read_nft(self, source: Source, iptables: Sequence[Ruleset]) -> tuple[str, list[Table]]:
-        """``nft -j list ruleset``, without the tables iptables-nft has already shown (nft
-        needs about a minute to print a kube-proxy-sized iptables-nft table as JSON), and
-        with kube-proxy's nftables-mode table read piece by piece (``nft_pieces``). Then
-        ``nft -j list chains`` (to learn the tables) and ``nft -j list table FAMILY NAME``
-        for each other table. Returns the JSON text and the tables read piece by piece."""
+    def _read_nft(self, source: Source, iptables: Sequence[Ruleset]) -> str:
+        """``nft -j list ruleset``, without the tables iptables-nft-save has already shown:
+        nft translating a kube-proxy-sized iptables-nft table to JSON takes about a minute
+        (see bench/firewall.py). When some are covered, ``nft -j list chains`` (to learn the
+        tables) and then ``nft -j list table FAMILY NAME`` for each table that is not."""
         covered = {
             ("ip6" if t.family == "ipv6" else "ip", t.name)
             for ruleset in iptables
             for t in ruleset.tables
             if t.backend == "iptables-nft"
         }
+        if not covered:
+            return self.runner(source.argv)
         try:
-            listing = self._chain_listing()
-            tables = listed_tables(listing) if listing else {}
-            piecewise = {k for k in tables if k[0] in ("ip", "ip6") and k[1] in PIECEWISE_TABLES}
-            if not covered and not piecewise:
-                return self.runner(source.argv), []
-            if not tables:  # "list chains" failed: list every table
-                tables = listed_tables(self.runner((source.tool, "-j", "list", "chains")))
-            return self._list_tables(source.tool, tables, covered, piecewise)
+            return self._list_tables(source, covered, self._listing)
         except (ValueError, AttributeError, TypeError) as error:
             raise CollectorError(f"{source.tool} -j printed unexpected JSON: {error}") from error
 
     def _list_tables(
-        self,
-        tool: str,
-        tables: dict[tuple[str, str], list[tuple[str, bool]]],
-        covered: set[tuple[str, str]],
-        piecewise: set[tuple[str, str]],
-    ) -> tuple[str, list[Table]]:
+        self, source: Source, covered: set[tuple[str, str]], listed: str | None
+    ) -> str:
         # "list chains" names every table that has a chain (a table without chains has no
         # rules) and is fast; "list tables" makes nft read every rule first.
+        text = listed or self.runner((source.tool, "-j", "list", "chains"))
+        listing = json.loads(text or "{}")
+        tables: dict[tuple[str, str], None] = {}
+        for item in listing.get("nftables", []):
+            chain = item.get("chain") if isinstance(item, dict) else None
+            if isinstance(chain, dict):
+                tables[(str(chain.get("family")), str(chain.get("table")))] = None
         items: list[Any] = []
-        pieces: list[Table] = []
-        for (family, name), chains in tables.items():
+        for family, name in tables:
             if (family, name) in covered:
                 continue
-            if (family, name) in piecewise:
-                table = self._nft_table_piecewise(tool, family, name, chains)
-                if table is not None:
-                    pieces.append(table)
-                    continue
-            one = self.runner((tool, "-j", "list", "table", family, name))
-            items.extend(table_items(one, family, name))
-        return json.dumps({"nftables": items}), pieces
-
-    def _nft_table_piecewise(
-        self, tool: str, family: str, name: str, chains: Sequence[tuple[str, bool]]
-    ) -> Table | None:
-        """The table with its chains and sets read when needed; None (read it whole) when a
-        base chain cannot be read."""
-        where = f"of table {family} {name}"
-
-        def read_chain(table: Table, chain: str) -> Chain | None:
-            try:
-                text = self.runner((tool, "-j", "list", "chain", family, name, chain))
-                return chain_from_json(text, family, table, chain)
-            except (CollectorError, OSError, ValueError, AttributeError) as error:
-                self.sources.failed(tool, f"chain {chain} {where} not read: {error}")
-                return None
-
-        def read_set(set_name: str) -> list[Any] | None:
-            errors: list[str] = []
-            for kind in ("map", "set"):
-                try:
-                    text = self.runner((tool, "-j", "list", kind, family, name, set_name))
-                    found = elements_from_json(text, family, name, set_name)
-                except (CollectorError, OSError, ValueError, AttributeError) as error:
-                    errors.append(str(error))
-                    continue
-                if found is not None:
-                    return found
-            self.sources.failed(tool, f"set {set_name} {where} not read: {'; '.join(errors)}")
-            return None
-
-        table = piecewise_table(family, name, chains, read_chain, read_set)
-        if not all(chain in table.chains for chain, base in chains if base):
-            return None
-        return table
+            one = json.loads(self.runner((source.tool, "-j", "list", "table", family, name)))
+            items.extend(i for i in one.get("nftables", []) if "metainfo" not in i)
+        return json.dumps({"nftables": items})
 
     def collect(self) -> list[Finding]:
         rulesets = self.read()

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kube_proxy_nft import kube_proxy_nft_script
 from prometheus_client import CollectorRegistry
 from test_firewall import fake_runner
 from test_firewall_netns import Netns, kube_proxy_rules
@@ -264,67 +263,18 @@ def test_real_iptables_nft_piecewise_read_equals_the_whole_read(
     assert 4 <= len(nat_reads) < 30
 
 
-@pytest.mark.root
-def test_real_kube_proxy_nftables_mode_piecewise_read_equals_the_whole_read(
-    netns_fixture: Netns,  # noqa: F811 (the fixture imported above)
-) -> None:
-    """kube-proxy's nftables-mode table loaded by the real nft, and a native table dropping
-    DNS to one of the two DNS endpoints: read piece by piece (only the chains and maps the
-    flows reach) and whole (``nft -j list ruleset``), the same verdicts and findings."""
-    netns_fixture.run(["nft", "-f", "/dev/stdin"], stdin=kube_proxy_nft_script(60))
-    netns_fixture.run(
-        ["nft", "-f", "/dev/stdin"],
-        stdin="add table inet fw\n"
-        "add chain inet fw block { type filter hook forward priority 0; }\n"
-        "add rule inet fw block ip daddr 10.42.7.9 udp dport 53 drop\n",
-    )
-
-    hidden = ("nft -j list chains",)
-    whole, whole_findings, piecewise, findings, calls = both_reads(netns_fixture, hidden)
-    assert summary(piecewise.last_verdicts) == summary(whole.last_verdicts)
-    verdicts = {v.flow.name: v.verdict for v in piecewise.last_verdicts}
-    assert verdicts["pod-dns-udp"] == "may-drop" and verdicts["pod-dns-tcp"] == "pass"
-    assert comparable(findings) == comparable(whole_findings)
-    assert "nft -j list ruleset" not in calls
-    assert "nft -j list table inet fw" in calls
-    reads = [c for c in calls if c.startswith("nft -j list chain ip kube-proxy ")]
-    assert any("kube-dns-udp-53" in c for c in reads)
-    assert not [c for c in reads if "-svc-" in c]  # no other Service's chains
-    assert len(reads) < 30
-    assert "nft -j list map ip kube-proxy service-ips" in calls
-
-
-def nft_runner(ruleset: str, unreadable: str) -> tuple[list[str], Runner]:
-    """``nft`` answering every listing with the whole ``ruleset`` (the collector keeps the
-    part it asked for), except any listing naming ``unreadable``, which fails."""
-    calls: list[str] = []
-
-    def runner(argv: Sequence[str]) -> str:
-        calls.append(" ".join(argv))
-        if argv[0] != "nft":
-            raise ToolNotFound(f"{argv[0]} not found")
-        if argv[-1] == unreadable:
-            raise CollectorError(f"{' '.join(argv)} exited with 1: Error: No such file")
-        return ruleset
-
-    return calls, runner
-
-
-@pytest.mark.parametrize("unreadable", ["service-ips", "nat-prerouting", "nothing"])
-def test_kube_proxy_nftables_mode_read_piecewise_and_what_cannot_be_read(
-    unreadable: str,
-) -> None:
-    ruleset = kube_proxy_nft(["10.42.0.5", "10.42.7.9"])
-    _, whole_findings = run(fake_runner({"nft": ruleset})[1])
-    calls, runner = nft_runner(ruleset, unreadable)
-    collector, findings = run(runner)
-    verdicts = {v.flow.name: v.verdict for v in collector.last_verdicts}
-    statuses = {r.source: r.status for r in collector.sources.results()}
-    if unreadable == "service-ips":  # the Service map: the DNAT is undecided
-        assert verdicts["pod-dns-udp"] == "may-drop"
-        assert statuses["nft"] == "failed"
-    else:  # a base chain that cannot be read: the table is read whole
-        assert comparable(findings) == comparable(whole_findings)
-        whole_table = "nft -j list table ip kube-proxy" in calls
-        assert whole_table == (unreadable == "nat-prerouting")
-    assert "nft -j list ruleset" not in calls
+def test_a_verdict_map_missing_from_the_dump_may_drop() -> None:
+    """A named map the rules use but the dump does not hold (not read): any verdict may come
+    of it, so the flows through it may be dropped (not: no element matched)."""
+    document = json.loads(kube_proxy_nft(["10.42.0.5", "10.42.7.9"]))
+    document["nftables"] = [
+        item
+        for item in document["nftables"]
+        if item.get("map", {}).get("name") != "no-endpoint-services"
+    ]
+    _, runner = fake_runner({"nft": json.dumps(document)})
+    collector, _ = run(runner)
+    found = {v.flow.name: v for v in collector.last_verdicts}["pod-dns-udp"]
+    assert found.verdict == "may-drop"  # it passed when a missing map meant no match
+    assert found.stopped_by is not None and found.stopped_by.chain == "service-endpoints-check"
+    assert "target vmap @no-endpoint-services (not read)" in found.undecided

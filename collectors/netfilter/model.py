@@ -127,10 +127,6 @@ class Table:
 
     def base_chains(self) -> list[Chain]:
         if self.backend == "nft":
-            # Chains read piece by piece (``nft_pieces``) name their base chains.
-            names = getattr(self.chains, "base_names", None)
-            if names is not None:
-                return [self.chains[name] for name in names() if name in self.chains]
             return [c for c in self.chains.values() if c.hook is not None]
         return [self.chains[name] for name in BASE_CHAINS if name in self.chains]
 
