@@ -1,0 +1,280 @@
+"""Rule sets for the lab's node namespace, made by the real tools: ufw and firewalld run inside
+the node's namespace with private copies of their configuration (and firewalld on a private
+D-Bus), nftables configs loaded with ``nft -f``, iptables rules with iptables-restore (nft
+backend) or iptables-legacy-restore; kube-proxy-shaped rules on top, as kube-proxy adds them
+after the firewall came up."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from netlab import Netns
+
+SRC = Path(__file__).parent / "vectors" / "firewall" / "src"
+KUBE_PROXY_IPTABLES = SRC / "lab_kube_proxy.rules"
+KUBE_PROXY_NFT = SRC / "lab_kube_proxy.nft"
+
+Step = Callable[[Netns, Path], None]
+
+
+def restore(name: str, tool: str = "iptables-restore") -> Step:
+    def step(node: Netns, workdir: Path) -> None:
+        node.run([tool, "--noflush"], stdin=(SRC / name).read_text())
+
+    step.__name__ = f"{tool} {name}"
+    return step
+
+
+def nft_file(name: str) -> Step:
+    def step(node: Netns, workdir: Path) -> None:
+        node.run(["nft", "-f", str(SRC / name)])
+
+    step.__name__ = f"nft -f {name}"
+    return step
+
+
+def _private_mounts(binds: dict[str, Path]) -> str:
+    """Shell that makes the mount namespace private and bind-mounts the copies."""
+    mounts = " && ".join(f"mount --bind {copy} {target}" for target, copy in binds.items())
+    return f"mount --make-rprivate / && {mounts}"
+
+
+def ufw(*commands: str, forward_policy: str = "DROP") -> Step:
+    """``ufw --force enable`` (then ``ufw COMMAND``…) in the node's namespace, on a copy of
+    /etc/ufw, /lib/ufw and /etc/default/ufw seen only by that ufw (``unshare -m``). The copy's
+    sysctl file is emptied: the namespace's sysctls are the lab's, not ufw's."""
+
+    def step(node: Netns, workdir: Path) -> None:
+        root = workdir / "ufw"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        shutil.copytree("/etc/ufw", root / "etc-ufw", symlinks=True)
+        shutil.copytree("/lib/ufw", root / "lib-ufw", symlinks=True)
+        (root / "etc-ufw" / "sysctl.conf").write_text("")
+        default = Path("/etc/default/ufw").read_text()
+        default = re.sub(
+            r"^DEFAULT_FORWARD_POLICY=.*$",
+            f'DEFAULT_FORWARD_POLICY="{forward_policy}"',
+            default,
+            flags=re.M,
+        )
+        (root / "default-ufw").write_text(default)
+        binds = {
+            "/etc/ufw": root / "etc-ufw",
+            "/lib/ufw": root / "lib-ufw",
+            "/etc/default/ufw": root / "default-ufw",
+        }
+        script = " && ".join(
+            [_private_mounts(binds), "ufw --force enable", *(f"ufw {c}" for c in commands)]
+        )
+        node.run(["unshare", "-m", "sh", "-c", script])
+
+    step.__name__ = f"ufw {forward_policy} {' '.join(commands)}".strip()
+    return step
+
+
+_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+
+
+def _wait(process: subprocess.Popen[bytes], ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.1)
+
+
+@contextmanager
+def _firewalld(node: Netns, root: Path, backend: str) -> Iterator[dict[str, str]]:
+    """A firewalld on a private system bus, in the node's namespace, on a copy of
+    /etc/firewalld; yields the environment for firewall-cmd. It is stopped on exit with
+    CleanupOnExit=no, so its rules stay for the packets."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    shutil.copytree("/etc/firewalld", root / "etc-firewalld", symlinks=True)
+    conf = root / "etc-firewalld" / "firewalld.conf"
+    text = re.sub(
+        r"^FirewallBackend=.*$", f"FirewallBackend={backend}", conf.read_text(), flags=re.M
+    )
+    conf.write_text(re.sub(r"^CleanupOnExit=.*$", "CleanupOnExit=no", text, flags=re.M))
+    socket = root / "bus"
+    (root / "bus.conf").write_text(_BUS_CONFIG.format(socket=socket))
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={socket}"}
+    log = (root / "log").open("wb")
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        bus = subprocess.Popen(
+            ["dbus-daemon", f"--config-file={root / 'bus.conf'}", "--nofork", "--nopidfile"],
+            stdout=log,
+            stderr=log,
+        )
+        started.append(bus)
+        _wait(bus, socket.exists, "dbus-daemon")
+        script = _private_mounts({"/etc/firewalld": root / "etc-firewalld"})
+        script += " && mount -t tmpfs tmpfs /run && exec firewalld --nofork --nopid"
+        daemon = subprocess.Popen(
+            ["ip", "netns", "exec", node.name, "unshare", "-m", "sh", "-c", script],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+        started.append(daemon)
+
+        def running() -> bool:
+            state = subprocess.run(
+                ["firewall-cmd", "--state"], env=env, capture_output=True, check=False
+            )
+            return state.returncode == 0
+
+        _wait(daemon, running, f"firewalld (log: {root / 'log'})")
+        yield env
+    finally:
+        for process in reversed(started):
+            process.terminate()
+            process.wait(timeout=30)
+        log.close()
+
+
+def firewalld(backend: str, *commands: str) -> Step:
+    """firewalld with its shipped configuration (default zone public) and the backend given,
+    then ``firewall-cmd COMMAND`` for each command (runtime configuration)."""
+
+    def step(node: Netns, workdir: Path) -> None:
+        with _firewalld(node, workdir / "firewalld", backend) as env:
+            for command in commands:
+                subprocess.run(
+                    ["firewall-cmd", *command.split()],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    timeout=60,
+                )
+
+    step.__name__ = f"firewalld {backend} {'; '.join(commands)}".strip()
+    return step
+
+
+FIREWALLD_FIX = (
+    "--add-port 8472/udp",
+    "--add-masquerade",
+    "--zone trusted --add-interface cni0",
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    steps: tuple[Step, ...]
+    tools: tuple[str, ...] = ()
+    """Programs the scenario needs beyond iproute2, iptables and nft."""
+
+
+KP_IPT = restore("lab_kube_proxy.rules")
+KP_NFT = nft_file("lab_kube_proxy.nft")
+UFW_TOOLS = ("ufw", "unshare")
+FIREWALLD_TOOLS = ("firewalld", "firewall-cmd", "dbus-daemon", "unshare")
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("lab_kube_proxy_iptables", "kube-proxy iptables mode alone", (KP_IPT,)),
+        Scenario("lab_kube_proxy_nft", "kube-proxy nftables mode alone", (KP_NFT,)),
+        Scenario(
+            "lab_kube_proxy_nft_no_endpoints",
+            "kube-proxy nftables mode, the DNS Service without endpoints",
+            (KP_NFT, nft_file("lab_kube_proxy_no_endpoints.nft")),
+        ),
+        Scenario("lab_ufw_default", "ufw enabled with its defaults", (ufw(), KP_IPT), UFW_TOOLS),
+        Scenario(
+            "lab_ufw_forward_accept",
+            'ufw with DEFAULT_FORWARD_POLICY="ACCEPT"',
+            (ufw(forward_policy="ACCEPT"), KP_IPT),
+            UFW_TOOLS,
+        ),
+        Scenario(
+            "lab_ufw_allow_cni0",
+            "ufw with `ufw allow in on cni0` (forward policy DROP)",
+            (ufw("allow in on cni0"), KP_IPT),
+            UFW_TOOLS,
+        ),
+        Scenario(
+            "lab_firewalld_nft",
+            "firewalld, nftables backend, public zone default",
+            (firewalld("nftables"), KP_IPT),
+            FIREWALLD_TOOLS,
+        ),
+        Scenario(
+            "lab_firewalld_nft_fixed",
+            "firewalld nftables backend with 8472/udp, masquerade, cni0 in trusted",
+            (firewalld("nftables", *FIREWALLD_FIX), KP_IPT),
+            FIREWALLD_TOOLS,
+        ),
+        Scenario(
+            "lab_firewalld_iptables",
+            "firewalld, iptables backend, public zone default",
+            (firewalld("iptables"), KP_IPT),
+            FIREWALLD_TOOLS,
+        ),
+        Scenario(
+            "lab_firewalld_iptables_fixed",
+            "firewalld iptables backend with 8472/udp, masquerade, cni0 in trusted",
+            (firewalld("iptables", *FIREWALLD_FIX), KP_IPT),
+            FIREWALLD_TOOLS,
+        ),
+        Scenario(
+            "lab_debian_workstation",
+            "Debian's nftables example workstation.nft",
+            (nft_file("lab_debian_workstation.nft"), KP_IPT),
+        ),
+        Scenario("lab_alpine", "Alpine's /etc/nftables.nft", (nft_file("lab_alpine.nft"), KP_IPT)),
+        Scenario(
+            "lab_docker",
+            "Docker's rules for docker0 (FORWARD policy DROP)",
+            (restore("lab_docker.rules"), KP_IPT),
+        ),
+        Scenario(
+            "lab_output_web_only",
+            "OUTPUT policy DROP, only TCP 80/443 out",
+            (restore("lab_output_web_only.rules"), KP_IPT),
+        ),
+        Scenario(
+            "lab_forward_drop_nft",
+            "FORWARD policy DROP in iptables-nft, kube-proxy iptables-nft",
+            (restore("lab_forward_drop.rules"), KP_IPT),
+        ),
+        Scenario(
+            "lab_forward_drop_legacy",
+            "FORWARD policy DROP in iptables-legacy, kube-proxy iptables-nft",
+            (restore("lab_forward_drop.rules", "iptables-legacy-restore"), KP_IPT),
+            ("iptables-legacy-restore",),
+        ),
+    )
+}
+
+
+def missing_tools(scenario: Scenario) -> list[str]:
+    return [tool for tool in scenario.tools if shutil.which(tool) is None]
+
+
+def load(scenario: Scenario, node: Netns, workdir: Path) -> None:
+    for step in scenario.steps:
+        step(node, workdir)
