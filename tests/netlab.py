@@ -372,7 +372,9 @@ class Lab:
         )
 
     def observe(self) -> dict[str, FlowObservation]:
-        """Every flow's kernel verdict under the node's current rules."""
+        """Every flow's kernel verdict under the node's current rules. A query flow passes
+        when the server got the query; ``dns-replies`` when the answers to the cluster DNS
+        queries that got through came back (``unobserved`` when none got through)."""
         observed: dict[str, FlowObservation] = {}
         replies: list[str] = []
         replies_dropped: dict[str, int] = {}
@@ -384,7 +386,7 @@ class Lab:
                 f"{'answered' if seen.answered else seen.outcome}",
                 {} if seen.reached_server else seen.drops,
             )
-            if seen.reached_server:
+            if seen.reached_server and not flow.startswith("dns-upstream"):
                 replies.append(f"{flow}:{'answered' if seen.answered else 'lost'}")
                 if not seen.answered:
                     for key, packets in seen.drops.items():
@@ -392,7 +394,7 @@ class Lab:
         lost = [r for r in replies if r.endswith(":lost")]
         observed["dns-replies"] = FlowObservation(
             ("drop" if lost else "pass") if replies else "unobserved",
-            ", ".join(replies) or "no query reached a server",
+            ", ".join(replies) or "no cluster DNS query reached the server",
             replies_dropped,
         )
         observed["overlay-vxlan"] = self.probe_overlay()

@@ -69,10 +69,50 @@ KERNEL_DROPS: dict[str, tuple[str, ...]] = {
 #: is then the right answer).
 UNDECIDABLE: dict[tuple[str, str], str] = {}
 
+_OVERLAY_REPLIES = (
+    "the answers of the DNS pod on the peer node come back inside vxlan: a new UDP 8472 flow "
+    "from the peer on INPUT, which this firewall drops; the evaluator's dns-replies walks only "
+    "the ESTABLISHED inner answer (kernel right: no answer came back)"
+)
+_CT_STATUS_DNAT = (
+    "firewalld's `ct status dnat accept` is left undecided (may-drop) although the evaluator "
+    "itself knows no DNAT happened on this path (kernel right: rejected)"
+)
+_VXLAN_EGRESS = (
+    "a query to the DNS pod on the peer node leaves the node as a vxlan packet the node sends "
+    "itself (UDP 8472 through OUTPUT), which the OUTPUT policy drops; the evaluator walks only "
+    "the inner packet through FORWARD (kernel right: the query never arrived)"
+)
+#: (scenario, flow) -> why the evaluator and the kernel disagree, and which one is right. The
+#: tests fail when this list is out of date either way (a new disagreement or a fixed one).
+KNOWN_MISMATCHES: dict[tuple[str, str], str] = {
+    **{
+        (scenario, "dns-replies"): _OVERLAY_REPLIES
+        for scenario in (
+            "lab_ufw_default",
+            "lab_ufw_forward_accept",
+            "lab_ufw_allow_cni0",
+            "lab_firewalld_nft",
+            "lab_firewalld_iptables",
+            "lab_debian_workstation",
+            "lab_alpine",
+        )
+    },
+    **{("lab_firewalld_nft", flow): _CT_STATUS_DNAT for flow in (*UPSTREAM, *OVERLAY)},
+    **{("lab_output_web_only", flow): _VXLAN_EGRESS for flow in POD},
+    ("lab_output_web_only", "dns-replies"): (
+        "no query got through to be answered (kernel: unobserved); the evaluator, which lets "
+        "the pods' queries through (see pod-dns), says the answers pass"
+    ),
+}
+
 
 def kernel_verdicts(scenario: str) -> dict[str, str]:
     drops = KERNEL_DROPS[scenario]
-    return {flow: "drop" if flow in drops else "pass" for flow in FLOWS}
+    verdicts = {flow: "drop" if flow in drops else "pass" for flow in FLOWS}
+    if all(flow in drops for flow in (*POD, *HOST)):
+        verdicts["dns-replies"] = "unobserved"  # no query got through to be answered
+    return verdicts
 
 
 def recorded(scenario: str) -> dict[str, dict[str, Any]]:
@@ -178,27 +218,35 @@ def describe(verdict: Any) -> str:
     return f"{verdict.verdict}{where}"
 
 
-def disagreements(scenario: str, dumps: dict[str, str], kernel: dict[str, str]) -> list[str]:
+def agrees(scenario: str, flow: str, kernel: str, said: str) -> bool:
+    if said == kernel or (kernel, said) == ("unobserved", "unknown"):
+        return True
+    return said == "may-drop" and (scenario, flow) in UNDECIDABLE
+
+
+def disagreements(scenario: str, dumps: dict[str, str], kernel: dict[str, str]) -> dict[str, str]:
+    """flow -> what the kernel did and what the evaluator said, where they disagree."""
     found = evaluator_verdicts(dumps)
-    wrong = []
+    wrong = {}
     for flow in FLOWS:
         verdict = found.get(flow)
         said = verdict.verdict if verdict else "missing"
-        if said == kernel[flow]:
-            continue
-        if said == "may-drop" and (scenario, flow) in UNDECIDABLE:
-            continue
-        wrong.append(
-            f"{flow}: kernel {kernel[flow]}, evaluator {describe(verdict) if verdict else said}"
-        )
+        if not agrees(scenario, flow, kernel[flow], said):
+            wrong[flow] = (
+                f"kernel {kernel[flow]}, evaluator {describe(verdict) if verdict else said}"
+            )
     return wrong
+
+
+def known_mismatches(scenario: str) -> list[str]:
+    return sorted(flow for s, flow in KNOWN_MISMATCHES if s == scenario)
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_evaluator_agrees_with_recorded_kernel(scenario: str) -> None:
     dumps = recorded_dumps(scenario)
     kernel = {flow: o["verdict"] for flow, o in recorded(scenario).items()}
-    assert disagreements(scenario, dumps, kernel) == []
+    assert sorted(disagreements(scenario, dumps, kernel)) == known_mismatches(scenario)
 
 
 # ------------------------------------------------------------------ live, as root
@@ -262,4 +310,4 @@ def test_evaluator_agrees_with_kernel_live(
     live_lab: Callable[[str], LiveRun], scenario: str
 ) -> None:
     live = live_lab(scenario)
-    assert disagreements(scenario, live.dumps, live.kernel) == []
+    assert sorted(disagreements(scenario, live.dumps, live.kernel)) == known_mismatches(scenario)
