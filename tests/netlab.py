@@ -28,6 +28,7 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -168,6 +169,73 @@ def rose(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     }
 
 
+_TRACE_TABLE = """
+table ip nodediag_lab_trace {
+    chain pre { type filter hook prerouting priority -500; meta nftrace set 1; }
+    chain out { type filter hook output priority -500; meta nftrace set 1; }
+}
+"""
+_TRACE_STOP = re.compile(
+    r"^trace id \S+ (\S+) (\S+) (\S+) (?:rule .*# handle (\d+) \(verdict drop\)|policy drop)"
+)
+
+
+class Tracer:
+    """``nft monitor trace`` in the node's namespace while a table there marks every IPv4
+    packet for tracing: which nft rule or chain policy dropped (or rejected) each packet.
+    It names the stops of native nft tables, which count nothing unless a rule says
+    ``counter``; iptables' tables (``skip``) are read from their counters instead."""
+
+    def __init__(self, node: Netns, skip: set[tuple[str, str]]) -> None:
+        self.node = node
+        self.skip = skip
+        self.lines: list[str] = []
+        node.run(["nft", "-f", "-"], stdin=_TRACE_TABLE)
+        self.monitor = subprocess.Popen(
+            ["ip", "netns", "exec", node.name, "nft", "--handle", "monitor", "trace"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        time.sleep(0.3)  # the monitor subscribes before the first packet
+
+    def _read(self) -> None:
+        assert self.monitor.stdout is not None
+        for line in self.monitor.stdout:
+            self.lines.append(line)
+
+    def stops(self, since: int) -> dict[str, int]:
+        """Drop/reject stops seen since line ``since``: {"nft FAMILY TABLE CHAIN handle N" or
+        "… policy drop": packets}."""
+        stops: dict[str, int] = {}
+        for line in self.lines[since:]:
+            match = _TRACE_STOP.match(line)
+            if match is None or (match.group(1), match.group(2)) in self.skip:
+                continue
+            family, table, chain, handle = match.groups()
+            key = f"nft {family} {table} {chain} " + (
+                f"handle {handle}" if handle else "policy drop"
+            )
+            stops[key] = stops.get(key, 0) + 1
+        return stops
+
+    def close(self) -> None:
+        self.monitor.terminate()
+        self.monitor.wait(timeout=5)
+        self.reader.join(timeout=5)
+        self.node.run(["nft", "delete", "table", "ip", "nodediag_lab_trace"])
+
+
+def iptables_tables(dumps: dict[str, str]) -> set[tuple[str, str]]:
+    """(nft family, table) of the tables iptables-nft shows."""
+    return {
+        (family, table)
+        for family, suffix in (("ip", "iptables-save"), ("ip6", "ip6tables-save"))
+        for table in re.findall(r"^\*(\S+)", dumps[suffix], re.M)
+    }
+
+
 # ------------------------------------------------------------------------------ the lab
 
 
@@ -182,6 +250,7 @@ class Lab:
         self.workdir = workdir
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
         self.probe_timeout = 0.6
+        self.tracer: Tracer | None = None
 
     def start(self) -> None:
         self._build()
@@ -339,18 +408,30 @@ class Lab:
                 return int(counter["packets"])
         raise RuntimeError(f"no counter {name} in {role}")
 
+    @contextmanager
+    def _drops(self) -> Iterator[dict[str, int]]:
+        """Fills the yielded dict with the drops while the block ran: counters that rose,
+        and the tracer's stops when it runs."""
+        before = self.drop_counters()
+        mark = len(self.tracer.lines) if self.tracer else 0
+        found: dict[str, int] = {}
+        yield found
+        time.sleep(0.05)  # the last segments (TCP FIN, RST) reach the counters
+        found.update(rose(before, self.drop_counters()))
+        if self.tracer:
+            found.update(self.tracer.stops(mark))
+
     def probe(self, flow: str) -> ProbeObservation:
         source, server_role, address, protocol = FLOW_PROBES[flow]
-        before = self.drop_counters()
         received = self._server_received(server_role, protocol)
         probe = DnsProbe(PROBE_NAME, self.probe_timeout, netns=self.ns[source].name)
-        result = probe.probe(address, "udp" if protocol == "udp" else "tcp")
-        time.sleep(0.05)  # TCP's last segments (FIN, RST) reach the counters
+        with self._drops() as drops:
+            result = probe.probe(address, "udp" if protocol == "udp" else "tcp")
         return ProbeObservation(
             answered=result.ok,
             reached_server=self._server_received(server_role, protocol) > received,
             outcome=result.outcome if result.ok else f"{result.outcome} {result.error}",
-            drops=rose(before, self.drop_counters()),
+            drops=drops,
         )
 
     def _flannel_rx(self) -> int:
@@ -360,21 +441,28 @@ class Lab:
     def probe_overlay(self) -> FlowObservation:
         """A new flow from the peer's side over the vxlan link: the DNS pod queries the pod.
         The outer UDP 8472 packet passed the node's INPUT when flannel.1 received it."""
-        before = self.drop_counters()
         received = self._flannel_rx()
-        DnsProbe(PROBE_NAME, 0.3, netns=self.ns["dnspod"].name).probe(POD_IP, "udp")
-        time.sleep(0.05)
+        with self._drops() as drops:
+            DnsProbe(PROBE_NAME, 0.3, netns=self.ns["dnspod"].name).probe(POD_IP, "udp")
         passed = self._flannel_rx() > received
         return FlowObservation(
             "pass" if passed else "drop",
             f"node flannel.1 rx {'rose' if passed else 'did not rise'}",
-            {} if passed else rose(before, self.drop_counters()),
+            {} if passed else drops,
         )
 
     def observe(self) -> dict[str, FlowObservation]:
         """Every flow's kernel verdict under the node's current rules. A query flow passes
         when the server got the query; ``dns-replies`` when the answers to the cluster DNS
         queries that got through came back (``unobserved`` when none got through)."""
+        self.tracer = Tracer(self.node, iptables_tables(self.dumps()))
+        try:
+            return self._observe()
+        finally:
+            self.tracer.close()
+            self.tracer = None
+
+    def _observe(self) -> dict[str, FlowObservation]:
         observed: dict[str, FlowObservation] = {}
         replies: list[str] = []
         replies_dropped: dict[str, int] = {}

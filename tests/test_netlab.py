@@ -9,7 +9,8 @@ back or not, which drop counter rose) is compared with
 - what each scenario is known to do (``KERNEL_DROPS``: the lab still behaves as recorded);
 - the vectors recorded by tests/vectors/firewall/record_lab.py (offline, no root);
 - the evaluator's verdict on the same rules (collectors.netfilter.evaluate) for the lab's
-  ``NodeFacts``, live and on the recorded dumps.
+  ``NodeFacts``, live and on the recorded dumps: the same verdict, and for a dropped flow
+  the same rule or policy (the kernel's: the counter that rose, or ``nft monitor trace``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,17 +225,37 @@ def agrees(scenario: str, flow: str, kernel: str, said: str) -> bool:
     return said == "may-drop" and (scenario, flow) in UNDECIDABLE
 
 
-def disagreements(scenario: str, dumps: dict[str, str], kernel: dict[str, str]) -> dict[str, str]:
-    """flow -> what the kernel did and what the evaluator said, where they disagree."""
+_NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
+
+
+def stop_key(stop: Any) -> str:
+    """The evaluator's stop in the words of the lab's drop evidence (netlab's counters and
+    trace keys)."""
+    if stop.backend == "nft":
+        family = _NFT_FAMILY.get(stop.family, stop.family)
+        where = "policy drop" if stop.is_policy else f"handle {stop.handle}"
+        return f"nft {family} {stop.table} {stop.chain} {where}"
+    rule = "policy DROP" if stop.is_policy else stop.rule.removeprefix(f"-A {stop.chain} ")
+    return f"{stop.backend} {stop.table} {stop.chain} {rule}"
+
+
+def disagreements(
+    scenario: str, dumps: dict[str, str], kernel: dict[str, dict[str, Any]]
+) -> dict[str, str]:
+    """flow -> what the kernel did and what the evaluator said, where they disagree: on the
+    verdict, or on the rule or policy that stopped a dropped flow."""
     found = evaluator_verdicts(dumps)
     wrong = {}
     for flow in FLOWS:
         verdict = found.get(flow)
         said = verdict.verdict if verdict else "missing"
-        if not agrees(scenario, flow, kernel[flow], said):
-            wrong[flow] = (
-                f"kernel {kernel[flow]}, evaluator {describe(verdict) if verdict else said}"
-            )
+        did = kernel[flow]["verdict"]
+        if not agrees(scenario, flow, did, said):
+            wrong[flow] = f"kernel {did}, evaluator {describe(verdict) if verdict else said}"
+        elif said == "drop" and verdict and verdict.stopped_by:
+            key = stop_key(verdict.stopped_by)
+            if key not in kernel[flow]["drops"]:
+                wrong[flow] = f"evaluator stops at {key}, the kernel at {kernel[flow]['drops']}"
     return wrong
 
 
@@ -245,7 +266,7 @@ def known_mismatches(scenario: str) -> list[str]:
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_evaluator_agrees_with_recorded_kernel(scenario: str) -> None:
     dumps = recorded_dumps(scenario)
-    kernel = {flow: o["verdict"] for flow, o in recorded(scenario).items()}
+    kernel = recorded(scenario)
     assert sorted(disagreements(scenario, dumps, kernel)) == known_mismatches(scenario)
 
 
@@ -256,9 +277,12 @@ LAB_TOOLS = ("ip", "nft", "iptables-restore", "iptables-save", "iptables-legacy-
 
 @dataclass
 class LiveRun:
-    kernel: dict[str, str]
-    drops: dict[str, list[str]]
+    observed: dict[str, dict[str, Any]]
     dumps: dict[str, str]
+
+    @property
+    def verdicts(self) -> dict[str, str]:
+        return {flow: o["verdict"] for flow, o in self.observed.items()}
 
 
 @pytest.fixture(scope="module")
@@ -284,12 +308,8 @@ def live_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
                     realkernel.skip_or_fail(f"not installed: {', '.join(absent)}")
                 made.reset()
                 load(SCENARIOS[scenario], made.node, workdir)
-                observed = made.observe()
-                runs[scenario] = LiveRun(
-                    {flow: o.verdict for flow, o in observed.items()},
-                    {flow: sorted(o.drops) for flow, o in observed.items()},
-                    made.dumps(),
-                )
+                observed = {flow: asdict(o) for flow, o in made.observe().items()}
+                runs[scenario] = LiveRun(observed, made.dumps())
             return runs[scenario]
 
         yield run
@@ -299,9 +319,11 @@ def live_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_kernel_verdicts_live(live_lab: Callable[[str], LiveRun], scenario: str) -> None:
     live = live_lab(scenario)
-    assert live.kernel == kernel_verdicts(scenario)
-    # The same rules or policies counted the drops as when the vectors were recorded.
-    assert live.drops == {flow: sorted(o["drops"]) for flow, o in recorded(scenario).items()}
+    assert live.verdicts == kernel_verdicts(scenario)
+    # The same rules or policies stopped the packets as when the vectors were recorded.
+    assert {flow: sorted(o["drops"]) for flow, o in live.observed.items()} == {
+        flow: sorted(o["drops"]) for flow, o in recorded(scenario).items()
+    }
 
 
 @pytest.mark.root
@@ -310,4 +332,4 @@ def test_evaluator_agrees_with_kernel_live(
     live_lab: Callable[[str], LiveRun], scenario: str
 ) -> None:
     live = live_lab(scenario)
-    assert sorted(disagreements(scenario, live.dumps, live.kernel)) == known_mismatches(scenario)
+    assert sorted(disagreements(scenario, live.dumps, live.observed)) == known_mismatches(scenario)
