@@ -114,6 +114,7 @@ class FlowObservation:
 _IPT_POLICY = re.compile(r"^:(\S+) (ACCEPT|DROP) \[(\d+):\d+\]")
 _IPT_RULE = re.compile(r"^\[(\d+):\d+\] -A (\S+) (.*)$")
 _DROPPING = re.compile(r"-j (DROP|REJECT)\b")
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def iptables_drop_counters(text: str, source: str) -> dict[str, int]:
@@ -128,7 +129,9 @@ def iptables_drop_counters(text: str, source: str) -> dict[str, int]:
             chain, policy, packets = match.groups()
             if policy == "DROP":
                 counters[f"{source} {table} {chain} policy DROP"] = int(packets)
-        elif (match := _IPT_RULE.match(line)) and _DROPPING.search(match.group(3)):
+        elif (match := _IPT_RULE.match(line)) and _DROPPING.search(
+            _QUOTED.sub('""', match.group(3))
+        ):
             packets, chain, rule = match.groups()
             key = f"{source} {table} {chain} {rule}"
             counters[key] = counters.get(key, 0) + int(packets)
@@ -143,9 +146,10 @@ def _nft_expr_verdict(expr: Sequence[dict[str, object]]) -> str | None:
     return None
 
 
-def nft_drop_counters(ruleset: dict[str, object]) -> dict[str, int]:
+def nft_drop_counters(ruleset: dict[str, object], skip: set[tuple[str, str]]) -> dict[str, int]:
     """``nft -j list ruleset`` -> counters of native nft drop/reject rules that count
-    (``counter`` statement); iptables-nft rules are read from iptables-save instead."""
+    (``counter`` statement); the tables in ``skip`` (iptables-nft's: (family, name)) are read
+    from iptables-save instead."""
     counters: dict[str, int] = {}
     items = ruleset.get("nftables", [])
     assert isinstance(items, list)
@@ -156,7 +160,7 @@ def nft_drop_counters(ruleset: dict[str, object]) -> dict[str, int]:
         expr = rule.get("expr", [])
         verdict = _nft_expr_verdict(expr)
         counted = [s["counter"] for s in expr if isinstance(s, dict) and "counter" in s]
-        if verdict is None or not counted or "xt" in json.dumps(expr):
+        if verdict is None or not counted or (rule["family"], rule["table"]) in skip:
             continue
         key = f"nft {rule['family']} {rule['table']} {rule['chain']} handle {rule['handle']}"
         counters[key] = int(counted[0]["packets"])
@@ -369,7 +373,8 @@ class Lab:
         for table in re.findall(r"^\*(\S+)", legacy, re.M):
             for argv in (["-F"], ["-X"]):
                 self.node.run(["iptables-legacy", "-w", "-t", table, *argv])
-            for chain in re.findall(r"^:(\S+) (?:ACCEPT|DROP)", legacy.split(f"*{table}")[1]):
+            heads = legacy.split(f"*{table}")[1]
+            for chain in re.findall(r"^:(\S+) (?:ACCEPT|DROP)", heads, re.M):
                 self.node.run(["iptables-legacy", "-w", "-t", table, "-P", chain, "ACCEPT"])
         self.node.run(["conntrack", "-F"])
 
@@ -387,7 +392,7 @@ class Lab:
         return {
             **iptables_drop_counters(dumps["iptables-save"], "iptables-nft"),
             **iptables_drop_counters(dumps["iptables-legacy-save"], "iptables-legacy"),
-            **nft_drop_counters(json.loads(dumps["nft.json"])),
+            **nft_drop_counters(json.loads(dumps["nft.json"]), iptables_tables(dumps)),
         }
 
     # ---------------------------------------------------------------- packets

@@ -203,6 +203,11 @@ SCENARIOS: dict[str, Scenario] = {
             "kube-proxy nftables mode, the DNS Service without endpoints",
             (KP_NFT, nft_file("lab_kube_proxy_no_endpoints.nft")),
         ),
+        Scenario(
+            "lab_kube_proxy_iptables_no_endpoints",
+            "kube-proxy iptables mode, the DNS Service without endpoints",
+            (KP_IPT, restore("lab_kube_proxy_no_endpoints.rules")),
+        ),
         Scenario("lab_ufw_default", "ufw enabled with its defaults", (ufw(), KP_IPT), UFW_TOOLS),
         Scenario(
             "lab_ufw_forward_accept",
@@ -269,6 +274,40 @@ SCENARIOS: dict[str, Scenario] = {
         ),
     )
 }
+
+#: The rule sets of tests/test_firewall_netns.py's fault scenarios (vectors fault_*), each on
+#: top of the lab's kube-proxy rules: their kernel-checked twins (fault_ip6 is left out: the
+#: lab is IPv4 only).
+FAULT_TWINS = (
+    "output_drop",
+    "custom_reject",
+    "multiport",
+    "range",
+    "negated_dst",
+    "proto_number",
+    "all_to_dns",
+    "negations",
+    "ufw",
+)
+SCENARIOS.update(
+    {
+        f"lab_fault_{name}": Scenario(
+            f"lab_fault_{name}",
+            f"fault_{name}.rules on kube-proxy's",
+            (KP_IPT, restore(f"fault_{name}.rules")),
+        )
+        for name in FAULT_TWINS
+    }
+)
+SCENARIOS["lab_fault_legacy"] = Scenario(
+    "lab_fault_legacy",
+    "fault_legacy.legacy (iptables-legacy) on kube-proxy's (iptables-nft)",
+    (KP_IPT, restore("fault_legacy.legacy", "iptables-legacy-restore")),
+    ("iptables-legacy-restore",),
+)
+SCENARIOS["lab_fault_native"] = Scenario(
+    "lab_fault_native", "fault_native.nft on kube-proxy's", (KP_IPT, nft_file("fault_native.nft"))
+)
 
 
 def missing_tools(scenario: Scenario) -> list[str]:
