@@ -67,18 +67,44 @@ def ufw(*commands: str, forward_policy: str = "DROP") -> Step:
             flags=re.M,
         )
         (root / "default-ufw").write_text(default)
-        binds = {
-            "/etc/ufw": root / "etc-ufw",
-            "/lib/ufw": root / "lib-ufw",
-            "/etc/default/ufw": root / "default-ufw",
-        }
-        script = " && ".join(
-            [_private_mounts(binds), "ufw --force enable", *(f"ufw {c}" for c in commands)]
-        )
-        node.run(["unshare", "-m", "sh", "-c", script])
+        run_ufw(node, workdir, "ufw --force enable", *(f"ufw {c}" for c in commands))
 
     step.__name__ = f"ufw {forward_policy} {' '.join(commands)}".strip()
     return step
+
+
+def run_ufw(node: Netns, workdir: Path, *commands: str) -> None:
+    """Shell commands in the node's namespace where /etc/ufw, /lib/ufw and /etc/default/ufw
+    are the lab's copies (made by :func:`ufw`)."""
+    root = workdir / "ufw"
+    binds = {
+        "/etc/ufw": root / "etc-ufw",
+        "/lib/ufw": root / "lib-ufw",
+        "/etc/default/ufw": root / "default-ufw",
+    }
+    node.run(["unshare", "-m", "sh", "-c", " && ".join([_private_mounts(binds), *commands])])
+
+
+_BACKTICKED = re.compile(r"`([^`]+)`")
+
+
+def runnable_fix(owner: str | None, fix: str) -> str | None:
+    """The command of a finding's fix the lab can run: the first one in backticks, ufw's own
+    command for ufw; None when the fix runs nothing here (a firewalld fix needs its daemon
+    and a reload, kube-proxy's is about the Service)."""
+    commands = _BACKTICKED.findall(fix)
+    if owner == "ufw":  # an allow rule (the others edit files, then reload)
+        commands = [c for c in commands if c.startswith("ufw ") and " allow " in c]
+    elif owner in ("firewalld", "kube-proxy"):
+        return None
+    return commands[0] if commands else None
+
+
+def apply_fix(node: Netns, workdir: Path, command: str) -> None:
+    if command.startswith("ufw "):
+        run_ufw(node, workdir, command)
+    else:
+        node.run(["sh", "-c", command])
 
 
 _BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
