@@ -253,7 +253,7 @@ class Lab:
         self.ns = {role: Netns(f"nodediag-lab-{tag}-{role}") for role in ROLES}
         self.workdir = workdir
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
-        self.probe_timeout = 0.6
+        self.probe_timeout = 0.5
         self.tracer: Tracer | None = None
 
     def start(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -89,20 +90,31 @@ _BACKTICKED = re.compile(r"`([^`]+)`")
 
 
 def runnable_fix(owner: str | None, fix: str) -> str | None:
-    """The command of a finding's fix the lab can run: the first one in backticks, ufw's own
-    command for ufw; None when the fix runs nothing here (a firewalld fix needs its daemon
-    and a reload, kube-proxy's is about the Service)."""
+    """The command of a finding's fix the lab can run: the first one in backticks; for ufw
+    its allow rule (the others edit files, then reload); for firewalld the firewall-cmd
+    lines, joined by " ; "; None when the fix runs nothing (kube-proxy's is about the
+    Service)."""
     commands = _BACKTICKED.findall(fix)
-    if owner == "ufw":  # an allow rule (the others edit files, then reload)
+    if owner == "ufw":
         commands = [c for c in commands if c.startswith("ufw ") and " allow " in c]
-    elif owner in ("firewalld", "kube-proxy"):
+    elif owner == "firewalld":
+        commands = [" ; ".join(c for c in commands if c.startswith("firewall-cmd "))]
+    elif owner == "kube-proxy":
         return None
-    return commands[0] if commands else None
+    return commands[0] if commands and commands[0] else None
 
 
 def apply_fix(node: Netns, workdir: Path, command: str) -> None:
+    """Runs a :func:`runnable_fix` command in the node's namespace, the way its tool runs
+    there. firewalld, when it starts again, rebuilds the iptables tables it manages (with
+    the iptables backend: all of them): kube-proxy's rules are added again, as kube-proxy
+    would on its next sync."""
     if command.startswith("ufw "):
         run_ufw(node, workdir, command)
+    elif command.startswith("firewall-cmd "):
+        run_firewall_cmd(node, workdir, *command.split(" ; "))
+        if "KUBE-SERVICES" not in node.run(["iptables-save"]):
+            KP_IPT(node, workdir)
     else:
         node.run(["sh", "-c", command])
 
@@ -128,11 +140,7 @@ def _wait(process: subprocess.Popen[bytes], ready: Callable[[], bool], what: str
         time.sleep(0.1)
 
 
-@contextmanager
-def _firewalld(node: Netns, root: Path, backend: str) -> Iterator[dict[str, str]]:
-    """A firewalld on a private system bus, in the node's namespace, on a copy of
-    /etc/firewalld; yields the environment for firewall-cmd. It is stopped on exit with
-    CleanupOnExit=no, so its rules stay for the packets."""
+def _copy_firewalld_config(root: Path, backend: str) -> None:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
     shutil.copytree("/etc/firewalld", root / "etc-firewalld", symlinks=True)
@@ -141,7 +149,15 @@ def _firewalld(node: Netns, root: Path, backend: str) -> Iterator[dict[str, str]
         r"^FirewallBackend=.*$", f"FirewallBackend={backend}", conf.read_text(), flags=re.M
     )
     conf.write_text(re.sub(r"^CleanupOnExit=.*$", "CleanupOnExit=no", text, flags=re.M))
+
+
+@contextmanager
+def _firewalld(node: Netns, root: Path) -> Iterator[dict[str, str]]:
+    """A firewalld on a private system bus, in the node's namespace, on the copy of
+    /etc/firewalld in ``root``; yields the environment for firewall-cmd. It is stopped on
+    exit with CleanupOnExit=no, so its rules stay for the packets."""
     socket = root / "bus"
+    socket.unlink(missing_ok=True)
     (root / "bus.conf").write_text(_BUS_CONFIG.format(socket=socket))
     env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={socket}"}
     log = (root / "log").open("wb")
@@ -184,18 +200,21 @@ def firewalld(backend: str, *commands: str) -> Step:
     then ``firewall-cmd COMMAND`` for each command (runtime configuration)."""
 
     def step(node: Netns, workdir: Path) -> None:
-        with _firewalld(node, workdir / "firewalld", backend) as env:
-            for command in commands:
-                subprocess.run(
-                    ["firewall-cmd", *command.split()],
-                    env=env,
-                    check=True,
-                    capture_output=True,
-                    timeout=60,
-                )
+        _copy_firewalld_config(workdir / "firewalld", backend)
+        run_firewall_cmd(node, workdir, *(f"firewall-cmd {c}" for c in commands))
 
     step.__name__ = f"firewalld {backend} {'; '.join(commands)}".strip()
     return step
+
+
+def run_firewall_cmd(node: Netns, workdir: Path, *commands: str) -> None:
+    """firewalld started on the lab's copy of its configuration (made by :func:`firewalld`),
+    these firewall-cmd command lines run, firewalld stopped (its rules stay)."""
+    with _firewalld(node, workdir / "firewalld") as env:
+        for command in commands:
+            subprocess.run(
+                shlex.split(command), env=env, check=True, capture_output=True, timeout=60
+            )
 
 
 FIREWALLD_FIX = (

