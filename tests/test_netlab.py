@@ -10,7 +10,8 @@ back or not, which drop counter rose) is compared with
 - the vectors recorded by tests/vectors/firewall/record_lab.py (offline, no root);
 - the evaluator's verdict on the same rules (collectors.netfilter.evaluate) for the lab's
   ``NodeFacts``, live and on the recorded dumps: the same verdict, and for a dropped flow
-  the same rule or policy (the kernel's: the counter that rose, or ``nft monitor trace``).
+  the same rule or policy (the kernel's: the counter that rose, or ``nft monitor trace``);
+- the fixes the evaluator proposes, run in the lab: the kernel no longer stops the flow there.
 """
 
 from __future__ import annotations
@@ -87,46 +88,12 @@ KERNEL_DROPS: dict[str, tuple[str, ...]] = {
 #: is then the right answer).
 UNDECIDABLE: dict[tuple[str, str], str] = {}
 
-_OVERLAY_REPLIES = (
-    "the answers of the DNS pod on the peer node come back inside vxlan: a new UDP 8472 flow "
-    "from the peer on INPUT, which this firewall drops; the evaluator's dns-replies walks only "
-    "the ESTABLISHED inner answer (kernel right: no answer came back)"
-)
-_CT_STATUS_DNAT = (
-    "firewalld's `ct status dnat accept` is left undecided (may-drop) although the evaluator "
-    "itself knows no DNAT happened on this path (kernel right: rejected)"
-)
-_VXLAN_EGRESS = (
-    "a query to the DNS pod on the peer node (from a pod or from the host) leaves the node "
-    "as a vxlan packet the node sends itself (UDP 8472 through OUTPUT), which this OUTPUT "
-    "chain drops; the evaluator walks only the inner packet (kernel right: the query never "
-    "arrived)"
-)
-_NO_QUERY_THROUGH = (
-    "no query got through to be answered (kernel: unobserved); the evaluator, which lets "
-    "some cluster DNS queries through (see the vxlan egress mismatch), says the answers pass"
-)
 #: (scenario, flow) -> why the evaluator and the kernel disagree, and which one is right. The
 #: tests fail when this list is out of date either way (a new disagreement or a fixed one).
-KNOWN_MISMATCHES: dict[tuple[str, str], str] = {
-    **{
-        (scenario, "dns-replies"): _OVERLAY_REPLIES
-        for scenario in (
-            "lab_ufw_default",
-            "lab_ufw_forward_accept",
-            "lab_ufw_allow_cni0",
-            "lab_firewalld_nft",
-            "lab_firewalld_iptables",
-            "lab_debian_workstation",
-            "lab_alpine",
-        )
-    },
-    **{("lab_firewalld_nft", flow): _CT_STATUS_DNAT for flow in (*UPSTREAM, *OVERLAY)},
-    **{("lab_output_web_only", flow): _VXLAN_EGRESS for flow in POD},
-    ("lab_output_web_only", "dns-replies"): _NO_QUERY_THROUGH,
-    **{("lab_fault_negations", flow): _VXLAN_EGRESS for flow in (*POD, "host-dns-udp")},
-    ("lab_fault_negations", "dns-replies"): _NO_QUERY_THROUGH,
-}
+#: Empty: the evaluator learnt the overlay's own packets (vxlan out through OUTPUT, the peer's
+#: answers in as a new UDP 8472 flow on INPUT) and firewalld's `ct status dnat` from what
+#: this lab showed.
+KNOWN_MISMATCHES: dict[tuple[str, str], str] = {}
 
 
 def kernel_verdicts(scenario: str) -> dict[str, str]:
@@ -395,29 +362,6 @@ FIXABLE = (
 )
 
 
-#: scenario -> the flows where the evaluator and the kernel disagree once the fixes ran, where
-#: that differs from KNOWN_MISMATCHES. Opening the overlay (ufw's 8472 rule, the input
-#: policy or rule of the nftables configs) or OUTPUT ends the disagreements; with the blanket
-#: TCP rule of fault_negations gone, the host's TCP query also meets the OUTPUT rule that
-#: drops the node's own vxlan packets (_VXLAN_EGRESS).
-FIXED_MISMATCHES: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(
-        (
-            "lab_ufw_default",
-            "lab_ufw_forward_accept",
-            "lab_ufw_allow_cni0",
-            "lab_debian_workstation",
-            "lab_alpine",
-            "lab_output_web_only",
-            "lab_firewalld_nft",
-            "lab_firewalld_iptables",
-        ),
-        (),
-    ),
-    "lab_fault_negations": (*REPLIES, *HOST, *POD),
-}
-
-
 def _position_last(command: str) -> tuple[int, str]:
     """Deleting rules by position: the higher positions first."""
     tail = command.rsplit(" ", 1)[-1]
@@ -442,9 +386,10 @@ def test_proposed_fixes_remove_the_stops(live_lab: LiveLab, scenario: str) -> No
     fixed = live_lab.run(scenario, sorted(removes, key=_position_last))
     for command, stops in removes.items():
         for flow, key in stops:
-            assert key not in fixed.observed[flow]["drops"], (command, flow)
-            if flow not in FIXED_MISMATCHES.get(scenario, ()):  # else another stop is left
-                assert fixed.observed[flow]["verdict"] == "pass", (command, flow)
+            after = fixed.observed[flow]
+            assert key not in after["drops"], (command, flow)
+            # Passes, or meets the next stop (fault_negations stacks drops for UDP): then
+            # the kernel names it, and the evaluator must agree on it (below).
+            assert after["verdict"] == "pass" or after["drops"], (command, flow)
     still = disagreements(scenario, fixed.dumps, fixed.observed)
-    expected = FIXED_MISMATCHES.get(scenario, tuple(known_mismatches(scenario)))
-    assert sorted(still) == sorted(expected), still
+    assert sorted(still) == known_mismatches(scenario), still
