@@ -184,6 +184,21 @@ _TRACE_STOP = re.compile(
 )
 
 
+def trace_stops(lines: Sequence[str], skip: set[tuple[str, str]]) -> dict[str, int]:
+    """``nft --handle monitor trace`` lines -> the drop/reject stops they show: {"nft FAMILY
+    TABLE CHAIN handle N" or "nft FAMILY TABLE CHAIN policy drop": packets}, leaving out the
+    tables in ``skip`` ((family, name))."""
+    stops: dict[str, int] = {}
+    for line in lines:
+        match = _TRACE_STOP.match(line)
+        if match is None or (match.group(1), match.group(2)) in skip:
+            continue
+        family, table, chain, handle = match.groups()
+        key = f"nft {family} {table} {chain} " + (f"handle {handle}" if handle else "policy drop")
+        stops[key] = stops.get(key, 0) + 1
+    return stops
+
+
 class Tracer:
     """``nft monitor trace`` in the node's namespace while a table there marks every IPv4
     packet for tracing: which nft rule or chain policy dropped (or rejected) each packet.
@@ -210,19 +225,8 @@ class Tracer:
             self.lines.append(line)
 
     def stops(self, since: int) -> dict[str, int]:
-        """Drop/reject stops seen since line ``since``: {"nft FAMILY TABLE CHAIN handle N" or
-        "… policy drop": packets}."""
-        stops: dict[str, int] = {}
-        for line in self.lines[since:]:
-            match = _TRACE_STOP.match(line)
-            if match is None or (match.group(1), match.group(2)) in self.skip:
-                continue
-            family, table, chain, handle = match.groups()
-            key = f"nft {family} {table} {chain} " + (
-                f"handle {handle}" if handle else "policy drop"
-            )
-            stops[key] = stops.get(key, 0) + 1
-        return stops
+        """The stops traced since line ``since`` (see :func:`trace_stops`)."""
+        return trace_stops(self.lines[since:], self.skip)
 
     def close(self) -> None:
         self.monitor.terminate()

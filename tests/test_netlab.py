@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import realkernel
-from netlab import FLOWS, Lab, lab
+from netlab import FLOWS, Lab, iptables_drop_counters, lab, trace_stops
 from netlab_scenarios import SCENARIOS, apply_fix, load, missing_tools, runnable_fix
 
 VECTORS = Path(__file__).parent / "vectors" / "firewall"
@@ -137,6 +137,42 @@ def test_recorded_kernel_verdicts(scenario: str) -> None:
                 "never got" in observed[flow]["evidence"]
                 or "did not rise" in (observed[flow]["evidence"])
             )
+
+
+# ------------------------------------------------------------- the lab's own readers
+
+# Recorded in the lab (lab_firewalld_nft, lab_alpine, lab_fault_proto_number).
+TRACE = """\
+trace id 807de583 inet nodediag_lab_trace out rule meta nftrace set 1 # handle 4 (verdict continue)
+trace id 807de583 ip filter OUTPUT policy accept
+trace id b2fc0137 inet firewalld filter_FWD_public rule reject with icmpx admin-prohibited # handle 101 (verdict drop)
+trace id 7bd20cef inet filter forward policy drop
+trace id 9fb5f962 ip filter OUTPUT rule tcp dport 53 counter packets 0 bytes 0 drop # handle 27 (verdict drop)
+trace id 7bd20ce0 inet filter forward policy drop
+"""  # noqa: E501
+
+
+def test_trace_stops() -> None:
+    assert trace_stops(TRACE.splitlines(keepends=True), {("ip", "filter")}) == {
+        "nft inet firewalld filter_FWD_public handle 101": 1,
+        "nft inet filter forward policy drop": 2,
+    }
+
+
+def test_iptables_drop_counters() -> None:
+    text = (
+        "*filter\n"
+        ":INPUT DROP [7:420]\n"
+        ":OUTPUT ACCEPT [9:540]\n"
+        '[3:180] -A OUTPUT -p udp -m udp --dport 53 -j LOG --log-prefix "dns -j DROP "\n'
+        "[2:120] -A OUTPUT -p udp -m udp --dport 53 -j REJECT --reject-with icmp-port-unreachable\n"
+        "[1:60] -A OUTPUT -j ACCEPT\n"
+    )
+    assert iptables_drop_counters(text, "iptables-nft") == {
+        "iptables-nft filter INPUT policy DROP": 7,
+        "iptables-nft filter OUTPUT -p udp -m udp --dport 53 -j REJECT "
+        "--reject-with icmp-port-unreachable": 2,
+    }
 
 
 # ------------------------------------------------------------------ the evaluator
