@@ -22,10 +22,12 @@ server (counters in the server's namespace), and which drop/reject rule or polic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import test_firewall_netns
 
-from collectors.dns_probe import DnsProbe
+from collectors.dns_probe import DnsProbe, run_in_netns
 
 SERVER_SCRIPT = Path(__file__).parent / "dns_test_server.py"
 CLUSTER_DNS = "10.43.0.10"
@@ -199,6 +201,12 @@ def trace_stops(lines: Sequence[str], skip: set[tuple[str, str]]) -> dict[str, i
     return stops
 
 
+def _poke_loopback() -> None:
+    # A rule may drop it (EPERM): it is traced all the same.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.sendto(b"", ("127.0.0.1", 9))
+
+
 class Tracer:
     """``nft monitor trace`` in the node's namespace while a table there marks every IPv4
     packet for tracing: which nft rule or chain policy dropped (or rejected) each packet.
@@ -217,7 +225,16 @@ class Tracer:
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        time.sleep(0.3)  # the monitor subscribes before the first packet
+        self._wait_subscribed()
+
+    def _wait_subscribed(self) -> None:
+        """Pokes the node's loopback until the monitor shows a trace: then it listens."""
+        deadline = time.monotonic() + 10
+        while not self.lines:
+            if self.monitor.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nft monitor trace showed nothing")
+            run_in_netns(self.node.name, _poke_loopback)
+            time.sleep(0.05)
 
     def _read(self) -> None:
         assert self.monitor.stdout is not None
