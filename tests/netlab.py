@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import test_firewall_netns
 
@@ -76,6 +77,16 @@ FLOW_PROBES: dict[str, tuple[str, str, str, str]] = {
     "dns-upstream-tcp": ("pod", "upstream", UPSTREAM_DNS, "tcp"),
 }
 FLOWS = (*FLOW_PROBES, "dns-replies", "overlay-vxlan")
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM, and SIGKILL when it has not ended 10 s later."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
 
 
 def ip(*args: str) -> None:
@@ -225,7 +236,11 @@ class Tracer:
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        self._wait_subscribed()
+        try:
+            self._wait_subscribed()
+        except BaseException:
+            self.close()
+            raise
 
     def _wait_subscribed(self) -> None:
         """Pokes the node's loopback until the monitor shows a trace: then it listens."""
@@ -246,8 +261,7 @@ class Tracer:
         return trace_stops(self.lines[since:], self.skip)
 
     def close(self) -> None:
-        self.monitor.terminate()
-        self.monitor.wait(timeout=5)
+        stop(self.monitor)
         self.reader.join(timeout=5)
         self.node.run(["nft", "delete", "table", "ip", "nodediag_lab_trace"])
 
@@ -285,8 +299,7 @@ class Lab:
 
     def close(self) -> None:
         for process in self.servers.values():
-            process.terminate()
-            process.wait(timeout=5)
+            stop(process)
         self.servers.clear()
         for netns in self.ns.values():
             subprocess.run(["ip", "netns", "del", netns.name], check=False, capture_output=True)

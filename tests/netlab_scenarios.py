@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from netlab import Netns
+from netlab import Netns, stop
 
 SRC = Path(__file__).parent / "vectors" / "firewall" / "src"
 KUBE_PROXY_IPTABLES = SRC / "lab_kube_proxy.rules"
@@ -190,8 +190,7 @@ def _firewalld(node: Netns, root: Path) -> Iterator[dict[str, str]]:
         yield env
     finally:
         for process in reversed(started):
-            process.terminate()
-            process.wait(timeout=30)
+            stop(process)
         log.close()
 
 
