@@ -735,10 +735,11 @@ class RunningContainer:
             before_pids = set(self.pids())
             before = self.oom_kill_count()
             self.exec(["sh", "-c", hog])
-            # the exec'd sh (it execs dd, same pid); its `sleep 0.01` children come and go
-            while not (new := [p for p in set(self.pids()) - before_pids if _has_arg(p, hog)]):
+            # the exec'd sh (it execs dd, same pid); its `sleep 0.01` children come and go,
+            # and one just forked (not yet exec'd) still shows the sh's command line
+            while len(new := [p for p in set(self.pids()) - before_pids if _has_arg(p, hog)]) != 1:
                 if time.monotonic() > deadline:
-                    raise TimeoutError("the exec'd memory hog did not appear in the cgroup")
+                    raise TimeoutError(f"not one exec'd memory hog in the cgroup: {new}")
                 time.sleep(0.005)
             (victim,) = new
             if before_go is not None:
