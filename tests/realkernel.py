@@ -97,6 +97,10 @@ sleep 3600
 OOM_RATELIMIT_BURST = 8
 OOM_RATELIMIT_WINDOW = 6.0
 OOM_PACE_FILE = Path("/run/nodediag-test-oom-pace")
+#: Multiplies the OOM kill timeouts: the VM lane's software-emulated guest (qemu TCG) is
+#: many times slower than a real machine, and a memcg OOM first reclaims the allocator's
+#: own file pages (read back over 9p there).
+TIMEOUT_SCALE = float(os.environ.get("NODEDIAG_TEST_TIMEOUT_SCALE", "1"))
 
 
 @contextlib.contextmanager
@@ -457,7 +461,7 @@ class ThrowawayContainer:
         line is printed. ``pace=False`` lets tests provoke the suppressed form on purpose.
         """
         with oom_ratelimit_slot(enabled=pace):
-            return self._oom_kill(target, timeout, comm, alloc_factor)
+            return self._oom_kill(target, timeout * TIMEOUT_SCALE, comm, alloc_factor)
 
     def _oom_kill(
         self, target: Target, timeout: float, comm: str | None, alloc_factor: int
@@ -501,7 +505,7 @@ class ThrowawayContainer:
             )
         _write(self.fs_path / "memory.oom.group", "1")
         with oom_ratelimit_slot(enabled=pace):
-            return self._oom_kill_group(n_children, timeout, alloc_factor)
+            return self._oom_kill_group(n_children, timeout * TIMEOUT_SCALE, alloc_factor)
 
     def _oom_kill_group(
         self, n_children: int, timeout: float, alloc_factor: int

@@ -93,7 +93,7 @@ def test_child_kill_leaves_init_alive_and_is_journaled(
     since = time.time()
     started = time.monotonic()
     out = c.oom_kill("child", comm=comm)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 5 * realkernel.TIMEOUT_SCALE
 
     assert out.victim_pid != out.init_pid
     assert out.victim_comm == (comm or Path(realkernel.PYTHON).name)[:15]
