@@ -118,6 +118,20 @@ GROUP_V2 = (
     "cri-containerd-5d2c8e1f7a9b3c4d6e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d.scope"
 )
 POD_V1 = "/kubepods/burstable/pod2f9d6c3a-1b4e-4f7a-9c2d-8e5f0a1b3c4d"
+LANE_SYSTEMD = (
+    "/nodediag-test-ba45e27b/kubepods.slice/kubepods-burstable.slice/"
+    "kubepods-burstable-podbe4bf325_81b0_46d8_a822_90b4e8c402f4.slice/"
+    "cri-containerd-cae53d08bea11e22a55914e768654e5d6cad170121c0d6147aadffd20721f997.scope"
+)
+LANE_GROUP = (
+    "/nodediag-test-41903c5b/kubepods.slice/kubepods-burstable.slice/"
+    "kubepods-burstable-pod2be6d17b_ca80_4c4d_bb6b_894a1e61a734.slice/"
+    "cri-containerd-a3d0439de85df4dc93b1b5b33353165177fb388e3f159bdb4e3232a1fb13aa68.scope"
+)
+LANE_GLOBAL = (
+    "/nodediag-test-ae8a0c41/kubepods/burstable/podbd1d56ab-8f16-4d73-9274-b0fa98fb5082/"
+    "374b6455cea20e2ce790e620b06cb95f0319d2767aa2a9e2e1b55a8a3192c870"
+)
 MEMCG = "CONSTRAINT_MEMCG"
 NONE = "CONSTRAINT_NONE"
 
@@ -431,6 +445,55 @@ EXPECTED: dict[str, list[dict[str, Any]]] = {
     ],
     # "(sd-pam)": parentheses inside the comm; mems_allowed=0-1. The trailing trigger has no
     # summary (cut off): nothing comes of it.
+    # 6.1 (Debian, the VM lane) on cgroup v2, systemd layout: "CPU: 0 PID: … Comm: …" stack
+    # header, memory.stat as one record (\x0a-escaped), a comm with spaces, colon, parens.
+    "memcg_6_1_v2_systemd_vm_lane.log": [
+        {
+            "victim.pid": 210,
+            "victim.comm": "my app: (x)",
+            "victim.shmem_rss_kb": 5328,
+            "trigger_comm": "my app: (x)",
+            "constraint": MEMCG,
+            "oom_memcg": LANE_SYSTEMD,
+            "task_memcg": LANE_SYSTEMD,
+            "memcg_limit_kb": 32768,
+            "n_tasks": 2,
+            "group_memcg": None,
+            "complete": True,
+        }
+    ],
+    # 6.1 group kill of a container whose init is PID 1 of a pid namespace: the selected
+    # victim is printed again as a member, the init's death ends the other members first
+    # ("OOM victim N (sleep) is already exiting. Skip killing the task": not kills).
+    # memory.events counted oom_kill 3 (every Killed line), oom_group_kill 1.
+    "group_6_1_v2_pidns_vm_lane.log": [
+        {
+            "victim.pid": 289,
+            "victim.comm": "python3",
+            "constraint": MEMCG,
+            "task_memcg": LANE_GROUP,
+            "group_memcg": LANE_GROUP,
+            "group_pids": (289, 285),
+            "n_tasks": 5,
+            "is_global": False,
+            "complete": True,
+        }
+    ],
+    # 6.1 global OOM (no swap) whose victim sits in a kubepods cgroup (cgroup v2).
+    "global_6_1_v2_kubepods_vm_lane.log": [
+        {
+            "victim.pid": 296,
+            "victim.comm": "python3",
+            "victim.anon_rss_kb": 762900,
+            "trigger_pid": 296,
+            "gfp_mask": "0x140dca",
+            "constraint": NONE,
+            "is_global": True,
+            "oom_memcg": None,
+            "task_memcg": LANE_GLOBAL,
+            "group_memcg": None,
+        }
+    ],
     "global_mems_allowed_commas_sd_pam_nfsd_bugzilla.log": [
         {
             "victim.pid": 4503,

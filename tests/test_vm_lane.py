@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -23,8 +24,6 @@ from typing import Any
 import pytest
 import realkernel
 import vmlane
-
-pytestmark = pytest.mark.root
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_TESTS = ("tests/test_realkernel_fixtures.py", "tests/vm/guest_scenarios.py")
@@ -43,6 +42,55 @@ SCENARIOS: dict[str, tuple[dict[str, int], str | None]] = {
     "global OOM (no swap), cgroupfs": ({"oom": 0, "oom_kill": 1}, "SystemOOMKill"),
     "rate-limited burst (storm), cgroupfs": ({"oom_kill": 20, "oom_group_kill": 0}, None),
 }
+
+
+# -- the builder's pure parts (no root, no VM) ------------------------------------------
+
+
+def test_initramfs_archive_extracts_with_busybox_cpio(tmp_path: Path) -> None:
+    if not vmlane.BUSYBOX.exists():
+        realkernel.skip_or_fail(f"no {vmlane.BUSYBOX} (Debian busybox-static)")
+    entries = [
+        ("bin", 0o040755, b""),
+        ("bin/tool", 0o100755, b"#!/bin/sh\necho hi\n"),
+        ("odd", 0o100644, b"x" * 5),  # lengths that need padding
+        ("modules/a.ko", 0o100644, bytes(range(256)) * 3),
+    ]
+    archive = tmp_path / "initramfs.cpio"
+    archive.write_bytes(vmlane._cpio_newc(entries))
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(archive, "rb") as stdin:
+        subprocess.run(
+            [str(vmlane.BUSYBOX), "cpio", "-i", "-d", "-m"], stdin=stdin, cwd=out, check=True
+        )
+    for name, mode, data in entries:
+        path = out / name
+        assert path.stat().st_mode == mode, name
+        if not path.is_dir():
+            assert path.read_bytes() == data, name
+
+
+def _fake_module(root: Path, relative: str, depends: str | None) -> None:
+    path = root / "kernel" / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = b"" if depends is None else b"license=GPL\x00depends=" + depends.encode() + b"\x00"
+    path.write_bytes(b"\x7fELF" + b"\x00" * 16 + info + b"vermagic=6.1\x00")
+
+
+def test_module_load_order_puts_dependencies_first(tmp_path: Path) -> None:
+    _fake_module(tmp_path, "fs/9p/9p.ko", "9pnet,netfs")
+    _fake_module(tmp_path, "net/9p/9pnet.ko", "")
+    _fake_module(tmp_path, "fs/netfs/netfs.ko", None)
+    _fake_module(tmp_path, "net/9p/9pnet_virtio.ko", "9pnet,virtio-ring")
+    _fake_module(tmp_path, "drivers/virtio/virtio_ring.ko", "")
+    order = vmlane.module_load_order(tmp_path, ("9pnet_virtio", "9p"))
+    assert [p.stem for p in order] == ["9pnet", "virtio_ring", "9pnet_virtio", "netfs", "9p"]
+    with pytest.raises(RuntimeError, match="module virtio_pci is not in"):
+        vmlane.module_load_order(tmp_path, ("virtio_pci",))
+
+
+# -- the lane ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +136,7 @@ def _records(run: vmlane.LaneRun, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.root
 def test_guest_ran_debian_kernel_on_cgroup_v2(lane: vmlane.LaneRun) -> None:
     kernel = vmlane.fetch_kernel()
     assert not (lane.lane / "init-failed").exists(), _guest_log(lane)
@@ -97,6 +146,7 @@ def test_guest_ran_debian_kernel_on_cgroup_v2(lane: vmlane.LaneRun) -> None:
     assert lane.accel in ("kvm", "tcg")
 
 
+@pytest.mark.root
 def test_every_guest_test_passed(lane: vmlane.LaneRun) -> None:
     junit = lane.lane / "junit.xml"
     assert junit.exists(), _guest_log(lane)
@@ -111,6 +161,7 @@ def test_every_guest_test_passed(lane: vmlane.LaneRun) -> None:
     assert lane.exit_status == 0, _guest_log(lane)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_scenario_counts_and_findings(lane: vmlane.LaneRun, scenario: str) -> None:
     events, reason = SCENARIOS[scenario]
@@ -130,6 +181,7 @@ def test_scenario_counts_and_findings(lane: vmlane.LaneRun, scenario: str) -> No
             assert found["counted"] == {"journal": found["kills"], "kmsg": found["kills"]}
 
 
+@pytest.mark.root
 def test_scan_verdicts_recorded_for_both_sources(lane: vmlane.LaneRun) -> None:
     scans = {r["source"]: r["verdicts"] for r in _records(lane, "scan.jsonl")}
     assert set(scans) == {"journal", "kmsg"}, _guest_log(lane)

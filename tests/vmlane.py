@@ -116,9 +116,11 @@ def module_files(modules: Path) -> dict[str, Path]:
 
 
 def module_depends(ko: Path) -> list[str]:
-    """The ``depends=`` of a module's .modinfo section (what depmod reads)."""
+    """The ``depends=`` of a module's .modinfo section (what depmod reads; the package
+    ships no modules.dep, depmod makes it at install)."""
     match = re.search(rb"(?:^|\x00)depends=([^\x00]*)\x00", ko.read_bytes())
-    return [name for name in match.group(1).decode().split(",") if name] if match else []
+    names = match.group(1).decode().replace("-", "_").split(",") if match else []
+    return [name for name in names if name]
 
 
 def module_load_order(modules: Path, wanted: tuple[str, ...] = GUEST_MODULES) -> list[Path]:
