@@ -88,7 +88,13 @@ def findings_of(agents: Agents, container: realkernel.ThrowawayContainer) -> dic
     return {source: agent.findings_for(container.container_id) for source, agent in agents.items()}
 
 
-def record(scenario: str, container: realkernel.ThrowawayContainer, **facts: Any) -> None:
+def record(
+    scenario: str,
+    container: realkernel.ThrowawayContainer,
+    found: dict[str, list[Any]] | None = None,
+    **facts: Any,
+) -> None:
+    """One line of scenarios.jsonl; ``found``: each source's reasons and their basis."""
     line = {
         "scenario": scenario,
         "kernel": platform.release(),
@@ -96,6 +102,9 @@ def record(scenario: str, container: realkernel.ThrowawayContainer, **facts: Any
         "container_id": container.container_id,
         **facts,
     }
+    if found is not None:
+        line["findings"] = summary(found)
+        line["basis"] = {s: [f["details"]["basis"] for f in items] for s, items in found.items()}
     with open(LANE / "scenarios.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -119,7 +128,7 @@ def test_child_kill_without_oom_group_is_invisible(
     kill = c.oom_kill("child", timeout=20)
     events = memory_events(c)
     found = findings_of(agents, c)
-    record(f"child, oom.group=0, {driver}", c, memory_events=events, findings=summary(found))
+    record(f"child, oom.group=0, {driver}", c, found, memory_events=events)
     EXPECTED[c.container_id] = "InvisibleOOMKill"
 
     assert (events["oom_kill"], events["oom_group_kill"]) == (1, 0)
@@ -147,8 +156,8 @@ def test_child_kill_with_oom_group_ends_the_container_once(
     record(
         "child, oom.group=1 (group kill), systemd",
         c,
+        found,
         memory_events=events,
-        findings=summary(found),
         processes=len(kill.killed_pids),
         killed_process_lines=killed_lines,
         group_victims=victims,
@@ -186,7 +195,7 @@ def test_init_kill_ends_the_container(
     kill = c.oom_kill("init", timeout=20)
     events = memory_events(c)
     found = findings_of(agents, c)
-    record(f"init, {driver}", c, memory_events=events, findings=summary(found))
+    record(f"init, {driver}", c, found, memory_events=events)
     EXPECTED[c.container_id] = "ContainerOOMKill"
     SCAN_DECIDES.add(c.container_id)
 
@@ -204,7 +213,7 @@ def test_global_oom_names_the_victims_pod(
     kill = c.oom_kill("child", alloc_factor=1, timeout=40)
     events = memory_events(c)
     found = findings_of(agents, c)
-    record("global OOM (no swap), cgroupfs", c, memory_events=events, findings=summary(found))
+    record("global OOM (no swap), cgroupfs", c, found, memory_events=events)
     EXPECTED[c.container_id] = "SystemOOMKill"
     SCAN_DECIDES.add(c.container_id)
 
