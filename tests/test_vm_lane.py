@@ -198,8 +198,11 @@ def test_scenario_counts_and_findings(lane: vmlane.LaneRun, scenario: str) -> No
 
 
 @pytest.mark.root
-def test_scan_verdicts_recorded_for_both_sources(lane: vmlane.LaneRun) -> None:
+def test_scan_reaches_the_running_agents_verdicts(lane: vmlane.LaneRun) -> None:
     scans = {r["source"]: r["verdicts"] for r in _records(lane, "scan.jsonl")}
     assert set(scans) == {"journal", "kmsg"}, _guest_log(lane)
     assert scans["journal"] == scans["kmsg"]
+    records = _records(lane, "scenarios.jsonl")
+    live = {r["container_id"]: r["findings"]["journal"] for r in records if "findings" in r}
+    assert scans["journal"] == live  # from the log alone, the running agents' verdicts
     print("\nscan verdicts:", json.dumps(scans["journal"]))

@@ -105,6 +105,9 @@ def fetch_kernel(cache: Path = CACHE) -> GuestKernel:
         for deb in debs:
             deb.unlink()
         (root / ".unpacked").touch()
+        for old in cache.glob("linux-image-*"):  # an earlier kernel (Debian point release)
+            if old != root:
+                shutil.rmtree(old, ignore_errors=True)
     [vmlinuz] = (root / "boot").glob("vmlinuz-*")
     [modules] = (root / "lib" / "modules").iterdir()
     return GuestKernel(package, version, vmlinuz, modules)
@@ -163,6 +166,8 @@ def build_initramfs(kernel: GuestKernel, cache: Path = CACHE) -> Path:
     target = cache / f"initramfs_{stamp}.cpio.gz"
     if target.exists():
         return target
+    for old in cache.glob("initramfs_*"):
+        old.unlink(missing_ok=True)
     directory, regular, executable = 0o040755, 0o100644, 0o100755
     entries: list[tuple[str, int, bytes]] = [
         (name, directory, b"") for name in ("bin", "dev", "proc", "sys", "modules", "newroot")
