@@ -283,7 +283,7 @@ class KernelWatch:
             ledger = self.counters
             if ledger is None or kill.is_global or ledger.before_baseline(kill):
                 if self.caught_up or kill.is_global:  # a global kill is judged alone
-                    self._emit(kill, self.findings.finding(kill), count=True)
+                    self._emit(kill, self.findings.finding(kill), count=kill.killed_lines)
                     continue
                 self._backlog.append(kill)
                 self._backlog_rows += len(kill.tasks or ())
@@ -298,14 +298,19 @@ class KernelWatch:
                 continue
             finding = self.findings.finding(kill)
             container = container_cgroup(memcg)
-            self._emit(kill, finding, count=container is None or ledger.claim(container))
+            count = kill.killed_lines
+            if container is not None:
+                count = ledger.claim(container, kill.killed_lines)
+            self._emit(kill, finding, count=count)
 
-    def _emit(self, kill: OomKill, finding: Finding, *, count: bool) -> None:
+    def _emit(self, kill: OomKill, finding: Finding, *, count: int) -> None:
+        """Report ``finding``; ``count``: the kills it adds to the metric (0: none, the
+        memory cgroups' counters already counted them)."""
         key = kill_key(kill)
         if key in self._reported_before:
             return  # reported (and counted) by the run before a crash: not again
         if count:
-            self.metrics.record_finding(finding)
+            self.metrics.record_finding(finding, count)
         self.sink(finding)
         self._recent.append(key)
         if self.state is not None:
@@ -322,7 +327,7 @@ class KernelWatch:
         kills, self._backlog = self._backlog, []
         self._backlog_rows = 0
         for kill, finding in zip(kills, self.findings.for_log(kills), strict=True):
-            self._emit(kill, finding, count=True)
+            self._emit(kill, finding, count=kill.killed_lines)
 
     def _attribute_headerless(self) -> None:
         """Attribute the pending header-less kills from one walk of the counters (taken

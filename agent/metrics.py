@@ -157,9 +157,9 @@ class Metrics:
         self.kernel_log_records.labels(source=source)
         self.kernel_log_lost.labels(source=source)
 
-    def record_finding(self, finding: Finding) -> None:
+    def record_finding(self, finding: Finding, kills: int = 1) -> None:
         if finding.reason in OOM_REASONS:
-            self.count_oom(str(finding.details.get("scope", "unknown")), finding.subject)
+            self.count_oom(str(finding.details.get("scope", "unknown")), finding.subject, kills)
 
     def count_oom(self, scope: str, subject: Subject, amount: float = 1) -> None:
         """Raise ``nodediag_oom_kills_total`` for ``subject``: the one way to touch that

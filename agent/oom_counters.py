@@ -114,9 +114,12 @@ class OomCounterLedger:
             return True
         return False
 
-    def claim(self, path: str) -> bool:
-        """A post-baseline report naming container cgroup ``path``: count it in the metric?"""
-        return self._raise_by_log(path, self._delta_of(path, self._read_one(path)))
+    def claim(self, path: str, kills: int = 1) -> int:
+        """A post-baseline report naming container cgroup ``path`` that stands for ``kills``
+        kills (a ``memory.oom.group`` kill: one per ``Killed process`` line, as the kernel
+        counts them): how many of them the metric counts now."""
+        delta = self._delta_of(path, self._read_one(path))
+        return sum(self._raise_by_log(path, delta) for _ in range(kills))
 
     def headerless(self, count: int = 1) -> list[HeaderlessVerdict]:
         """Verdicts for ``count`` post-baseline memcg kills without a memory cgroup, in log

@@ -92,6 +92,10 @@ class OomKill:
     tasks: tuple[TaskRow, ...] | None = None
     group_memcg: str | None = None
     group_victims: tuple[OomVictim, ...] = ()
+    killed_lines: int = 1
+    """The ``Killed process`` lines this kill stands for: a ``memory.oom.group`` kill has
+    one per member (6.1 prints the chosen victim again among them). The kernel's per-memcg
+    ``oom_kill`` counter counts each of them."""
     complete: bool = True
     year_inferred: bool = False  # the year of ``time`` was not in the log line
 
@@ -257,8 +261,10 @@ class _Group:
     memcg: str
     kill: OomKill | None = None
     victims: list[OomVictim] = field(default_factory=list)
+    lines: int = 0
 
     def add(self, victim: OomVictim, record: KernelRecord) -> None:
+        self.lines += 1
         if self.kill is None:
             self.kill = _Report(time=record.time, uptime=record.uptime).finish(victim, record)
         if len(self.victims) < MAX_GROUP_VICTIMS and all(v.pid != victim.pid for v in self.victims):
@@ -267,7 +273,12 @@ class _Group:
     def build(self) -> OomKill | None:
         if self.kill is None:
             return None
-        return replace(self.kill, group_memcg=self.memcg, group_victims=tuple(self.victims))
+        return replace(
+            self.kill,
+            group_memcg=self.memcg,
+            group_victims=tuple(self.victims),
+            killed_lines=max(1, self.lines),
+        )
 
 
 class OomAssembler:
@@ -518,6 +529,7 @@ class OomAssembler:
         if held is not None:
             self._group.kill = held
             self._group.victims.append(held.victim)
+            self._group.lines = 1
 
 
 @dataclass(frozen=True, slots=True)

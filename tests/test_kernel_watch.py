@@ -107,6 +107,31 @@ def test_held_kill_is_reported_on_a_busy_log_without_waiting_for_quiet(tmp_path:
     assert w.assembler.idle
 
 
+def test_a_group_kill_counts_each_killed_line_once_in_one_finding(tmp_path: Path) -> None:
+    """6.1's group kill (VM lane vector): 3 ``Killed process`` lines (the chosen victim
+    twice), as the memory cgroup's ``oom_kill`` counter counts them; one finding."""
+    vector = Path(__file__).parent / "vectors" / "oom" / "group_6_1_v2_pidns_vm_lane.log"
+    messages = [line.split("] ", 1)[1] for line in vector.read_text().splitlines()]
+    found: list[Finding] = []
+    metrics = Metrics()
+    w = KernelWatch(
+        RecordedSource(messages), OomFindings("n", live=None), found.append, metrics,
+        StateFile(tmp_path / "s"),
+    )  # fmt: skip
+    w.drain()
+    w.flush()
+    [finding] = found
+    assert [v["pid"] for v in finding.details["group_victims"]] == [289, 285]
+    total = sum(
+        sample.value
+        for family in metrics.registry.collect()
+        if family.name == "nodediag_oom_kills"
+        for sample in family.samples
+        if sample.name == "nodediag_oom_kills_total"
+    )
+    assert total == 3
+
+
 def test_a_kill_is_held_back_for_a_group_line(tmp_path: Path) -> None:
     group = "Tasks in " + MEMCG + " are going to be killed due to memory.oom.group set"
     member = "Memory cgroup out of memory: Killed process 101 (worker) total-vm:1kB"

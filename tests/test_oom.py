@@ -75,6 +75,7 @@ def kill_fields(kill: OomKill) -> dict[str, Any]:
         memcg_limit_kb=kill.memcg_limit_kb,
         group_memcg=kill.group_memcg,
         group_pids=tuple(v.pid for v in kill.group_victims),
+        killed_lines=kill.killed_lines,
         complete=kill.complete,
         n_tasks=None if kill.tasks is None else len(kill.tasks),
     )
@@ -474,6 +475,7 @@ EXPECTED: dict[str, list[dict[str, Any]]] = {
             "task_memcg": LANE_GROUP,
             "group_memcg": LANE_GROUP,
             "group_pids": (289, 285),
+            "killed_lines": 3,  # memory.events: oom_kill 3
             "n_tasks": 5,
             "is_global": False,
             "complete": True,

@@ -78,10 +78,10 @@ def test_late_report_after_counter_fill_is_not_counted_again() -> None:
     ledger.reconcile()
     counters.now += 2
     assert ledger.reconcile() == {A: 2}  # records lost (overrun): the counter counts them
-    assert ledger.claim(A) is False  # a report for one of them arrives late
-    assert ledger.claim(A) is False
+    assert ledger.claim(A) == 0  # a report for one of them arrives late
+    assert ledger.claim(A) == 0
     counters.values[A] += 1
-    assert ledger.claim(A) is True  # a new kill, reported at once
+    assert ledger.claim(A) == 1  # a new kill, reported at once
     counters.now += 2
     ledger.reconcile()
     counters.now += 2
@@ -94,7 +94,7 @@ def test_headed_then_headerless_in_other_container() -> None:
     ledger = _ledger(counters)
     counters.values[A] += 1
     counters.values[B] += 1
-    assert ledger.claim(A) is True  # A's report was printed in full
+    assert ledger.claim(A) == 1  # A's report was printed in full
     [verdict] = ledger.headerless()  # B's was not: only B is unaccounted
     assert verdict.memcg == B and verdict.counted
 
@@ -120,9 +120,31 @@ def test_more_reports_than_kills_never_overcount() -> None:
     )
     ledger.start()
     counters.values[A] += 1
-    assert ledger.claim(A) is True
-    assert ledger.claim(A) is False
+    assert ledger.claim(A) == 1
+    assert ledger.claim(A) == 0
     assert ledger.counted[A] == 1
+
+
+def test_group_kill_is_counted_from_its_report_whole() -> None:
+    """cgroup v2 ``memory.oom.group``: the counter rises once per ``Killed process`` line of
+    the one report (6.1 prints the chosen victim twice: 5 lines for 4 processes, VM lane).
+    The report counts them all, so the counters add nothing with scope unknown later, and
+    the container is no candidate for a later header-less kill elsewhere."""
+    counters = FakeCounters()
+    ledger = OomCounterLedger(
+        counters.read, lambda path: counters.values.get(path), clock=counters.clock
+    )
+    ledger.start()
+    counters.values[A] += 5
+    assert ledger.claim(A, kills=5) == 5
+    counters.values[B] += 1
+    [verdict] = ledger.headerless()
+    assert verdict.memcg == B and verdict.counted
+    counters.now += 2
+    ledger.reconcile()
+    counters.now += 2
+    assert ledger.reconcile() == {}
+    assert ledger.counted == {A: 5, B: 1}
 
 
 @pytest.mark.root

@@ -26,12 +26,16 @@ import realkernel
 import stormkit
 from agentproc import RunningAgent, json_lines, nodediag
 
+from agent.settings import Settings
+
 pytestmark = pytest.mark.root
 
 MakeContainer = Callable[..., realkernel.ThrowawayContainer]
 Agents = dict[str, RunningAgent]
 SOURCES = ("journal", "kmsg")
 LANE = Path(os.environ.get("NODEDIAG_VM_LANE", "/nonexistent"))
+#: The agent's hold for a group line after a ``Killed process`` (its idle flush, default).
+HOLD_MS = Settings().idle_flush_seconds * 1000
 SETTLE = 3.0  # seconds the agents get after a first finding, for any second one
 FINDING_WAIT = 60.0  # TCG is slow: a kill reaches the agents within seconds, not ms
 
@@ -61,7 +65,7 @@ def agents(
             state = tmp_path_factory.mktemp(f"state-{source}")
             running[source] = RunningAgent([*args, "--state-dir", str(state)])
         for agent in running.values():
-            agent.wait_ready(timeout=20)
+            agent.wait_ready(timeout=120)
         yield running
     finally:
         for source, agent in running.items():
@@ -138,14 +142,18 @@ def test_child_kill_with_oom_group_ends_the_container_once(
     agents: Agents, throwaway_container: MakeContainer
 ) -> None:
     c = throwaway_container(qos="burstable", driver="systemd")
+    before = {s: _kills_by_scope(a) for s, a in agents.items()}
     kill = c.oom_kill_group(n_children=3, timeout=20)
     events = memory_events(c)
     found = findings_of(agents, c)
+    for agent in agents.values():
+        stormkit.wait_quiet(agent)
+    rises = {s: _rises(before[s], _kills_by_scope(a)) for s, a in agents.items()}
     killed_lines = _killed_process_lines(kill.killed_pids)
+    gap = _group_line_gap(kill.victim_pid, c.cgroup_path)
     victims = {
-        source: [v["pid"] for v in items[0]["details"].get("group_victims") or []]
+        source: [v["pid"] for f in items for v in f["details"].get("group_victims") or []]
         for source, items in found.items()
-        if items
     }
     record(
         "child, oom.group=1 (group kill), systemd",
@@ -155,6 +163,8 @@ def test_child_kill_with_oom_group_ends_the_container_once(
         processes=len(kill.killed_pids),
         killed_process_lines=killed_lines,
         group_victims=victims,
+        metric_rises=rises,
+        group_line_after_ms=gap,
     )
     EXPECTED[c.container_id] = "ContainerOOMKill"
 
@@ -163,11 +173,40 @@ def test_child_kill_with_oom_group_ends_the_container_once(
     # The kernel counts each "Killed process" it printed (6.1 prints the selected victim
     # twice: as the victim, then as a group member), not the processes that died.
     assert events["oom_kill"] == len(killed_lines)
-    for finding in _one_finding_each(found, "ContainerOOMKill"):
-        assert finding["details"]["pid"] == kill.victim_pid
-        assert finding["details"]["group_memcg"] == c.cgroup_path
+    if gap < HOLD_MS:
+        for finding in _one_finding_each(found, "ContainerOOMKill"):
+            assert finding["details"]["pid"] == kill.victim_pid
+            assert finding["details"]["group_memcg"] == c.cgroup_path
+    else:  # the agent reported the held victim before the group line came: two findings
+        for source, items in found.items():
+            assert [f["reason"] for f in items] == ["ContainerOOMKill"] * 2, (source, items)
+            assert [f["details"].get("group_memcg") for f in items] == [None, c.cgroup_path]
     for source, pids in victims.items():
         assert {kill.victim_pid, kill.init_pid} <= set(pids) <= set(kill.killed_pids), source
+    # Every kill the kernel counted is the one report's, none left over as scope unknown.
+    assert rises == {source: {"container": events["oom_kill"]} for source in SOURCES}
+
+
+def _group_line_gap(victim_pid: int, cgroup: str) -> float:
+    """Milliseconds between the kernel's ``Killed process`` record of the group kill's
+    victim and its ``Tasks in … memory.oom.group`` record (/dev/kmsg timestamps)."""
+    stamps: dict[str, int] = {}
+    for line in _read_kmsg().splitlines():
+        head, _, message = line.partition(";")
+        if message.startswith(f"Memory cgroup out of memory: Killed process {victim_pid} ("):
+            stamps.setdefault("killed", int(head.split(",")[2]))
+        elif message.startswith(f"Tasks in {cgroup} are going to be killed"):
+            stamps["group"] = int(head.split(",")[2])
+    return (stamps["group"] - stamps["killed"]) / 1000
+
+
+def _kills_by_scope(agent: RunningAgent) -> dict[str, float]:
+    scopes = ("invisible", "container", "unknown", "system", "node")
+    return {scope: agent.metric("nodediag_oom_kills_total", scope=scope) for scope in scopes}
+
+
+def _rises(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {scope: after[scope] - before[scope] for scope in after if after[scope] > before[scope]}
 
 
 def _killed_process_lines(pids: tuple[int, ...]) -> list[str]:
@@ -221,7 +260,7 @@ def test_ratelimited_reports_are_counted_exactly_from_memory_events(agents: Agen
     """Back-to-back kills: the kernel drops most reports' memory cgroup lines (10 per 5 s);
     the kill counter each agent exports still rises by exactly the kernel's count."""
     with stormkit.exclusive_oom():
-        before = {s: stormkit.wait_quiet(a, timeout=20) for s, a in agents.items()}
+        before = {s: stormkit.wait_quiet(a, timeout=120) for s, a in agents.items()}
         with stormkit.Storm(n=2, per_container=20, gap=0) as storm:
             storm.start()
             result = storm.wait(timeout=300)
