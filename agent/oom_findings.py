@@ -24,7 +24,8 @@ from collectors.cgroup_path import PodCgroup, container_cgroup, parse_pod_cgroup
 from collectors.containerd import ContainerInfo, TaskInfo
 from collectors.finding import Finding, Subject
 from collectors.memcg import MemcgProbe, ProcessInfo
-from collectors.oom import OomKill, TaskRow
+from collectors.oom import OomKill
+from collectors.oom_tasks import TaskRow
 
 SETTLE_SECONDS = 0.3
 SETTLE_STEP = 0.05

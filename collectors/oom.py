@@ -24,10 +24,10 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from collectors.oom_tasks import MAX_TASK_ROWS, TableLayout, TaskRow
 from collectors.records import KernelRecord
 
 MAX_OPEN_REPORTS = 8
-MAX_TASK_ROWS = 20_000
 MAX_GROUP_VICTIMS = 10_000
 # No printk record is longer than 1024 characters (PRINTKRB_RECORD_MAX; LOG_LINE_MAX before
 # 5.10). Longer "records" come from garbage input, and some patterns below are quadratic in
@@ -56,18 +56,6 @@ class OomVictim:
     anon_rss_kb: int | None = None
     file_rss_kb: int | None = None
     shmem_rss_kb: int | None = None
-    oom_score_adj: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TaskRow:
-    """One row of the report's ``Tasks state`` table (the tasks of the OOM memcg)."""
-
-    pid: int
-    name: str
-    tgid: int | None = None
-    uid: int | None = None
-    rss_pages: int | None = None
     oom_score_adj: int | None = None
 
 
@@ -166,7 +154,7 @@ class _Report:
     summary_victim: OomVictim | None = None
     memcg_usage_kb: int | None = None
     memcg_limit_kb: int | None = None
-    table_layout: _TableLayout | None = None  # of the task table header read last
+    table_layout: TableLayout | None = None  # of the task table header read last
     tasks: list[TaskRow] | None = None
     has_summary: bool = False
     has_body: bool = False  # printed its stack / meminfo / task table
@@ -532,58 +520,6 @@ class OomAssembler:
             self._group.lines = 1
 
 
-@dataclass(frozen=True, slots=True)
-class _TableLayout:
-    """Where a task table header puts the columns a ``TaskRow`` takes (the column set
-    differs between kernels): computed once per header, not per row."""
-
-    splits: int  # a row's values: ``rest.split(None, splits)`` (the name may hold spaces)
-    tgid: int | None
-    uid: int | None
-    rss: int | None
-    oom_score_adj: int | None
-
-    def row(self, pid: int, rest: str) -> TaskRow | None:
-        """The row ``rest`` (after "[pid]"), or ``None`` if it does not fit the header."""
-        values = rest.split(None, self.splits)
-        if len(values) != self.splits + 1:
-            return None
-        tgid, uid, rss, adj = self.tgid, self.uid, self.rss, self.oom_score_adj
-        try:  # the columns are numbers (one int() each, not a call per column)
-            return TaskRow(
-                pid,
-                values[-1],
-                None if tgid is None else int(values[tgid]),
-                None if uid is None else int(values[uid]),
-                None if rss is None else int(values[rss]),
-                None if adj is None else int(values[adj]),
-            )
-        except ValueError:  # one is not: that one is None
-            return TaskRow(
-                pid,
-                values[-1],
-                _column(values, tgid),
-                _column(values, uid),
-                _column(values, rss),
-                _column(values, adj),
-            )
-
-    @classmethod
-    def of(cls, columns: list[str]) -> _TableLayout | None:
-        """``None`` when no row can be read by this header (its last column is not the
-        name, or it has no columns)."""
-        if not columns or columns[-1] != "name":
-            return None
-        index = {name: i for i, name in enumerate(columns)}  # the last of a repeated name
-        return cls(
-            len(columns) - 1,
-            index.get("tgid"),
-            index.get("uid"),
-            index.get("rss"),
-            index.get("oom_score_adj"),
-        )
-
-
 def _on_body_line(report: _Report, message: str) -> None:
     """A line of ``report``'s body, dispatched on its first character (the prefixes are
     distinct, so a line that fails its own pattern matches none of the others either)."""
@@ -624,7 +560,7 @@ def _on_table_line(report: _Report, message: str) -> None:
         return
     pid, rest, columns = line.groups()
     if rest is None:  # the header
-        report.table_layout = _TableLayout.of(columns.split())
+        report.table_layout = TableLayout.of(columns.split())
         if report.tasks is None:
             report.tasks = []
         return
@@ -635,7 +571,3 @@ def _on_table_line(report: _Report, message: str) -> None:
     row = layout.row(int(pid), rest)
     if row is not None:
         tasks.append(row)
-
-
-def _column(values: list[str], index: int | None) -> int | None:
-    return None if index is None else _int_or_none(values[index])

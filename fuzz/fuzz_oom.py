@@ -24,7 +24,8 @@ import atheris
 _common.enable_hooks(atheris)
 with atheris.instrument_imports(include=["collectors", "agent"]):
     from agent.oom_findings import OomFindings
-    from collectors.oom import MAX_MESSAGE_CHARS, MAX_TASK_ROWS, OomAssembler, OomKill
+    from collectors.oom import MAX_MESSAGE_CHARS, OomAssembler, OomKill
+    from collectors.oom_tasks import MAX_TASK_ROWS
     from collectors.records import KernelRecord
 
 # Deliberately looser than the parser's own patterns: any pid the input could mean.

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collectors import oom
-from collectors.oom import OomAssembler, OomKill, OomVictim, TaskRow, parse_killed_line
+from collectors.oom import OomAssembler, OomKill, OomVictim, parse_killed_line
+from collectors.oom_tasks import TaskRow
 from collectors.records import KernelRecord
 
 VECTORS = Path(__file__).parent / "vectors" / "oom"

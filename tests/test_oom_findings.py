@@ -13,7 +13,8 @@ from agent.oom_findings import LiveEvidence, OomFindings, verdict_from_log, verd
 from collectors.containerd import TaskInfo
 from collectors.finding import Finding
 from collectors.memcg import MemcgProbe, parse_status
-from collectors.oom import OomKill, OomVictim, TaskRow
+from collectors.oom import OomKill, OomVictim
+from collectors.oom_tasks import TaskRow
 
 NOW = datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
 POD_UID = "11112222-3333-4444-5555-666677778888"
