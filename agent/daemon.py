@@ -13,9 +13,9 @@ from types import FrameType
 from prometheus_client import disable_created_metrics
 
 from agent.containers import ContainerLookup, containerd_client
-from agent.events import fan_out, start_kube
 from agent.http import HttpServer, make_app
 from agent.kernel_watch import STATE_FILE, KernelWatch, open_source
+from agent.kube_services import fan_out, start_kube
 from agent.metrics import Metrics
 from agent.oom_findings import LiveEvidence, OomFindings
 from agent.periodic import ClusterDnsSource, PeriodicCollectors, build_collectors

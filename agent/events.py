@@ -37,95 +37,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter
 
+from agent.event_body import (
+    EVENTS_GROUP,
+    MERGE_PATCH,
+    Group,
+    Regarding,
+    event_body,
+    events_path,
+    isomorphic_key,
+    series_patch,
+)
 from agent.kube import (
-    JSON,
     Api,
-    Connection,
     KubeError,
     KubeUnreachable,
     backoff_delay,
-    config_source,
 )
 from agent.pod_lookup import PodLookup, PodRef
-from agent.settings import Settings
-from agent.supervise import Supervisor
 from collectors.finding import Finding
 
 log = logging.getLogger(__name__)
-
-REPORTING_CONTROLLER = "nodediag.io/agent"
-ACTION = "Detected"
-NOTE_LIMIT = 1024  # bytes, the API server's limit
-EVENTS_GROUP: Final = "events.k8s.io"
-NODE_EVENT_NAMESPACE = "default"
-MERGE_PATCH = "application/merge-patch+json"
-
-# Detail fields that tell one fault from another of the same reason on the same object.
-_KEY_DETAILS: dict[str, tuple[str, ...]] = {
-    "DNSDropRule": ("backend", "family", "table", "chain", "rule"),
-    "DNSNoEndpointsReject": ("backend", "family", "table", "chain", "rule"),
-    "VXLANChecksumOffload": ("interface",),
-    "DNSProbeFailed": ("server", "protocol"),
-    "NodeProcessOOMKill": ("memcg",),
-}
-_GENERIC_KEY_DETAILS = ("interface", "server", "rule", "chain", "table", "memcg")
-
-Group = Literal["events.k8s.io", ""]
-
-
-def isomorphic_key(finding: Finding) -> str:
-    """What, besides object and reason, makes two findings the same fault."""
-    subject = finding.subject
-    if subject.kind == "Pod":
-        return subject.container or subject.container_id or ""
-    fields = _KEY_DETAILS.get(finding.reason, _GENERIC_KEY_DETAILS)
-    details = finding.details
-    return "|".join(f"{k}={details[k]}" for k in fields if details.get(k) is not None)
-
-
-def event_type(finding: Finding) -> str:
-    return "Warning" if finding.severity == "warning" else "Normal"
-
-
-def trim_utf8(text: str, limit: int = NOTE_LIMIT) -> str:
-    """``text`` in at most ``limit`` UTF-8 bytes, cut on a character boundary, ``…`` marking
-    a cut."""
-    data = text.encode()
-    if len(data) <= limit:
-        return text
-    ellipsis = "…".encode()
-    return data[: limit - len(ellipsis)].decode(errors="ignore") + "…"
-
-
-def micro_time(when: datetime) -> str:
-    """A ``metav1.MicroTime``: UTC, exactly 6 fractional digits (the server insists)."""
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@dataclass(frozen=True, slots=True)
-class Regarding:
-    kind: Literal["Pod", "Node"]
-    name: str
-    namespace: str | None
-    uid: str | None
-
-    def ref(self) -> JSON:
-        ref: JSON = {"apiVersion": "v1", "kind": self.kind, "name": self.name}
-        if self.namespace:
-            ref["namespace"] = self.namespace
-        if self.uid:
-            ref["uid"] = self.uid
-        return ref
-
-    @property
-    def event_namespace(self) -> str:
-        return self.namespace or NODE_EVENT_NAMESPACE
 
 
 @dataclass(eq=False)
@@ -520,13 +454,23 @@ class EventSink:
             api = self._api()
             if creating:
                 name = self._event_name(regarding, series)
-                body = self._event_body(series, regarding, name, count, last_time, group)
-                api.request("POST", _events_path(group, regarding.event_namespace), body=body)
+                body = event_body(
+                    series.finding,
+                    regarding,
+                    name,
+                    group,
+                    count,
+                    first_time=series.first_time,
+                    last_time=last_time,
+                    instance=self.instance,
+                    node=self.node,
+                )
+                api.request("POST", events_path(group, regarding.event_namespace), body=body)
                 result = "created"
             else:
                 assert series.namespace is not None and series.name is not None
-                path = f"{_events_path(group, series.namespace)}/{series.name}"
-                api.request("PATCH", path, body=_series_patch(count, last_time, group),
+                path = f"{events_path(group, series.namespace)}/{series.name}"
+                api.request("PATCH", path, body=series_patch(count, last_time, group),
                             content_type=MERGE_PATCH)  # fmt: skip
                 result = "updated"
         except KubeUnreachable as error:
@@ -658,139 +602,3 @@ class EventSink:
             stamp = f"{time.time_ns() + int(self._rand() * 1_000_000):x}"
             series.candidate = f"{regarding.name[: 252 - len(stamp)]}.{stamp}"
         return series.candidate
-
-    def _event_body(
-        self,
-        series: _Series,
-        regarding: Regarding,
-        name: str,
-        count: int,
-        last_time: datetime,
-        group: Group,
-    ) -> JSON:
-        finding = series.finding
-        note = trim_utf8(finding.message)
-        meta = {"name": name, "namespace": regarding.event_namespace}
-        series_field = (
-            {"series": {"count": count, "lastObservedTime": micro_time(last_time)}}
-            if count > 1
-            else {}
-        )
-        common: JSON = {
-            "metadata": meta,
-            "eventTime": micro_time(series.first_time),
-            "action": ACTION,
-            "reason": finding.reason,
-            "type": event_type(finding),
-            "reportingInstance": self.instance,
-            **series_field,
-        }
-        if group:
-            return {
-                "apiVersion": f"{EVENTS_GROUP}/v1",
-                "kind": "Event",
-                **common,
-                "regarding": regarding.ref(),
-                "note": note,
-                "reportingController": REPORTING_CONTROLLER,
-            }
-        return {
-            "apiVersion": "v1",
-            "kind": "Event",
-            **common,
-            "involvedObject": regarding.ref(),
-            "message": note,
-            "reportingComponent": REPORTING_CONTROLLER,
-            "source": {"component": REPORTING_CONTROLLER, "host": self.node},
-            **({"count": count} if count > 1 else {}),
-        }
-
-
-def _events_path(group: Group, namespace: str) -> str:
-    base = f"/apis/{EVENTS_GROUP}/v1" if group else "/api/v1"
-    return f"{base}/namespaces/{namespace}/events"
-
-
-def _series_patch(count: int, last_time: datetime, group: Group) -> JSON:
-    patch: JSON = {"series": {"count": count, "lastObservedTime": micro_time(last_time)}}
-    if not group:
-        patch["count"] = count  # what `kubectl get events` shows for core/v1 Events
-    return patch
-
-
-# --------------------------------------------------------------------------- wiring
-
-
-@dataclass
-class KubeServices:
-    """What ``nodediag run`` gets when a cluster is configured."""
-
-    submit: Callable[[Finding], None]
-    sink: EventSink
-    pods: PodLookup
-    threads: list[threading.Thread]
-
-    def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-
-def start_kube(
-    settings: Settings,
-    registry: CollectorRegistry | None,
-    stop: threading.Event,
-    supervisor: Supervisor | None = None,
-) -> KubeServices | None:
-    """The event sink and the pod lookup on their own threads (restarted by ``supervisor``
-    when they fail); ``None`` with ``--no-kube`` or when no cluster is configured. A cluster
-    that does not answer yet is retried in the background (findings are held for it, within
-    the sink's bounds)."""
-    source = config_source(settings)
-    if source is None:
-        if not settings.no_kube:
-            log.info(
-                "no Kubernetes config (not in a pod, no --kubeconfig, no $KUBECONFIG): "
-                "findings go to the log and /metrics only"
-            )
-        return None
-    supervisor = supervisor or Supervisor(registry, stop)
-    connection = Connection(source)
-    pods = PodLookup(settings.node_name, connection.client)
-    sink = EventSink(
-        settings.node_name,
-        connection.client,
-        registry,
-        pods=pods,
-        options=EventSinkOptions.from_env(),
-    )
-    log.info("Kubernetes Events via %s", source)
-    threads = [supervisor.start("events", sink.run), supervisor.start("pod-watch", pods.run)]
-
-    def wake_on_stop() -> None:
-        stop.wait()
-        sink.wake()
-
-    threading.Thread(target=wake_on_stop, name="events-stop", daemon=True).start()
-    return KubeServices(sink.submit, sink, pods, threads[:1])
-
-
-def start_event_sink(
-    settings: Settings, registry: CollectorRegistry | None, stop: threading.Event
-) -> Callable[[Finding], None] | None:
-    """Just the sink's ``submit`` (see :func:`start_kube`)."""
-    services = start_kube(settings, registry, stop)
-    return services.submit if services else None
-
-
-def fan_out(*sinks: Callable[[Finding], None]) -> Callable[[Finding], None]:
-    """One sink that hands each finding to all ``sinks``; one failing does not stop the rest."""
-
-    def send(finding: Finding) -> None:
-        for sink in sinks:
-            try:
-                sink(finding)
-            except Exception:
-                log.exception("a finding sink failed")
-
-    return send

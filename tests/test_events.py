@@ -23,14 +23,8 @@ import kube_standin as ks
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.events import (
-    EventSink,
-    EventSinkOptions,
-    fan_out,
-    isomorphic_key,
-    start_event_sink,
-    trim_utf8,
-)
+from agent.event_body import isomorphic_key, trim_utf8
+from agent.events import EventSink, EventSinkOptions
 from agent.kube import (
     JSON,
     Api,
@@ -41,6 +35,7 @@ from agent.kube import (
     config_source,
     connect,
 )
+from agent.kube_services import fan_out, start_event_sink
 from agent.pod_lookup import PodLookup
 from agent.settings import Settings
 from collectors.finding import Finding, Subject

@@ -22,8 +22,8 @@ from standin_tls import TlsFiles, make_tls
 from test_deploy import rendered
 from test_events import NODE, node_finding, pod_object
 
-from agent.events import start_kube
 from agent.kube import KubeConfigSource, KubeError, KubeUnreachable, config_source, connect
+from agent.kube_services import start_kube
 from agent.settings import Settings
 
 AGENT = service_account_user("nodediag", "nodediag")

@@ -21,7 +21,7 @@ from standin_tls import TlsFiles, make_tls
 from test_events import NODE, POD_UID, node_finding, pod_finding, pod_object
 from test_incluster import AGENT, service_account_dir, shipped_rbac
 
-from agent.events import KubeServices, start_kube
+from agent.kube_services import KubeServices, start_kube
 from agent.settings import Settings
 
 ADMIN_TOKEN = "kubectl-admin-token"
