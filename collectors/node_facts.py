@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 FLANNEL_ENV = "run/flannel/subnet.env"
 CNI_DIR = "etc/cni/net.d"
-KUBELET_CONFIG = "var/lib/kubelet/config.yaml"
 DEFAULT_RESOLV = "etc/resolv.conf"
 POD_BRIDGES = ("cni0", "cbr0")
 POD_LINK_PREFIXES = {"cali": "cali+", "lxc": "lxc+"}

@@ -142,9 +142,6 @@ class Ruleset:
     #: ``ipset save``: set name → its ``IpSet`` (``collectors.netfilter.ipset``).
     ipsets: dict[str, Any] = field(default_factory=dict)
 
-    def rule_count(self) -> int:
-        return sum(len(c.rules) for t in self.tables for c in t.chains.values())
-
 
 def distinct_tables(rulesets: Iterable[Ruleset]) -> list[Table]:
     """Every table once: an nft table that is iptables-nft's own (``Table.xtables``) is left

@@ -94,9 +94,7 @@ def _meta(body: Any, family: str) -> Getter | None:
         "protocol": lambda s: "ip" if s.family == "ipv4" else "ip6",
         "iifname": lambda s: s.iif if s.iif else "",
         "iif": lambda s: s.iif if s.iif else UNKNOWN,
-        "oifname": lambda s: (
-            s.oif if s.oif else ("" if s.hook in ("prerouting", "input") else UNKNOWN)
-        ),
+        "oifname": _oifname,
         "oif": lambda s: s.oif if s.oif else UNKNOWN,
         "mark": lambda s: s.mark,
         "pkttype": lambda s: "multicast" if s.daddr.is_multicast else "host",
