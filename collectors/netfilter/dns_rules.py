@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from collectors.finding import Finding, Severity
-from collectors.netfilter.evaluate import ends_chain
+from collectors.netfilter.iptables_steps import compile_iptables
 from collectors.netfilter.model import (
     ALL_PROTOS,
     DNS_PORT,
@@ -56,7 +56,9 @@ from collectors.netfilter.model import (
     Table,
     distinct_tables,
 )
+from collectors.netfilter.nft_steps import NftCompiler
 from collectors.netfilter.owners import iptables_tool
+from collectors.netfilter.steps import Effect, Verdict
 
 Kind = Literal["drop", "no_endpoints"]
 
@@ -359,4 +361,27 @@ def _hit(
         handle=rule.handle,
         protocols=tuple(sorted(context.protocols & match.protocols & DNS_PROTOS)),
         comment=comment,
+    )
+
+
+_CHAIN_ENDS = frozenset({"accept", "drop", "reject", "return", "goto"})
+
+
+def ends_chain(table: Table, rule: Rule) -> bool:
+    """Whether ``rule`` ends its chain for every packet (a verdict without a match): the
+    rules after it are dead."""
+    target, goto = rule.quick_target
+    if not goto and (target or "").upper() not in ("ACCEPT", "DROP", "REJECT", "RETURN"):
+        return False
+    if table.backend == "nft":
+        compiled = NftCompiler(table.family, table.sets).compile(rule.expr)
+    else:
+        compiled = compile_iptables(rule.text)
+    steps = compiled.steps
+    return (
+        bool(steps)
+        and all(isinstance(s, Effect) for s in steps[:-1])
+        and isinstance(steps[-1], Verdict)
+        and steps[-1].kind in _CHAIN_ENDS
+        and steps[-1].effect is None
     )

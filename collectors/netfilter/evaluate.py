@@ -527,29 +527,6 @@ class Evaluator:
         return replies
 
 
-_CHAIN_ENDS = frozenset({"accept", "drop", "reject", "return", "goto"})
-
-
-def ends_chain(table: Table, rule: Rule) -> bool:
-    """Whether ``rule`` ends its chain for every packet (a verdict without a match): the
-    rules after it are dead."""
-    target, goto = rule.quick_target
-    if not goto and (target or "").upper() not in ("ACCEPT", "DROP", "REJECT", "RETURN"):
-        return False
-    if table.backend == "nft":
-        compiled = NftCompiler(table.family, table.sets).compile(rule.expr)
-    else:
-        compiled = compile_iptables(rule.text)
-    steps = compiled.steps
-    return (
-        bool(steps)
-        and all(isinstance(s, Effect) for s in steps[:-1])
-        and isinstance(steps[-1], Verdict)
-        and steps[-1].kind in _CHAIN_ENDS
-        and steps[-1].effect is None
-    )
-
-
 def evaluate(rulesets: Sequence[Ruleset], flows: Sequence[Flow]) -> list[FlowVerdict]:
     """One verdict per flow, in order."""
     evaluator = Evaluator(rulesets)
