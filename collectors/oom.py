@@ -162,6 +162,15 @@ class _Report:
     position: str | None = None
     year_inferred: bool = False
 
+    @classmethod
+    def opened_by(cls, record: KernelRecord) -> _Report:
+        return cls(
+            time=record.time,
+            uptime=record.uptime,
+            position=record.position,
+            year_inferred=record.year_inferred,
+        )
+
     def finish(self, victim: OomVictim | None, record: KernelRecord | None) -> OomKill | None:
         chosen = _merge_victims(self.summary_victim, victim)
         if chosen is None:
@@ -361,12 +370,7 @@ class OomAssembler:
             self._held = None
 
     def _open_report(self, record: KernelRecord, done: list[OomKill]) -> _Report:
-        report = _Report(
-            time=record.time,
-            uptime=record.uptime,
-            position=record.position,
-            year_inferred=record.year_inferred,
-        )
+        report = _Report.opened_by(record)
         self._open.append(report)
         if len(self._open) > MAX_OPEN_REPORTS:
             stale = self._open.popleft().finish(None, None)
@@ -481,12 +485,7 @@ class OomAssembler:
             return
         self._release(done)
         if report is None:
-            report = _Report(
-                time=record.time,
-                uptime=record.uptime,
-                position=record.position,
-                year_inferred=record.year_inferred,
-            )
+            report = _Report.opened_by(record)
         if report.is_global is None and line_is_global is not None:
             report.is_global = line_is_global
             report.constraint = "CONSTRAINT_NONE" if line_is_global else "CONSTRAINT_MEMCG"
