@@ -101,7 +101,7 @@ def facts_from(
     overlay_names = {o.name for o in overlay}
     pod_interfaces = _pod_interfaces(names)
     pod_cidrs = _pod_cidrs(routes, by_index, flannel, cni_configs)
-    cluster_cidrs = [*_networks([flannel.get("FLANNEL_NETWORK", "")])]
+    cluster_cidrs = _networks([flannel.get("FLANNEL_NETWORK", "")])
     cluster_cidrs += _networks(
         r.dst for r in routes if r.dst and _name(by_index, r.oif) in overlay_names
     )
@@ -363,7 +363,7 @@ def dump_facts(
     if not dns:
         dns = [m[1] for m in _KUBE_DNS_RULE.finditer(iptables_save or "")]
         dns += [m[1] for m in _KUBE_DNS_ELEMENT.finditer(nft_json or "")]
-    names = {name for name in ("cni0", "cbr0") if name in text}
+    names = {name for name in POD_BRIDGES if name in text}
     names |= {f"{prefix}x" for prefix in POD_LINK_PREFIXES if f"{prefix}+" in text}
     overlay = [
         OverlayLink(name, "vxlan", port)
