@@ -239,10 +239,13 @@ def _cni_subnets(text: str) -> list[str]:
 # --------------------------------------------------------------------------- I/O
 
 
-def resolv_conf_path(host_root: Path) -> Path:
+def resolv_conf_path(host_root: Path, problems: list[str]) -> Path:
     """The resolver file kubelet gives pods (:func:`discover_resolv_conf`: its flag or config,
-    kubeadm's, K3s/RKE2's, else ``/etc/resolv.conf``), seen under the host root."""
-    return in_root(host_root, discover_resolv_conf(host_root).path or "/" + DEFAULT_RESOLV)
+    kubeadm's, K3s/RKE2's, else ``/etc/resolv.conf``), seen under the host root; a kubelet
+    config that could not be read is added to ``problems`` (the file may then be the wrong one)."""
+    setting = discover_resolv_conf(host_root)
+    problems += setting.problems
+    return in_root(host_root, setting.path or "/" + DEFAULT_RESOLV)
 
 
 def _read(path: Path, problems: list[str]) -> str | None:
@@ -274,7 +277,7 @@ def read_node_facts(
             text = _read(path, problems)
             if text is not None:
                 cni.append(text)
-    resolv_path = resolv_conf_path(host_root)
+    resolv_path = resolv_conf_path(host_root, problems)
     resolv = _read(resolv_path, problems)
     if resolv is None:
         problems.append(f"{resolv_path}: missing (upstream nameservers unknown)")

@@ -187,6 +187,16 @@ def test_resolver_file_from_kubelet_config(tmp_path: Path) -> None:
     assert any("upstream nameservers unknown" in p for p in missing)
 
 
+def test_unreadable_kubelet_config_is_a_problem_not_a_silent_default(tmp_path: Path) -> None:
+    (tmp_path / "var/lib/kubelet").mkdir(parents=True)
+    (tmp_path / "var/lib/kubelet/config.yaml").write_text("resolvConf: [unclosed\n")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/resolv.conf").write_text("nameserver 9.9.9.9\n")
+    facts, problems = read_node_facts(tmp_path, ["10.43.0.10"], netlink=Netlink)
+    assert facts.upstream_dns == ("9.9.9.9",)  # kubelet's default, as before
+    assert any("var/lib/kubelet/config.yaml" in p for p in problems)
+
+
 @pytest.fixture
 def node_netns() -> Iterator[str]:
     if os.geteuid() != 0:
