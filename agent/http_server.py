@@ -29,7 +29,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -96,7 +96,6 @@ class Stats:
     """Connections held now."""
     in_pool: int = 0
     """``/metrics`` requests queued, running or being written now."""
-    by_status: dict[int, int] = field(default_factory=dict)
 
 
 class _Conn:
@@ -473,8 +472,6 @@ class BoundedHttpServer:
 
     def _start_writing(self, conn: _Conn, answer: bytes) -> None:
         self.stats.answered += 1
-        status = int(answer[9:12])
-        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
         conn.head = bytearray()
         conn.out = answer
         conn.deadline = time.monotonic() + self.limits.write_timeout
