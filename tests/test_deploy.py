@@ -382,11 +382,16 @@ def _module_constants(tree: ast.Module) -> dict[str, ast.expr]:
 class PathEvaluator:
     """The path templates an expression can take (``{}`` for what is only known at run
     time): constants, f-strings, names assigned in the function or the module, ``a if c
-    else b``, and calls of the module's own functions (their ``return`` expressions)."""
+    else b``, and calls of the module's own functions (their ``return`` expressions). A
+    name the module does not define is looked up in ``project`` (the other modules': what
+    a module imports from them)."""
 
-    def __init__(self, tree: ast.Module) -> None:
+    def __init__(self, tree: ast.Module, project: PathEvaluator | None = None) -> None:
         self.functions = _module_functions(tree)
         self.constants = _module_constants(tree)
+        if project is not None:
+            self.functions = {**project.functions, **self.functions}
+            self.constants = {**project.constants, **self.constants}
 
     def values(self, expr: ast.expr, scope: ast.FunctionDef | None, depth: int = 0) -> set[str]:
         if depth > 8:
@@ -433,9 +438,14 @@ def api_calls() -> set[tuple[str, str, str]]:
     """(kind, method, path template) of every Kubernetes API call in agent/ and collectors/:
     ``<x>.request("METHOD", path, …)`` and ``<x>.watch(path, …)``."""
     calls: set[tuple[str, str, str]] = set()
-    for source in sorted([*REPO.glob("agent/*.py"), *REPO.glob("collectors/*.py")]):
-        tree = ast.parse(source.read_text())
-        evaluator = PathEvaluator(tree)
+    sources = sorted([*REPO.glob("agent/*.py"), *REPO.glob("collectors/*.py")])
+    trees = {source: ast.parse(source.read_text()) for source in sources}
+    project = PathEvaluator(ast.Module(body=[], type_ignores=[]))
+    for tree in trees.values():
+        project.functions.update(_module_functions(tree))
+        project.constants.update(_module_constants(tree))
+    for source, tree in trees.items():
+        evaluator = PathEvaluator(tree, project)
         for function in _module_functions(tree).values():
             for node in ast.walk(function):
                 if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
