@@ -623,14 +623,21 @@ def import_busybox_image(cd: Containerd, ref: str = IMAGE_REF) -> str:
         tarball = build_busybox_oci_tarball(cd.base / "busybox-oci.tar", ref)
     else:
         tarball = busybox_oci_tarball()
+    import_oci_archive(cd, tarball, ref)
+    cd.image = ref
+    return ref
+
+
+def import_oci_archive(cd: Containerd, tarball: Path, ref: str) -> str:
+    """``ctr images import`` an OCI archive whose image is named ``ref`` into ``cd``
+    (namespace k8s.io), unpacked into its snapshotter; returns ``ref``."""
     cd.ctr(
         "images", "import", "--snapshotter", cd.snapshotter,
-        "--platform", f"linux/{_goarch()}", str(tarball),
+        "--platform", f"linux/{_goarch()}", str(tarball), timeout=300,
     )  # fmt: skip
     names = cd.ctr("images", "ls", "-q").stdout.split()
     if ref not in names:
         raise CtrError(f"imported image is listed as {names}, not {ref}")
-    cd.image = ref
     return ref
 
 
@@ -810,6 +817,7 @@ def run_container(
     labels: dict[str, str] | None = None,
     memory_limit: int = 32 * MiB,
     args: Sequence[str] = DEFAULT_ARGS,
+    options: Sequence[str] = (),
     timeout: float = 30,
 ) -> RunningContainer:
     """``ctr -n k8s.io run -d`` a Kubernetes-like container and return it running.
@@ -818,7 +826,8 @@ def run_container(
     ``io.cri-containerd.kind=container``; ``labels`` adds/overrides. Cgroup (cgroupfs
     driver): ``cgroup_path`` or ``/<cgroup_prefix>/kubepods/<qos>/pod<uid>/<id>`` with a
     fresh ``nodediag-test-<hex>`` prefix by default (removed by ``cd``'s cleanup).
-    ``memory_limit`` 0 means unlimited.
+    ``memory_limit`` 0 means unlimited. ``options``: more ``ctr run`` options (mounts,
+    capabilities, namespaces, ...; see ``podspec``).
     """
     image = image or cd.image or IMAGE_REF
     container_id = container_id or secrets.token_hex(32)
@@ -843,7 +852,7 @@ def run_container(
         argv += ["--memory-limit", str(memory_limit)]
     for key, value in all_labels.items():
         argv += ["--label", f"{key}={value}"]
-    cd.ctr(*argv, image, container_id, *args, timeout=timeout)
+    cd.ctr(*argv, *options, image, container_id, *args, timeout=timeout)
     try:
         deadline = time.monotonic() + timeout
         while (task := cd.tasks().get(container_id)) is None or task[1] == "CREATED":
