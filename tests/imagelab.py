@@ -43,6 +43,9 @@ IMAGE_REF = "localhost/nodediag:test"
 NODE_IP = "10.250.0.1"
 PEER_IP = "10.250.0.2"
 CLUSTER_DNS = "10.43.0.10"
+#: Where the planted DROP rules send DNS: one address per firewall backend.
+LEGACY_DROP, NFT_DROP, NATIVE_DROP = "10.96.0.10", "10.96.0.11", "10.96.0.12"
+VXLAN = "flannel.1"
 DNS_SERVER = Path(__file__).parent / "dns_test_server.py"
 #: hostPaths the agent reads from this machine itself (the node is this machine there).
 SHARED_HOST_PATHS = ("/proc", "/sys/fs/cgroup", "/var/log", "/run/log", "/etc/machine-id")
@@ -174,6 +177,25 @@ class Node:
                 raise RuntimeError("the DNS test server did not start")
             time.sleep(0.05)
         ready.unlink()
+
+    def plant_faults(self) -> None:
+        """The node's DNS faults: a DNS DROP in each firewall backend (iptables-legacy,
+        iptables-nft, a native nft table; to kubeadm's DNS IP, so the probe of the cluster
+        DNS still passes) and a VXLAN link with tx checksum offload on."""
+        for argv in (
+            ["iptables-legacy", "-A", "OUTPUT", "-p", "udp", "-d", LEGACY_DROP, "--dport", "53",
+             "-j", "DROP"],
+            ["iptables-nft", "-A", "OUTPUT", "-p", "udp", "-d", NFT_DROP, "--dport", "53",
+             "-j", "DROP"],
+            ["nft", "add table inet nodediag_test; add chain inet nodediag_test out "
+             "{ type filter hook output priority 0; }; add rule inet nodediag_test out "
+             f"ip daddr {NATIVE_DROP} udp dport 53 counter drop"],
+            ["ip", "link", "add", VXLAN, "type", "vxlan", "id", "1", "dstport", "8472",
+             "local", NODE_IP, "dev", "eth0"],
+            ["ethtool", "-K", VXLAN, "tx-checksum-ip-generic", "on"],
+            ["ip", "link", "set", VXLAN, "up"],
+        ):  # fmt: skip
+            self.run(argv)
 
     def _write_kubelet_config(self) -> None:
         config = self.host_path("/var/lib/kubelet/config.yaml")
