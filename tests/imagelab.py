@@ -50,6 +50,7 @@ DNS_SERVER = Path(__file__).parent / "dns_test_server.py"
 #: hostPaths the agent reads from this machine itself (the node is this machine there).
 SHARED_HOST_PATHS = ("/proc", "/sys/fs/cgroup", "/var/log", "/run/log", "/etc/machine-id")
 
+Obj = dict[str, Any]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -245,10 +246,8 @@ class Node:
         return int(status), body
 
 
-def translate(node: Node, image: Image, variant: str, scratch: Path, pod: str) -> podspec.CtrRun:
-    """The rendered DaemonSet of ``variant`` (``base``, ``kmsg``, …) as ``ctr run`` options
-    on ``node``."""
-    spec = pod_spec(rendered(variant))
+def translate(node: Node, image: Image, spec: Obj, scratch: Path, pod: str) -> podspec.CtrRun:
+    """The DaemonSet's pod ``spec`` as ``ctr run`` options on ``node``."""
     downward = {
         "spec.nodeName": node.name,
         "metadata.name": pod,
@@ -344,6 +343,19 @@ class Agent:
         return self.container.delete_task(), seconds
 
 
+def failures(samples: Samples) -> dict[str, float]:
+    """Collectors and collector sources whose success gauge is not 1, by name
+    (``firewall``, ``firewall/iptables-legacy-save``, …)."""
+    failed: dict[str, float] = {}
+    for (name, labels), value in samples.items():
+        label = dict(labels)
+        if name == "nodediag_collector_success" and value != 1:
+            failed[label["collector"]] = value
+        elif name == "nodediag_collector_source_success" and value != 1:
+            failed[f"{label['collector']}/{label['source']}"] = value
+    return failed
+
+
 def _matches(finding: dict[str, Any], match: dict[str, Any]) -> bool:
     for key, wanted in match.items():
         value: Any = finding
@@ -354,9 +366,13 @@ def _matches(finding: dict[str, Any], match: dict[str, Any]) -> bool:
     return True
 
 
-def start_agent(node: Node, image: Image, scratch: Path, variant: str = "base") -> Agent:
+def start_agent(
+    node: Node, image: Image, scratch: Path, variant: str = "base", spec: Obj | None = None
+) -> Agent:
+    """The agent's container from the rendered ``variant`` (or a pod ``spec`` of the
+    test's, e.g. a changed manifest)."""
     pod = f"nodediag-{secrets.token_hex(3)}"
-    run = translate(node, image, variant, scratch, pod)
+    run = translate(node, image, spec or pod_spec(rendered(variant)), scratch, pod)
     container = realcontainerd.run_container(
         node.containerd,
         image.ref,
