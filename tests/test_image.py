@@ -70,6 +70,10 @@ def test_journal_oom_kill_is_found_and_named(agent: imagelab.Agent, node: imagel
         assert finding["subject"]["namespace"] == "shop"
         assert finding["subject"]["container"] == "app"
         assert finding["node"] == node.name
+        labels = (("container", "app"), ("namespace", "shop"), ("pod", "shop-web-0"),
+                  ("scope", "invisible"))  # fmt: skip
+        kills = ("nodediag_oom_kills_total", labels)
+        assert _wait_samples(agent, lambda s: kills in s)[kills] == 1
     finally:
         victim.remove()
 
