@@ -381,6 +381,7 @@ def start_agent(
         name="nodediag",
         pod_uid=str(uuid.uuid4()),
         memory_limit=run.memory_limit,
+        qos=run.qos,
         args=run.argv,
         options=run.options,
     )

@@ -20,9 +20,10 @@ import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 Obj = dict[str, Any]
+Qos = Literal["guaranteed", "burstable", "besteffort"]
 
 #: The capabilities containerd gives a container unless told otherwise (containerd's
 #: ``oci.populateDefaultUnixSpec``; the CRI plugin starts from the same set).
@@ -78,6 +79,7 @@ class CtrRun:
     argv: list[str]
     env: dict[str, str]
     memory_limit: int
+    qos: Qos  # where the kubelet puts the pod's cgroup
     capabilities: frozenset[str]  # the container's bounding set, CAP_ names
     no_new_privs: bool
     seccomp: bool
@@ -268,6 +270,9 @@ def translate(
         period = 100_000
         quota = _millicores(limits["cpu"]) * period // 1000
         options += ["--cpu-period", str(period), "--cpu-quota", str(quota)]
+    requests = {**limits, **container.get("resources", {}).get("requests", {})}
+    if "cpu" in requests:  # the kubelet's shares: 1024 per CPU, at least 2
+        options += ["--cpu-shares", str(max(2, _millicores(requests["cpu"]) * 1024 // 1000))]
     ports = {p.get("name", str(p["containerPort"])): p["containerPort"] for p in
              container.get("ports", [])}  # fmt: skip
     return CtrRun(
@@ -275,6 +280,7 @@ def translate(
         argv=_argv(container, entrypoint, cmd, env),
         env=env,
         memory_limit=quantity(limits["memory"]) if "memory" in limits else 0,
+        qos=_qos(limits, requests),
         capabilities=capabilities(context),
         no_new_privs=context.get("allowPrivilegeEscalation") is False,
         seccomp=_seccomp(pod, context),
@@ -283,6 +289,20 @@ def translate(
         probes=_probes(container, ports),
         termination_grace_seconds=float(pod.get("terminationGracePeriodSeconds", 30)),
     )
+
+
+def _qos(limits: Mapping[str, Any], requests: Mapping[str, Any]) -> Qos:
+    """The pod's QoS class, as the kubelet derives it from one container's resources."""
+    if not requests:
+        return "besteffort"
+    same = set(requests) == set(limits) >= {"cpu", "memory"} and all(
+        _amount(k, requests[k]) == _amount(k, limits[k]) for k in requests
+    )
+    return "guaranteed" if same else "burstable"
+
+
+def _amount(resource: str, value: str | int) -> int:
+    return _millicores(value) if resource == "cpu" else quantity(value)
 
 
 def _security_options(context: Obj) -> list[str]:

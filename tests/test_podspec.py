@@ -51,6 +51,8 @@ def test_the_rendered_daemonset(tmp_path: Path) -> None:
     assert run.argv == ["nodediag", "run"]
     assert run.env["NODE_NAME"] == "worker-1"
     assert run.memory_limit == 128 << 20
+    assert run.qos == "burstable"
+    assert run.options[run.options.index("--cpu-shares") + 1] == "10"  # requests.cpu 10m
     assert run.probes["livenessProbe"] == podspec.HttpProbe("/healthz", 9102)
     namespaces = [run.options[i + 1] for i, o in enumerate(run.options) if o == "--with-ns"]
     assert namespaces[0] == f"network:{NETNS}" and namespaces[1].startswith("pid:")
@@ -143,3 +145,20 @@ def test_what_the_kubelet_refuses_is_refused(tmp_path: Path) -> None:
     (tmp_path / "host/etc/machine-id").unlink()  # type: File
     with pytest.raises(podspec.PodStartError):
         _translate(spec, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("resources", "qos"),
+    [
+        ({}, "besteffort"),
+        ({"limits": {"cpu": "1", "memory": "1Gi"}}, "guaranteed"),
+        ({"limits": {"cpu": "1", "memory": "1Gi"},
+          "requests": {"cpu": "1000m", "memory": "1024Mi"}}, "guaranteed"),
+        ({"limits": {"memory": "1Gi"}}, "burstable"),
+        ({"requests": {"cpu": "10m"}, "limits": {"cpu": "1", "memory": "1Gi"}}, "burstable"),
+    ],
+)  # fmt: skip
+def test_qos_class(tmp_path: Path, resources: dict[str, Any], qos: str) -> None:
+    spec = _base_with_host(tmp_path)
+    spec["containers"][0]["resources"] = resources
+    assert _translate(spec, tmp_path).qos == qos
