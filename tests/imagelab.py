@@ -133,7 +133,7 @@ class Node:
         try:
             self._make_network()
             (self.root / "run").mkdir(parents=True)
-            self._write_kubelet_config()
+            self._write_node_files()
             self.containerd.__enter__()
             realcontainerd.import_busybox_image(self.containerd)
         except BaseException:
@@ -198,7 +198,12 @@ class Node:
         ):  # fmt: skip
             self.run(argv)
 
-    def _write_kubelet_config(self) -> None:
+    def _write_node_files(self) -> None:
+        """The node's kubelet config (cluster DNS) and resolver file (its upstream is the
+        peer namespace)."""
+        resolv = self.host_path("/etc/resolv.conf")
+        resolv.parent.mkdir(parents=True)
+        resolv.write_text(f"nameserver {PEER_IP}\n")
         config = self.host_path("/var/lib/kubelet/config.yaml")
         config.parent.mkdir(parents=True)
         config.write_text(

@@ -132,7 +132,8 @@ def _wait_samples(agent: imagelab.Agent, done: Any, timeout: float = 90) -> imag
     )
 
 
-PERIODIC = ("firewall", "vxlan", "dns_probe")
+#: The collectors `nodediag run` runs (agent/periodic.py), and the kernel log loop.
+PERIODIC = ("firewall", "vxlan", "dns_probe", "conntrack", "node_sysctl", "overlay_mtu", "resolver")
 
 
 def _success(samples: imagelab.Samples) -> dict[str, float]:
