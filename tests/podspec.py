@@ -1,8 +1,13 @@
 """A rendered pod spec, translated to the ``ctr run`` options that make containerd + runc run
 its container the way the kubelet and containerd's CRI plugin would: capabilities,
-no_new_privs, seccomp, read-only root, user, host namespaces, hostPath volumes (with their
-``type`` checks and creation), memory-backed emptyDirs, environment (``fieldRef`` too),
-memory limit, command and args.
+no_new_privs, seccomp, read-only root, user (uid/gid 0 only: ctr run has no --user), host
+namespaces, hostPath volumes (with their ``type`` checks and creation), memory-backed
+emptyDirs, environment (``fieldRef`` too), memory limit, CPU shares, QoS cgroup, command
+and args.
+
+Not modelled: the service account token the kubelet mounts (the agent then finds no
+cluster and reports to its log and /metrics only) and the /etc/hosts, /etc/hostname and
+/etc/resolv.conf files the kubelet writes for the container.
 
 Strict on purpose: a field the translator does not know raises :class:`Unsupported` instead
 of being ignored, so a manifest change always reaches a test that runs it. What the kubelet
@@ -35,8 +40,9 @@ RUNTIME_DEFAULT_CAPABILITIES = frozenset(
     )
 )  # fmt: skip
 
-# Fields that change nothing a single container on one node can show.
-_IGNORED_POD_FIELDS = {
+# Pod fields translated below, or that change nothing one container on one node can show
+# (scheduling, priority, tolerations; dnsPolicy: the agent resolves nothing by name).
+_POD_FIELDS = {
     "serviceAccountName", "dnsPolicy", "priorityClassName", "tolerations", "nodeSelector",
     "affinity", "terminationGracePeriodSeconds", "containers", "volumes", "hostNetwork",
     "hostPID", "hostIPC", "securityContext",
@@ -246,7 +252,7 @@ def translate(
     """The ``ctr run`` options for the pod's only container. ``entrypoint``/``cmd``: the
     image's; ``network_namespace``: what ``hostNetwork: true`` joins (the test's node);
     ``host_path`` maps a manifest hostPath to the path used here."""
-    unknown = set(pod) - _IGNORED_POD_FIELDS
+    unknown = set(pod) - _POD_FIELDS
     if unknown:
         raise Unsupported(f"pod spec fields {sorted(unknown)}")
     [container] = pod["containers"]
