@@ -397,14 +397,6 @@ def _has_arg(pid: int, argument: str) -> bool:
         return False
 
 
-def _parent_pid(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    return int(stat.rpartition(")")[2].split()[1])
-
-
 def _wait_host_exit(pid: int, deadline: float) -> bool:
     while time.monotonic() < deadline:
         if not realkernel.host_pid_alive(pid):
@@ -756,9 +748,7 @@ class RunningContainer:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"not one exec'd memory hog in the cgroup: {new}")
                 time.sleep(0.005)
-            # sh's forks for `sleep` carry its command line until they exec: the hog is
-            # the one whose parent is not itself a match
-            (victim,) = [p for p in new if _parent_pid(p) not in new]
+            (victim,) = new
             if before_go is not None:
                 before_go()
             # the hog is waiting for the go file: make it from the host side
