@@ -29,6 +29,7 @@ from typing import Literal
 Accel = Literal["kvm", "tcg"]
 
 HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent
 INIT_SCRIPT = HERE / "vm" / "init"
 CACHE = Path(os.environ.get("NODEDIAG_VM_CACHE", "/var/cache/nodediag-vm"))
 KERNEL_META_PACKAGE = "linux-image-amd64"
@@ -219,6 +220,10 @@ def qemu_argv(
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
                    "multidevs=remap,id=hostroot",
         "-virtfs", f"local,path={lane},mount_tag=lane,security_model=none,id=lane",
+        # The project again on its own: a checkout under /tmp, /run or /var/log would be
+        # hidden by the guest's tmpfs mounts there.
+        "-virtfs", f"local,path={PROJECT},mount_tag=project,security_model=none,readonly=on,"
+                   "multidevs=remap,id=project",
     ]  # fmt: skip
 
 
@@ -237,7 +242,10 @@ def boot(
     """Boot once and run ``command`` (``sh -c`` in the guest, cwd ``/``). Returns when qemu
     exits; raises TimeoutError when the guest's init does not start within
     ``boot_timeout`` (qemu is killed) or the whole run exceeds ``timeout``."""
-    (lane / "lane.env").write_text(f"LANE_COMMAND={shlex.quote(command)}\nLANE_ACCEL={accel}\n")
+    (lane / "lane.env").write_text(
+        f"LANE_COMMAND={shlex.quote(command)}\nLANE_ACCEL={accel}\n"
+        f"LANE_PROJECT={shlex.quote(str(PROJECT))}\n"
+    )
     for stale in ("exit-status", "init-failed"):
         (lane / stale).unlink(missing_ok=True)
     argv = qemu_argv(kernel, initramfs, lane, accel, memory_mib, cpus)
