@@ -10,7 +10,9 @@ I/O part: :class:`DnsProbeCollector`. Each outcome is classified by what the ker
   or an ICMP unreachable generated *by this node* (what an ``OUTPUT … REJECT`` gives: the
   ICMP's offender address, read from the socket error queue, is one of our own addresses);
 - ``refused``: an ICMP unreachable or TCP reset from *another* host (the server's host is
-  reachable but nothing listens on the port, or a rule beyond this node rejects it);
+  reachable but nothing listens on the port, or a rule beyond this node rejects it), or
+  from this node when the server is one of its own addresses (NodeLocal DNSCache, a
+  hostNetwork DNS server) and sock_diag shows nothing listening on its port 53;
 - ``timeout``: no answer before the deadline: the packet was lost beyond this node;
 - ``error``: anything else (no route, a malformed answer, …).
 
@@ -57,6 +59,8 @@ HEADER = struct.Struct("!HHHHHH")
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 NETNS_RUN_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+UDP_UNCONNECTED = 7  # TCP_CLOSE: the state sock_diag reports for a bound UDP socket
+TCP_LISTEN = 10
 
 Protocol = Literal["udp", "tcp"]
 Outcome = Literal["ok", "local_rule", "refused", "timeout", "error"]
@@ -299,7 +303,7 @@ class DnsProbe:
                     else:
                         header = self._exchange_tcp(sock, server, query, query_id, deadline)
                 except OSError as error:
-                    raise self._classify(sock, error, family) from error
+                    raise self._classify(sock, error, server, protocol) from error
         except _ProbeFailed as failed:
             return ProbeResult(
                 server,
@@ -368,7 +372,9 @@ class DnsProbe:
             data += chunk
         return bytes(data)
 
-    def _classify(self, sock: socket.socket, error: OSError, family: int) -> _ProbeFailed:
+    def _classify(
+        self, sock: socket.socket, error: OSError, server: str, protocol: Protocol
+    ) -> _ProbeFailed:
         if isinstance(error, TimeoutError):
             return _ProbeFailed("timeout", "no answer")
         code = error.errno
@@ -378,11 +384,45 @@ class DnsProbe:
         if code in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
             offender = self._icmp_offender(sock)
             if offender is not None:
-                local = self._is_local_address(offender, family)
-                return _ProbeFailed("local_rule" if local else "refused", name, offender)
+                return self._classify_icmp(name, offender, server, protocol)
             if code == errno.ECONNREFUSED:
                 return _ProbeFailed("refused", name)  # a TCP reset from the server's host
         return _ProbeFailed("error", name)
+
+    def _classify_icmp(
+        self, name: str, offender: str, server: str, protocol: Protocol
+    ) -> _ProbeFailed:
+        """An ICMP error from this node is a local rule, except when the server is this
+        node's own address (NodeLocal DNSCache, a hostNetwork DNS server) and nothing
+        listens on its port: the kernel's port unreachable then says the server is down."""
+        family = socket.AF_INET6 if ipaddress.ip_address(server).version == 6 else socket.AF_INET
+        if not self._is_local_address(offender, family):
+            return _ProbeFailed("refused", name, offender)
+        if offender == server and not self._listening(server, protocol):
+            return _ProbeFailed("refused", f"{name}: nothing listens on port 53", offender)
+        return _ProbeFailed("local_rule", name, offender)
+
+    def _listening(self, server: str, protocol: Protocol) -> bool:
+        """Whether a socket of this node (in the probe's namespace) listens on ``server``
+        port 53, or on the wildcard address, read from the kernel with sock_diag."""
+        wildcard = {"0.0.0.0", "::"}
+        kind = socket.IPPROTO_UDP if protocol == "udp" else socket.IPPROTO_TCP
+        state = UDP_UNCONNECTED if protocol == "udp" else TCP_LISTEN
+
+        def bound() -> set[str]:
+            from pyroute2 import DiagSocket  # type: ignore[import-untyped]
+
+            with DiagSocket() as diag:
+                diag.bind()
+                return {
+                    str(m["idiag_src"])
+                    for family in (socket.AF_INET, socket.AF_INET6)
+                    for m in diag.get_sock_stats(family=family, protocol=kind, states=1 << state)
+                    if m["idiag_sport"] == DNS_PORT
+                }
+
+        canonical = str(ipaddress.ip_address(server))
+        return bool(run_in_netns(self.netns, bound) & ({canonical} | wildcard))
 
     @staticmethod
     def _icmp_offender(sock: socket.socket) -> str | None:

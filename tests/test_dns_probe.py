@@ -341,6 +341,39 @@ def test_stopped_server_is_refused_not_a_local_rule(lab: DnsLab) -> None:
     assert details["tcp"]["outcome"] == "refused"
 
 
+LOCAL_SERVER_IP = "10.250.1.53"
+
+
+def local_server_collector(lab: DnsLab) -> DnsProbeCollector:
+    """A DNS server address of the probing node itself, as NodeLocal DNSCache binds one."""
+    ip("-n", lab.client, "addr", "add", f"{LOCAL_SERVER_IP}/32", "dev", "lo")
+    registry = CollectorRegistry()
+    return DnsProbeCollector(
+        "node-a", lambda: [LOCAL_SERVER_IP], registry, timeout=2.0, netns=lab.client
+    )
+
+
+@pytest.mark.root
+def test_dead_local_server_is_refused_not_a_local_rule(lab: DnsLab) -> None:
+    details = by_protocol(local_server_collector(lab).collect())
+    assert details["udp"]["outcome"] == "refused"
+    assert details["udp"]["offender"] == LOCAL_SERVER_IP
+    assert "nothing listens" in details["udp"]["error"]
+    assert details["tcp"]["outcome"] == "refused"
+
+
+@pytest.mark.root
+def test_local_server_behind_a_local_reject_is_a_local_rule(lab: DnsLab) -> None:
+    collector = local_server_collector(lab)
+    listener = run_in_netns(lab.client, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    with listener:
+        listener.bind((LOCAL_SERVER_IP, 53))
+        lab.iptables(lab.client, "-A", "INPUT", "-p", "udp", "--dport", "53", "-j", "REJECT")
+        details = by_protocol(collector.collect())
+    assert details["udp"]["outcome"] == "local_rule"
+    assert details["udp"]["offender"] == LOCAL_SERVER_IP
+
+
 @pytest.mark.root
 def test_series_of_removed_servers_go_away(lab: DnsLab) -> None:
     servers = [SERVER_IP]
