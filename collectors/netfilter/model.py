@@ -127,6 +127,9 @@ class Table:
 
     def base_chains(self) -> list[Chain]:
         if self.backend == "nft":
+            hooked = getattr(self.chains, "hooked", None)  # read lazily: only the base chains
+            if hooked is not None:
+                return list(hooked())
             return [c for c in self.chains.values() if c.hook is not None]
         return [self.chains[name] for name in BASE_CHAINS if name in self.chains]
 

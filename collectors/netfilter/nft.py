@@ -59,12 +59,7 @@ def parse_nft_json(text: str) -> Ruleset:
                 owner = tables.get((family, str(body.get("table", ""))))
                 if owner is None:
                     continue
-                chain = Chain(str(body.get("name", "")))
-                chain.hook = str(body["hook"]) if body.get("hook") else None
-                chain.policy = str(body["policy"]).upper() if body.get("policy") else None
-                chain.handle = _int(body.get("handle"))
-                chain.priority = _int(body.get("prio"))
-                chain.type = str(body["type"]) if body.get("type") else None
+                chain = chain_from_json(body)
                 owner.chains[chain.name] = chain
             elif kind == "set" or kind == "map":
                 elements = body.get("elem")
@@ -86,19 +81,40 @@ def parse_nft_json(text: str) -> Ruleset:
         exprs = exprs if isinstance(exprs, list) else []
         if any(isinstance(e, dict) and "xt" in e for e in exprs):
             owner.xtables = True
-        packets, nbytes = _nft_counters(exprs)
-        rule = NftRule(chain_name, len(rule_chain.rules) + 1, "", packets, nbytes)
-        rule.handle = _int(body.get("handle"))
-        rule.expr = tuple(exprs)
-        rule.comment = body.get("comment")
-        rule.sets = owner.sets
-        rule_chain.rules.append(rule)
+        rule_chain.rules.append(rule_from_json(body, len(rule_chain.rules) + 1, owner.sets))
     for (family, name), table in tables.items():
         if family in ("ip", "ip6") and name in XTABLES_TABLES:
             bases = table.base_chains()
             if bases and all(c.name == (c.hook or "").upper() for c in bases):
                 table.xtables = True
     return result
+
+
+def chain_from_json(body: Mapping[str, Any]) -> Chain:
+    """A ``chain`` object of ``nft -j`` (its head: hook, policy, priority; no rules)."""
+    chain = Chain(str(body.get("name", "")))
+    chain.hook = str(body["hook"]) if body.get("hook") else None
+    chain.policy = str(body["policy"]).upper() if body.get("policy") else None
+    chain.handle = _int(body.get("handle"))
+    chain.priority = _int(body.get("prio"))
+    chain.type = str(body["type"]) if body.get("type") else None
+    return chain
+
+
+def rule_from_json(
+    body: Mapping[str, Any], position: int, sets: Mapping[str, list[Any]]
+) -> NftRule:
+    """A ``rule`` object of ``nft -j``, the ``position``-th of its chain; ``sets`` are its
+    table's named sets and maps."""
+    exprs = body.get("expr")
+    exprs = exprs if isinstance(exprs, list) else []
+    packets, nbytes = _nft_counters(exprs)
+    rule = NftRule(str(body.get("chain", "")), position, "", packets, nbytes)
+    rule.handle = _int(body.get("handle"))
+    rule.expr = tuple(exprs)
+    rule.comment = body.get("comment")
+    rule.sets = sets
+    return rule
 
 
 @dataclass(slots=True, eq=False)
