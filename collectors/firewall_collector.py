@@ -8,6 +8,14 @@ iptables-nft-save has shown tables, nft lists only the other tables (``nft -j li
 then ``nft -j list table FAMILY NAME``), since nft needs about a minute to print a
 kube-proxy-sized iptables-nft table as JSON.
 
+A native nft table of ``netlink_min_chains`` chains or more (kube-proxy's nftables mode:
+about four chains per Service) is not printed by nft at all: nft 1.0.6 fetches every set of
+a table it touches, one anonymous verdict map per Service included, so each command on such
+a table costs seconds. Its chains and sets are read over netlink instead, only those the
+analyses reach (``collectors.netfilter.nft_netlink_table``); if any of them holds something
+that reader does not understand, the table is read with ``nft -j list table`` after all and
+the source ``nft-netlink`` says why.
+
 Each tool is a source (``nodediag_collector_source_success{collector="firewall",source=TOOL}``):
 a missing tool is skipped, a tool that fails is named (reading rules needs CAP_NET_ADMIN;
 ``iptables-legacy-save`` also CAP_NET_RAW) and the others are still read; when none works
@@ -21,7 +29,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -34,6 +42,7 @@ from collectors.netfilter.ipset import parse_ipset_save
 from collectors.netfilter.iptables import nat_marks, parse_iptables_save
 from collectors.netfilter.model import DROP_TABLES, Ruleset, Table
 from collectors.netfilter.nft import parse_nft_json
+from collectors.netfilter.nft_netlink_types import NetlinkFallback
 from collectors.netfilter.xtables_nft import (
     FetchedChains,
     save_text,
@@ -49,9 +58,24 @@ from collectors.registry import (
     run_command,
 )
 
+if TYPE_CHECKING:
+    from collectors.netfilter.nft_socket import NftDumps
+
 log = logging.getLogger(__name__)
 
 __all__ = ["SOURCES", "FirewallCollector", "Source", "findings_from_files", "nat_marks"]
+
+
+#: Native nft tables with this many chains or more are read over netlink (the analyses need
+#: a few of their chains; nft would fetch all their sets). Smaller ones with ``nft -j``.
+NETLINK_MIN_CHAINS = 100
+
+
+def host_netlink() -> NftDumps:
+    """nf_tables over netlink in this network namespace (pyroute2 is loaded only now)."""
+    from collectors.netfilter.nft_socket import NftNetlink
+
+    return NftNetlink()
 
 
 LEGACY_TABLE_NAMES = {"ipv4": "ip_tables_names", "ipv6": "ip6_tables_names"}
@@ -136,9 +160,12 @@ class FirewallCollector:
         sources: Sequence[Source] = SOURCES,
         proc: Path = Path("/proc"),
         facts: Callable[[], NodeFacts] | None = None,
+        nft_netlink: Callable[[], NftDumps] | None = host_netlink,
+        netlink_min_chains: int = NETLINK_MIN_CHAINS,
     ) -> None:
         """``proc``: where ``net/ip_tables_names`` tells whether legacy tables exist when
-        ``iptables-legacy-save`` is not installed."""
+        ``iptables-legacy-save`` is not installed; ``nft_netlink`` opens nf_tables over
+        netlink for the big native nft tables (None: read every table with nft)."""
         self.node = node
         self.proc = proc
         self.facts = facts
@@ -173,6 +200,12 @@ class FirewallCollector:
         self.last_nat_marks: dict[str, bool] = {}
         self.sources = SourceLog()
         self._listing: str | None = None
+        self.nft_netlink = nft_netlink
+        self.netlink_min_chains = netlink_min_chains
+        self._dumps: NftDumps | None = None
+        self._netlink_tables: dict[tuple[str, str], Table] = {}
+        #: What the last run read over netlink ("ip kube-proxy chain services", "… set …").
+        self.netlink_reads: list[str] = []
 
     def read(self) -> list[Ruleset]:
         """Run every source that exists, recording each one's outcome in ``sources``;
@@ -182,6 +215,8 @@ class FirewallCollector:
         self.last_nat_marks = {}
         self.sources.start()
         self._listing = None
+        self._netlink_tables = {}
+        self.netlink_reads = []
         for source in self.rule_sources:
             if source.backend == "ipset" and self.facts is None:
                 continue  # only the flow evaluator needs set members
@@ -306,6 +341,8 @@ class FirewallCollector:
         ruleset = _parse(source, text, nat=self.facts is not None)
         if source.backend == "nft" and not ruleset.tables and ruleset.warnings:
             raise CollectorError(f"{source.tool} printed no rules: {ruleset.warnings[0]}")
+        if source.backend == "nft":
+            ruleset.tables.extend(self._netlink_tables.values())
         return ruleset, text
 
     def _read_nft(self, source: Source, iptables: Sequence[Ruleset]) -> str:
@@ -319,12 +356,60 @@ class FirewallCollector:
             for t in ruleset.tables
             if t.backend == "iptables-nft"
         }
-        if not covered:
-            return self.runner(source.argv)
         try:
-            return self._list_tables(source, covered, self._listing)
+            big = self._big_tables(covered)
+            if not covered and not big:
+                return self.runner(source.argv)
+            text = self._list_tables(source, covered | set(big), self._listing)
         except (ValueError, AttributeError, TypeError) as error:
             raise CollectorError(f"{source.tool} -j printed unexpected JSON: {error}") from error
+        self._open_netlink_tables(big)
+        return text
+
+    def _big_tables(self, covered: set[tuple[str, str]]) -> dict[tuple[str, str], list[Any]]:
+        """The native tables to read over netlink, with their chains' JSON objects from
+        ``nft -j list chains``."""
+        if self.nft_netlink is None:
+            return {}
+        listing = self._chain_listing()
+        tables: dict[tuple[str, str], list[Any]] = {}
+        for item in json.loads(listing or "{}").get("nftables", []):
+            chain = item.get("chain") if isinstance(item, dict) else None
+            if isinstance(chain, dict):
+                key = (str(chain.get("family")), str(chain.get("table")))
+                tables.setdefault(key, []).append(chain)
+        return {
+            key: chains
+            for key, chains in tables.items()
+            if key not in covered and len(chains) >= self.netlink_min_chains
+        }
+
+    def _open_netlink_tables(self, big: dict[tuple[str, str], list[Any]]) -> None:
+        if not big:
+            return
+        from collectors.netfilter.nft_netlink_table import netlink_table
+
+        if self._dumps is None and self.nft_netlink is not None:
+            self._dumps = self.nft_netlink()
+        assert self._dumps is not None
+        for (family, name), chains in big.items():
+            table = netlink_table(family, name, chains, self._dumps, self.netlink_reads)
+            self._netlink_tables[(family, name)] = table
+        self.sources.ok("nft-netlink")
+
+    def _fall_back(self, rulesets: list[Ruleset], fallback: NetlinkFallback) -> None:
+        """Read the table the netlink reader gave up on with ``nft -j list table``."""
+        table = self._netlink_tables.pop((fallback.family, fallback.name))
+        self.sources.skipped("nft-netlink", f"{fallback}; read with nft -j instead")
+        argv = ("nft", "-j", "list", "table", fallback.family, fallback.name)
+        parsed = parse_nft_json(self.runner(argv))
+        if not parsed.tables:
+            why = parsed.warnings[0] if parsed.warnings else "no table"
+            raise CollectorError(f"{' '.join(argv)}: {why}")
+        for ruleset in rulesets:
+            if table in ruleset.tables:
+                at = ruleset.tables.index(table)
+                ruleset.tables[at : at + 1] = parsed.tables
 
     def _list_tables(
         self, source: Source, covered: set[tuple[str, str]], listed: str | None
@@ -348,15 +433,33 @@ class FirewallCollector:
 
     def collect(self) -> list[Finding]:
         rulesets = self.read()
-        hits = dns_rule_hits(rulesets, self.cluster_dns())
+        try:
+            hits, verdicts = self._analyse(rulesets)
+        finally:
+            if self._dumps is not None:
+                self._dumps.close()
+                self._dumps = None
         self.last_hits = hits
         self._update_metrics(hits)
-        if self.facts is None:
+        if verdicts is None:
             return [hit.to_finding(self.node) for hit in hits]
-        verdicts = evaluate(rulesets, dns_flows(self.facts()))
         self.last_verdicts = verdicts
         self._update_flow_metrics(verdicts)
         return findings_with_flows(hits, verdicts, self.node)
+
+    def _analyse(
+        self, rulesets: list[Ruleset]
+    ) -> tuple[list[DnsRuleHit], list[FlowVerdict] | None]:
+        """The port-53 rules and (with ``facts``) the flows' verdicts; a table the netlink
+        reader gives up on is read with nft and the analyses start again."""
+        while True:
+            try:
+                hits = dns_rule_hits(rulesets, self.cluster_dns())
+                if self.facts is None:
+                    return hits, None
+                return hits, evaluate(rulesets, dns_flows(self.facts()))
+            except NetlinkFallback as fallback:
+                self._fall_back(rulesets, fallback)
 
     def _update_flow_metrics(self, verdicts: Sequence[FlowVerdict]) -> None:
         """``nodediag_dns_flow_ok``; a flow whose inputs are unknown has no series and is

@@ -20,32 +20,21 @@ from collectors.netfilter.model import Chain, Table
 from collectors.netfilter.nft import NFT_FAMILY_LABEL, chain_from_json, rule_from_json
 from collectors.netfilter.nft_netlink_rules import SetInfo, decode_rule
 from collectors.netfilter.nft_netlink_sets import SetHead, decode_elements, decode_set_head
-from collectors.netfilter.nft_netlink_types import NotUnderstood
+from collectors.netfilter.nft_netlink_types import NetlinkFallback, NotUnderstood
 from collectors.netfilter.nft_socket import NftDumps
-
-
-class NetlinkFallback(Exception):
-    """The table ``family``/``name`` (nft's family keyword) cannot be read over netlink:
-    ``why``. Not a ValueError or KeyError: the analyses catch those."""
-
-    def __init__(self, family: str, name: str, why: str) -> None:
-        super().__init__(f"table {family} {name}: {why}")
-        self.family = family
-        self.name = name
-        self.why = why
 
 
 class _Reader:
     """The netlink reads of one table, each done once."""
 
-    def __init__(self, dumps: NftDumps, family: str, table: str) -> None:
+    def __init__(self, dumps: NftDumps, family: str, table: str, reads: list[str]) -> None:
         self.dumps = dumps
         self.family = family
         self.table = table
         self.heads: dict[str, SetHead] = {}
         self.anonymous: dict[str, tuple[Any, ...]] = {}
         #: The chains and sets read, in order (what a run cost).
-        self.read: list[str] = []
+        self.read = reads
 
     def fail(self, why: str) -> NetlinkFallback:
         return NetlinkFallback(self.family, self.table, why)
@@ -63,7 +52,7 @@ class _Reader:
 
     def elements(self, name: str) -> list[Any]:
         head = self.head(name)
-        self.read.append(f"set {name}")
+        self.read.append(f"{self.family} {self.table} set {name}")
         try:
             return decode_elements(head, self.dumps.elements(self.family, self.table, name))
         except (OSError, NotUnderstood) as error:
@@ -78,7 +67,7 @@ class _Reader:
         return head.info(self.anonymous[name])
 
     def rules(self, name: str) -> list[dict[str, Any]]:
-        self.read.append(f"chain {name}")
+        self.read.append(f"{self.family} {self.table} chain {name}")
         try:
             found = self.dumps.rules(self.family, self.table, name)
             return [decode_rule(data, self.set_info) for data in found]
@@ -150,15 +139,19 @@ class NetlinkChains(dict[str, Chain]):
 
 
 def netlink_table(
-    family: str, name: str, chains: list[Mapping[str, Any]], dumps: NftDumps
-) -> tuple[Table, list[str]]:
+    family: str,
+    name: str,
+    chains: list[Mapping[str, Any]],
+    dumps: NftDumps,
+    reads: list[str] | None = None,
+) -> Table:
     """The table ``family`` (nft's keyword) ``name`` whose chains ``nft -j list chains``
-    showed (``chains``: their JSON objects), read through ``dumps``; and the list the reader
-    appends each chain and set it reads to."""
-    reader = _Reader(dumps, family, name)
+    showed (``chains``: their JSON objects), read through ``dumps``; each chain and set read
+    is appended to ``reads`` ("ip kube-proxy chain services")."""
+    reader = _Reader(dumps, family, name, reads if reads is not None else [])
     table = Table(NFT_FAMILY_LABEL.get(family, family), "nft", name)
     sets = NetlinkSets(reader)
     heads = {str(c.get("name", "")): chain_from_json(c) for c in chains}
     table.chains = NetlinkChains(reader, heads, sets)
     table.sets = sets
-    return table, reader.read
+    return table

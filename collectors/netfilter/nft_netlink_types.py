@@ -15,6 +15,18 @@ class NotUnderstood(Exception):
     table is read with nft instead). Not a ValueError: the analyses catch those."""
 
 
+class NetlinkFallback(Exception):
+    """The table ``family``/``name`` (nft's family keyword) cannot be read over netlink:
+    ``why``; it is read with ``nft -j`` instead. Not a ValueError or KeyError: the analyses
+    catch those."""
+
+    def __init__(self, family: str, name: str, why: str) -> None:
+        super().__init__(f"table {family} {name}: {why}")
+        self.family = family
+        self.name = name
+        self.why = why
+
+
 # nftables' include/datatype.h
 TYPE_VERDICT = 1
 TYPE_NFPROTO = 2

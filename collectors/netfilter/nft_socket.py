@@ -43,6 +43,8 @@ class NftDumps(Protocol):
 
     def elements(self, family: str, table: str, name: str) -> list[bytes]: ...
 
+    def close(self) -> None: ...
+
 
 class NftNetlink:
     """nf_tables over a netlink socket of this thread's network namespace, or of ``netns``
@@ -143,6 +145,9 @@ class Recorded:
     def elements(self, family: str, table: str, name: str) -> list[bytes]:
         return self._get("elements", family, table, name)
 
+    def close(self) -> None:
+        pass
+
 
 class Recorder:
     """Records what ``dumps`` answers, for ``Recorded``."""
@@ -164,3 +169,6 @@ class Recorder:
     def elements(self, family: str, table: str, name: str) -> list[bytes]:
         found = self.dumps.elements(family, table, name)
         return self._keep(f"elements {family} {table} {name}", found)
+
+    def close(self) -> None:
+        self.dumps.close()
