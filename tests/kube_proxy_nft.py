@@ -1,9 +1,12 @@
 """kube-proxy's nftables mode (Kubernetes 1.31+ layout) as an ``nft -f`` script, for the real
 nft in a throwaway network namespace: ``table ip kube-proxy`` with ``services`` ClusterIP
 Services of ``endpoints`` endpoints each and the kube-dns Service (10.43.0.10, UDP and TCP 53,
-endpoints 10.42.0.5 and 10.42.7.9)."""
+endpoints 10.42.0.5 and 10.42.7.9; or none: then, as kube-proxy writes it, its ports are in
+``no-endpoint-services``, which sends them to ``reject-chain``)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 DNS_ENDPOINTS = ("10.42.0.5", "10.42.7.9")
 
@@ -19,10 +22,13 @@ def service_specs(services: int, separator: str) -> list[tuple[str, str, int, st
     return specs + [("10.43.0.10", proto, 53, dns) for proto in ("udp", "tcp")]
 
 
-def kube_proxy_nft_script(services: int, endpoints: int = 3) -> str:
+def kube_proxy_nft_script(
+    services: int, endpoints: int = 3, dns_endpoints: Sequence[str] = DNS_ENDPOINTS
+) -> str:
     chains: list[str] = []
     rules: list[str] = []
     service_ips: list[str] = []
+    no_endpoints: list[str] = []
     cluster_ips: list[str] = ["10.43.0.10"]
     base = (
         ("nat-prerouting", "type nat hook prerouting priority dstnat; policy accept;"),
@@ -40,6 +46,7 @@ def kube_proxy_nft_script(services: int, endpoints: int = 3) -> str:
         "cluster-ips-check",
         "mark-for-masquerade",
         "masquerading",
+        "reject-chain",
     ):
         chains.append(f"add chain ip kube-proxy {name}")
     rules += [
@@ -59,18 +66,23 @@ def kube_proxy_nft_script(services: int, endpoints: int = 3) -> str:
         "add rule ip kube-proxy mark-for-masquerade meta mark set meta mark or 0x4000",
         "add rule ip kube-proxy masquerading meta mark & 0x4000 == 0 return",
         "add rule ip kube-proxy masquerading masquerade",
+        "add rule ip kube-proxy reject-chain reject",
     ]
     for n, (ip, proto, port, name) in enumerate(service_specs(services, "-")):
         service = f"service-{n:08X}-{name}-{proto}-{port}"
+        cluster_ips.append(ip)
+        if port == 53 and not dns_endpoints:
+            comment = f'comment "{name.replace("-kube-dns", "/kube-dns")}:{proto}"'
+            no_endpoints.append(f"{ip} . {proto} . {port} {comment} : goto reject-chain")
+            continue
         chains.append(f"add chain ip kube-proxy {service}")
         service_ips.append(f"{ip} . {proto} . {port} : goto {service}")
-        cluster_ips.append(ip)
         rules.append(
             f"add rule ip kube-proxy {service} ip daddr {ip} {proto} dport {port} "
             "ip saddr != 10.42.0.0/16 jump mark-for-masquerade"
         )
         pods = (
-            DNS_ENDPOINTS
+            dns_endpoints
             if port == 53
             else [
                 f"10.42.{(n * endpoints + e) // 250 % 256}.{(n * endpoints + e) % 250 + 2}"
@@ -102,6 +114,9 @@ def kube_proxy_nft_script(services: int, endpoints: int = 3) -> str:
         f"add element ip kube-proxy service-ips {{ {', '.join(service_ips[i : i + 500])} }}"
         for i in range(0, len(service_ips), 500)
     ]
+    if no_endpoints:
+        joined = ", ".join(no_endpoints)
+        elements.append(f"add element ip kube-proxy no-endpoint-services {{ {joined} }}")
     unique = sorted(set(cluster_ips))
     elements += [
         f"add element ip kube-proxy cluster-ips {{ {', '.join(unique[i : i + 500])} }}"

@@ -53,12 +53,12 @@ def save_text(table: str, spec: str) -> str:
     return "\n".join([f"*{table}", *spec_to_save(spec), "COMMIT", ""])
 
 
-def xtables_chains(listing: str, family: str) -> dict[str, list[str]]:
-    """The iptables-nft tables of ``family`` (ipv4/ipv6) in ``nft -j list chains`` output,
-    each with its chain names: tables named like iptables' whose base chains are named after
-    their hooks (``INPUT`` on input), as iptables-nft makes them. ValueError when the text is
-    not such JSON."""
-    items = json.loads(listing or "{}").get("nftables", [])
+def xtables_chains(listing: str | list[Any], family: str) -> dict[str, list[str]]:
+    """The iptables-nft tables of ``family`` (ipv4/ipv6) in ``nft -j list chains`` output
+    (its text, or its ``nftables`` items), each with its chain names: tables named like
+    iptables' whose base chains are named after their hooks (``INPUT`` on input), as
+    iptables-nft makes them. ValueError when the text is not such JSON."""
+    items = json.loads(listing or "{}").get("nftables", []) if isinstance(listing, str) else listing
     nft_family = NFT_FAMILIES[family]
     chains: dict[str, list[str]] = {}
     foreign: set[str] = set()
