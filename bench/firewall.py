@@ -9,8 +9,9 @@ it into a throwaway network namespace per backend (iptables-nft, iptables-legacy
 ``iptables-save -c`` alone, ``nft -j list ruleset`` alone, parsing + analysis alone on the
 saved text, and the collector's full run (every tool it runs, parsing, analysis, metrics).
 
-kube-proxy's nftables mode: the same Services as ``table ip kube-proxy`` (an ``nft -f`` script),
-the collector's full run (that table is read whole).
+kube-proxy's nftables mode (``--backend nftables`` alone): the same Services as ``table ip
+kube-proxy`` (an ``nft -f`` script), the collector's full run before (that table read whole
+with nft) and after (read over netlink, only the chains and sets the analyses reach).
 
 The DNS flow evaluator: every flow of ``dns_flows`` on the same rule set in kube-proxy's
 iptables mode (the saved text, nat parsed lazily) and in its nftables mode (a generated
@@ -46,6 +47,7 @@ from collectors.netfilter.flows import dns_flows  # noqa: E402
 from collectors.netfilter.iptables import parse_iptables_save  # noqa: E402
 from collectors.netfilter.model import DROP_TABLES  # noqa: E402
 from collectors.netfilter.nft import parse_nft_json  # noqa: E402
+from collectors.netfilter.nft_socket import NftNetlink  # noqa: E402
 from collectors.registry import ToolNotFound  # noqa: E402
 
 CLUSTER_DNS = ("10.43.0.10", "169.254.20.10")
@@ -81,27 +83,58 @@ def bench_backend(
 
 
 def nft_mode_rows(services: int, repeat: int) -> list[tuple[str, str, str]]:
-    """kube-proxy's nftables mode loaded by the real nft: the collector's full run (the
-    kube-proxy table is read whole: ``nft -j list ruleset``)."""
+    """kube-proxy's nftables mode loaded by the real nft: the collector's full run before
+    (``nft_netlink=None``: the table read whole with ``nft -j list ruleset``) and after (its
+    chains and sets read over netlink as the analyses reach them), in the same namespace; the
+    verdicts of both must be the same."""
     mode = "nftables mode"
     with Netns() as ns:
         started = time.perf_counter()
         ns.run(["nft", "-f", "/dev/stdin"], stdin=kube_proxy_nft_script(services))
         rows = [(mode, "nft -f (load, once)", f"{time.perf_counter() - started:.2f}")]
-        calls: list[str] = []
-        collector = FirewallCollector(
-            "bench",
-            lambda: CLUSTER_DNS,
-            CollectorRegistry(),
-            runner=counting(ns.runner, calls),
-            facts=lambda: FACTS,
-        )
-        cpu, wall = cpu_and_wall(collector.collect, repeat)
-        rows.append((mode, "collector full run: CPU s (agent + children)", f"{cpu:.2f}"))
-        rows.append((mode, "collector full run: wall s", f"{wall:.2f}"))
-        rows.append((mode, "collector: % of one core per 60 s", f"{cpu / 60 * 100:.2f}"))
-        rows.append((mode, "collector: commands run", str(len(calls) // repeat)))
+        listing = ns.run(["nft", "-j", "list", "chains"])
+        rows.append((mode, "chains in the table", str(listing.count('"chain"'))))
+        verdicts: dict[str, list[tuple[str, str]]] = {}
+        for when in ("before", "after"):
+            found, verdicts[when] = nft_mode_run(ns, when, repeat)
+            rows.extend((mode, what, value) for what, value in found)
+        same = verdicts["before"] == verdicts["after"]
+        rows.append((mode, "verdicts after == before", f"{same} ({len(verdicts['after'])} flows)"))
         return rows
+
+
+def nft_mode_run(
+    ns: Netns, when: str, repeat: int
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """One collector's rows (measure, value) and its verdicts."""
+    calls: list[str] = []
+    opened: list[NftNetlink] = []
+
+    def netlink() -> NftNetlink:
+        opened.append(NftNetlink(ns.name))
+        return opened[-1]
+
+    collector = FirewallCollector(
+        "bench",
+        lambda: CLUSTER_DNS,
+        CollectorRegistry(),
+        runner=counting(ns.runner, calls),
+        facts=lambda: FACTS,
+        nft_netlink=netlink if when == "after" else None,
+    )
+    cpu, wall = cpu_and_wall(collector.collect, repeat)
+    rows = [
+        (f"collector full run {when}: CPU s (agent + children)", f"{cpu:.2f}"),
+        (f"collector full run {when}: wall s", f"{wall:.2f}"),
+        (f"collector {when}: % of one core per 60 s", f"{cpu / 60 * 100:.2f}"),
+        (f"collector {when}: commands run", str(len(calls) // repeat)),
+        (f"collector {when}: netlink requests", str(sum(d.requests for d in opened) // repeat)),
+    ]
+    if when == "after":
+        chains = sum(" chain " in r for r in collector.netlink_reads)
+        sets = len(collector.netlink_reads) - chains
+        rows.append(("collector after: chains / sets read (per run)", f"{chains} / {sets}"))
+    return rows, [(v.flow.name, v.verdict) for v in collector.last_verdicts]
 
 
 def tool_rows(
@@ -344,7 +377,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--backend", action="append", choices=["iptables-nft", "iptables-legacy"])
+    parser.add_argument(
+        "--backend", action="append", choices=["iptables-nft", "iptables-legacy", "nftables"]
+    )
     parser.add_argument("--evaluator-only", action="store_true", help="no network namespaces")
     parser.add_argument(
         "--tools-alone", action="store_true", help="also time iptables-save and nft alone"
@@ -353,9 +388,11 @@ def main() -> None:
     rules = kube_proxy_rules(args.services)
     rows: list[tuple[str, str, str]] = []
     if not args.evaluator_only:
-        for backend in args.backend or ["iptables-nft", "iptables-legacy"]:
-            rows.extend(bench_backend(backend, rules, args.repeat, args.tools_alone))
-        rows.extend(nft_mode_rows(args.services, args.repeat))
+        for backend in args.backend or ["iptables-nft", "iptables-legacy", "nftables"]:
+            if backend == "nftables":
+                rows.extend(nft_mode_rows(args.services, args.repeat))
+            else:
+                rows.extend(bench_backend(backend, rules, args.repeat, args.tools_alone))
     rows.extend(evaluator_rows(rules, args.services, args.repeat))
     print(f"kube-proxy-shaped rule set, {args.services} Services (median of {args.repeat})")
     width = max(len(r[1]) for r in rows)

@@ -201,6 +201,7 @@ class FirewallCollector:
         self.sources = SourceLog()
         self._listing: str | None = None
         self._listing_items: list[Any] | None = None
+        self._listing_error: CollectorError | OSError | None = None
         self.nft_netlink = nft_netlink
         self.netlink_min_chains = netlink_min_chains
         self._dumps: NftDumps | None = None
@@ -217,6 +218,7 @@ class FirewallCollector:
         self.sources.start()
         self._listing = None
         self._listing_items = None
+        self._listing_error = None
         self._netlink_tables = {}
         self.netlink_reads = []
         for source in self.rule_sources:
@@ -258,8 +260,9 @@ class FirewallCollector:
         if self._listing is None:
             try:
                 self._listing = self.runner(("nft", "-j", "list", "chains"))
-            except (CollectorError, OSError):
+            except (CollectorError, OSError) as error:
                 self._listing = ""
+                self._listing_error = error
         return self._listing or None
 
     def _listed_chains(self) -> list[Any]:
@@ -425,7 +428,9 @@ class FirewallCollector:
         # "list chains" names every table that has a chain (a table without chains has no
         # rules) and is fast; "list tables" makes nft read every rule first.
         if self._chain_listing() is None:
-            raise CollectorError(f"{source.tool} -j list chains failed")
+            if self._listing_error is not None:
+                raise self._listing_error
+            raise CollectorError(f"{source.tool} -j list chains printed nothing")
         tables: dict[tuple[str, str], None] = {}
         for item in self._listed_chains():
             chain = item.get("chain") if isinstance(item, dict) else None
