@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from kube_proxy_nft import kube_proxy_nft_script
+from nft_recorded import Recorded
 from prometheus_client import CollectorRegistry
 from test_firewall_netns import Netns
 from test_netfilter_evaluate import FACTS as EVALUATOR_FACTS
@@ -39,7 +40,7 @@ from collectors.netfilter.model import Table
 from collectors.netfilter.nft import NftRule
 from collectors.netfilter.nft_netlink_table import netlink_table
 from collectors.netfilter.nft_netlink_types import NetlinkFallback
-from collectors.netfilter.nft_socket import NftDumps, NftNetlink, Recorded
+from collectors.netfilter.nft_socket import NftDumps, NftNetlink
 from collectors.registry import ToolNotFound
 
 VECTORS = Path(__file__).parent / "vectors" / "firewall"

@@ -14,13 +14,26 @@ Decoding uses pyroute2's message classes. Pure."""
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from pyroute2.netlink.nfnetlink.nftsocket import nft_rule_msg  # type: ignore[import-untyped]
 
+from collectors.netfilter.nft_netlink_state import (
+    L3_NAMES,
+    Loaded,
+    RuleState,
+    SetSource,
+    attr_value,
+    attr_verdict,
+    load,
+    raw_attrs,
+    read_register,
+    register,
+    use_context,
+)
+from collectors.netfilter.nft_netlink_statements import STATEMENTS
 from collectors.netfilter.nft_netlink_types import (
     CT_STATE_BITS,
     CT_STATUS_BITS,
@@ -43,7 +56,6 @@ from collectors.netfilter.nft_netlink_types import (
     TYPE_NFPROTO,
     TYPE_PKTTYPE,
     TYPE_VERDICT_MAP,
-    VERDICT_CODES,
     NotUnderstood,
     be_int,
     flag_names,
@@ -85,73 +97,10 @@ _CT_KEYS = {
     "NFT_CT_MARK": ("mark", TYPE_MARK),
     "NFT_CT_DIRECTION": ("direction", TYPE_CT_DIR),
 }
-_ICMP_CODES = {0: "net-unreachable", 1: "host-unreachable", 2: "prot-unreachable",
-               3: "port-unreachable", 9: "net-prohibited", 10: "host-prohibited",
-               13: "admin-prohibited"}  # fmt: skip
-_ICMP6_CODES = {0: "no-route", 1: "admin-prohibited", 3: "addr-unreachable",
-                4: "port-unreachable", 5: "policy-fail", 6: "reject-route"}  # fmt: skip
-_ICMPX_CODES = {0: "no-route", 1: "port-unreachable", 2: "host-unreachable", 3: "admin-prohibited"}
-_NFTA_REJECT_ICMP_CODE = 2
-_LOG_LEVELS = {"NFT_LOGLEVEL_EMERG": "emerg", "NFT_LOGLEVEL_ALERT": "alert",
-               "NFT_LOGLEVEL_CRIT": "crit", "NFT_LOGLEVEL_ERR": "err",
-               "NFT_LOGLEVEL_WARNING": "warn", "NFT_LOGLEVEL_NOTICE": "notice",
-               "NFT_LOGLEVEL_INFO": "info", "NFT_LOGLEVEL_DEBUG": "debug",
-               "NFT_LOGLEVEL_AUDIT": "audit"}  # fmt: skip
-#: ``meta nfproto`` / ``meta protocol`` values: the network header they fix.
-_L3_NAMES = {"ipv4": "ip", "ipv6": "ip6", "ip": "ip", "ip6": "ip6"}
 _NFTA_FIB_RESULT = 2
 _NFTA_FIB_FLAGS = 3
 _FIB_F_PRESENT = 32
 _FIB_FLAGS = ((1, "saddr"), (2, "daddr"), (4, "mark"), (8, "iif"), (16, "oif"))
-_LIMIT_UNITS = {1: "second", 60: "minute", 3600: "hour", 86400: "day", 604800: "week"}
-_NAT_FLAG_NAMES = (
-    ("NF_NAT_RANGE_PROTO_RANDOM", "random"),
-    ("NF_NAT_RANGE_PROTO_RANDOM_FULLY", "fully-random"),
-    ("NF_NAT_RANGE_PERSISTENT", "persistent"),
-)
-_NAT_IMPLIED_FLAGS = frozenset({"NF_NAT_RANGE_MAP_IPS", "NF_NAT_RANGE_PROTO_SPECIFIED"})
-
-
-@dataclass(frozen=True, slots=True)
-class SetInfo:
-    """What a rule needs of a set it looks up: its name and flags, its key's length, and, for
-    an anonymous set (printed inline), its elements as ``nft -j`` prints them."""
-
-    name: str
-    anonymous: bool
-    key_len: int
-    data_type: int | None
-    elements: tuple[Any, ...] = ()
-
-
-SetSource = Callable[[str], SetInfo]
-
-
-@dataclass(frozen=True, slots=True)
-class _Loaded:
-    """What a register holds: ``expr`` (the left side in ``nft -j`` form), the data type of
-    the values compared with it, its size; a prefix mask applied to an address
-    (``prefix``: bits), the flags a ``ct state`` was masked with, or a literal value."""
-
-    expr: Any
-    kind: int
-    size: int
-    field_bits: int | None = None
-    prefix: int | None = None
-    flags_mask: int | None = None
-    literal: bytes | None = None
-    depends: str | None = None
-
-
-@dataclass(slots=True)
-class _Rule:
-    family: str
-    sets: SetSource
-    regs: dict[int, _Loaded]
-    out: list[Any]
-    #: "l3"/"l4": the protocol a match fixed (nft's dependency) and where that match is.
-    context: dict[str, tuple[Any, int | None]]
-    folded: set[int]
 
 
 def decode_rule(data: bytes, sets: SetSource) -> dict[str, Any]:
@@ -161,7 +110,7 @@ def decode_rule(data: bytes, sets: SetSource) -> dict[str, Any]:
     family = NFT_FAMILIES.get(msg["nfgen_family"])
     if family is None:
         raise NotUnderstood(f"nfgen family {msg['nfgen_family']}")
-    rule = _Rule(family, sets, {}, [], {}, set())
+    rule = RuleState(family, sets, {}, [], {}, set())
     for expr in msg.get_attr("NFTA_RULE_EXPRESSIONS") or ():
         name = expr.get_attr("NFTA_EXPR_NAME")
         handler = _HANDLERS.get(name)
@@ -189,59 +138,10 @@ def _comment(userdata: Any) -> str | None:
     raise NotUnderstood("rule user data other than a comment")
 
 
-# --------------------------------------------------------------------------- registers
-
-
-def _reg(name: Any) -> int:
-    """A register name as the index of its first 32-bit word (NFT_REG_1 is NFT_REG32_00)."""
-    text = str(name)
-    if text.startswith("NFT_REG32_"):
-        return int(text[len("NFT_REG32_") :])
-    if text.startswith("NFT_REG_") and text[len("NFT_REG_") :].isdigit():
-        return (int(text[len("NFT_REG_") :]) - 1) * 4
-    raise NotUnderstood(f"register {name}")
-
-
-def _load(rule: _Rule, data: Any, loaded: _Loaded, attr: str) -> None:
-    rule.regs[_reg(data.get_attr(attr))] = loaded
-
-
-def _source(rule: _Rule, data: Any, attr: str) -> _Loaded:
-    found = rule.regs.get(_reg(data.get_attr(attr)))
-    if found is None:
-        raise NotUnderstood("a register read before it is set")
-    return found
-
-
-def _value(data: Any, attr: str) -> bytes:
-    value = (data.get_attr(attr) or {}).get("attrs", [])
-    for key, body in value:
-        if key == "NFTA_DATA_VALUE" and isinstance(body, bytes):
-            return body
-    raise NotUnderstood(f"{attr} without a value")
-
-
-def _verdict(data: Any, attr: str) -> dict[str, Any]:
-    for key, body in (data.get_attr(attr) or {}).get("attrs", []):
-        if key == "NFTA_DATA_VERDICT":
-            return verdict_json(dict(body.get("attrs", [])))
-    raise NotUnderstood(f"{attr} without a verdict")
-
-
-def verdict_json(attrs: dict[str, Any]) -> dict[str, Any]:
-    """``NFTA_VERDICT_*`` attributes as ``{"accept": null}``, ``{"goto": {"target": …}}``…"""
-    name = VERDICT_CODES.get(str(attrs.get("NFTA_VERDICT_CODE")))
-    if name is None:
-        raise NotUnderstood(f"verdict {attrs.get('NFTA_VERDICT_CODE')}")
-    if name in ("jump", "goto"):
-        return {name: {"target": str(attrs.get("NFTA_VERDICT_CHAIN"))}}
-    return {name: None}
-
-
 # --------------------------------------------------------------------------- loads
 
 
-def _payload(rule: _Rule, data: Any) -> None:
+def _payload(rule: RuleState, data: Any) -> None:
     if data.get_attr("NFTA_PAYLOAD_SREG") is not None:
         raise NotUnderstood("payload write")
     base = data.get_attr("NFTA_PAYLOAD_BASE")
@@ -252,73 +152,61 @@ def _payload(rule: _Rule, data: Any) -> None:
         loaded = _transport_field(rule, offset, size)
     else:
         raise NotUnderstood(f"payload base {base}")
-    _load(rule, data, loaded, "NFTA_PAYLOAD_DREG")
+    load(rule, data, loaded, "NFTA_PAYLOAD_DREG")
 
 
-def _network_field(rule: _Rule, offset: int, size: int) -> _Loaded:
+def _network_field(rule: RuleState, offset: int, size: int) -> Loaded:
     ip = rule.family in ("ip", "ip6")
-    proto = rule.family if ip else _use_context(rule, "l3", _L3_NAMES)
+    proto = rule.family if ip else use_context(rule, "l3", L3_NAMES)
     for (at, full), (name, kind) in _NETWORK_FIELDS[proto].items():
         addresses = kind in (TYPE_IPADDR, TYPE_IP6ADDR)
         if at == offset and (size == full or (addresses and 0 < size < full)):
             expr = {"payload": {"protocol": proto, "field": name}}
             depends = "l4" if name in ("protocol", "nexthdr") else None
             prefix = size * 8 if size < full else None
-            return _Loaded(expr, kind, size, full * 8 if addresses else None, prefix, None, None,
+            return Loaded(expr, kind, size, full * 8 if addresses else None, prefix, None, None,
                            depends)  # fmt: skip
     raise NotUnderstood(f"{proto} header field at {offset} ({size} bytes)")
 
 
-def _transport_field(rule: _Rule, offset: int, size: int) -> _Loaded:
+def _transport_field(rule: RuleState, offset: int, size: int) -> Loaded:
     context = rule.context.get("l4")
     number = context[0] if context else None
     if (offset, size) in ((0, 2), (2, 2)):
         field = "sport" if offset == 0 else "dport"
         proto = HEADER_NAMES.get(number, "th") if number in (6, 17, 33, 132, 136) else "th"
         if proto != "th":
-            _use_context(rule, "l4", {number: proto})
-        return _Loaded({"payload": {"protocol": proto, "field": field}}, TYPE_INET_SERVICE, 2)
+            use_context(rule, "l4", {number: proto})
+        return Loaded({"payload": {"protocol": proto, "field": field}}, TYPE_INET_SERVICE, 2)
     if (offset, size) == (0, 1) and number in (1, 58):
         folded = context is not None and context[1] is not None
-        proto = _use_context(rule, "l4", {1: "icmp", 58: "icmpv6"})
+        proto = use_context(rule, "l4", {1: "icmp", 58: "icmpv6"})
         l3 = rule.context.get("l3")
-        if folded and l3 is not None and _L3_NAMES.get(l3[0]) == ("ip" if number == 1 else "ip6"):
-            _use_context(rule, "l3", _L3_NAMES)  # icmpv6 implies ipv6 too: nft folds both
+        if folded and l3 is not None and L3_NAMES.get(l3[0]) == ("ip" if number == 1 else "ip6"):
+            use_context(rule, "l3", L3_NAMES)  # icmpv6 implies ipv6 too: nft folds both
         kind = TYPE_ICMP_TYPE if number == 1 else TYPE_ICMP6_TYPE
-        return _Loaded({"payload": {"protocol": proto, "field": "type"}}, kind, 1)
+        return Loaded({"payload": {"protocol": proto, "field": "type"}}, kind, 1)
     raise NotUnderstood(f"transport header field at {offset} ({size} bytes)")
 
 
-def _use_context(rule: _Rule, layer: str, names: dict[Any, str]) -> str:
-    """The protocol an earlier match fixed for ``layer``; that match is folded into this one
-    (nft prints ``udp dport 53``, not ``meta l4proto udp udp dport 53``)."""
-    context = rule.context.get(layer)
-    if context is None or context[0] not in names:
-        raise NotUnderstood(f"a header field without its {layer} protocol")
-    value, index = context
-    if index is not None:
-        rule.folded.add(index)
-    return names[value]
-
-
-def _meta(rule: _Rule, data: Any) -> None:
+def _meta(rule: RuleState, data: Any) -> None:
     key = str(data.get_attr("NFTA_META_KEY"))
     if data.get_attr("NFTA_META_SREG") is not None:
         rule.out.append(_mangle(rule, data, "meta", key, "NFTA_META_SREG"))
         return
     if key == "NFT_META_PROTOCOL":
-        loaded = _Loaded({"meta": {"key": "protocol"}}, -1, 2, depends="l3")
+        loaded = Loaded({"meta": {"key": "protocol"}}, -1, 2, depends="l3")
     elif key in _META_KEYS:
         name, kind = _META_KEYS[key]
         depends = {"l4proto": "l4", "nfproto": "l3"}.get(name)
         size = {TYPE_IFNAME: 16, TYPE_MARK: 4, TYPE_IFINDEX: 4}.get(kind, 1)
-        loaded = _Loaded({"meta": {"key": name}}, kind, size, depends=depends)
+        loaded = Loaded({"meta": {"key": name}}, kind, size, depends=depends)
     else:
         raise NotUnderstood(f"meta {key}")
-    _load(rule, data, loaded, "NFTA_META_DREG")
+    load(rule, data, loaded, "NFTA_META_DREG")
 
 
-def _ct(rule: _Rule, data: Any) -> None:
+def _ct(rule: RuleState, data: Any) -> None:
     key = str(data.get_attr("NFTA_CT_KEY"))
     if data.get_attr("NFTA_CT_DIRECTION") is not None:
         raise NotUnderstood("ct with a direction")
@@ -329,20 +217,20 @@ def _ct(rule: _Rule, data: Any) -> None:
         raise NotUnderstood(f"ct {key}")
     name, kind = _CT_KEYS[key]
     size = 1 if kind == TYPE_CT_DIR else 4
-    _load(rule, data, _Loaded({"ct": {"key": name}}, kind, size), "NFTA_CT_DREG")
+    load(rule, data, Loaded({"ct": {"key": name}}, kind, size), "NFTA_CT_DREG")
 
 
-def _mangle(rule: _Rule, data: Any, what: str, key: str, attr: str) -> dict[str, Any]:
+def _mangle(rule: RuleState, data: Any, what: str, key: str, attr: str) -> dict[str, Any]:
     if key not in ("NFT_META_MARK", "NFT_CT_MARK"):
         raise NotUnderstood(f"{what} {key} set")
-    source = _source(rule, data, attr)
+    source = read_register(rule, data, attr)
     value = host_int(source.literal) if source.literal is not None else source.expr
     return {"mangle": {"key": {what: {"key": "mark"}}, "value": value}}
 
 
-def _fib(rule: _Rule, data: Any) -> None:
+def _fib(rule: RuleState, data: Any) -> None:
     """pyroute2 decodes fib's result and flags the wrong way round: read the raw attributes."""
-    raw = _raw_attrs(data)
+    raw = raw_attrs(data)
     result = be_int(raw.get(_NFTA_FIB_RESULT, b""))
     flags = be_int(raw.get(_NFTA_FIB_FLAGS, b""))
     present = bool(flags & _FIB_F_PRESENT)
@@ -356,24 +244,10 @@ def _fib(rule: _Rule, data: Any) -> None:
         raise NotUnderstood(f"fib result {result}")
     name, kind, size = kinds[result]
     expr = {"fib": {"result": name, "flags": names}}
-    _load(rule, data, _Loaded(expr, kind, 1 if kind == TYPE_BOOLEAN else size), "NFTA_FIB_DREG")
+    load(rule, data, Loaded(expr, kind, 1 if kind == TYPE_BOOLEAN else size), "NFTA_FIB_DREG")
 
 
-def _raw_attrs(data: Any) -> dict[int, bytes]:
-    """The attributes of a decoded netlink attribute, from its bytes."""
-    buffer = bytes(data.data[data.offset : data.offset + data.length])
-    found: dict[int, bytes] = {}
-    offset = 4
-    while offset + 4 <= len(buffer):
-        length, kind = struct.unpack_from("=HH", buffer, offset)
-        if length < 4:
-            break
-        found[kind & 0x7FFF] = buffer[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-    return found
-
-
-def _numgen(rule: _Rule, data: Any) -> None:
+def _numgen(rule: RuleState, data: Any) -> None:
     mode = {"NFT_NG_RANDOM": "random", "NFT_NG_INCREMENTAL": "inc"}.get(
         str(data.get_attr("NFTA_NG_TYPE"))
     )
@@ -386,18 +260,18 @@ def _numgen(rule: _Rule, data: Any) -> None:
             "offset": data.get_attr("NFTA_NG_OFFSET") or 0,
         }
     }
-    _load(rule, data, _Loaded(expr, TYPE_INTEGER, 4), "NFTA_NG_DREG")
+    load(rule, data, Loaded(expr, TYPE_INTEGER, 4), "NFTA_NG_DREG")
 
 
-def _bitwise(rule: _Rule, data: Any) -> None:
+def _bitwise(rule: RuleState, data: Any) -> None:
     if str(data.get_attr("NFTA_BITWISE_OP") or "NFT_BITWISE_BOOL") != "NFT_BITWISE_BOOL":
         raise NotUnderstood("bitwise shift")
-    source = _source(rule, data, "NFTA_BITWISE_SREG")
-    mask, xor = _value(data, "NFTA_BITWISE_MASK"), _value(data, "NFTA_BITWISE_XOR")
-    _load(rule, data, _masked(source, mask, xor), "NFTA_BITWISE_DREG")
+    source = read_register(rule, data, "NFTA_BITWISE_SREG")
+    mask, xor = attr_value(data, "NFTA_BITWISE_MASK"), attr_value(data, "NFTA_BITWISE_XOR")
+    load(rule, data, _masked(source, mask, xor), "NFTA_BITWISE_DREG")
 
 
-def _masked(source: _Loaded, mask: bytes, xor: bytes) -> _Loaded:
+def _masked(source: Loaded, mask: bytes, xor: bytes) -> Loaded:
     if source.field_bits is not None and not any(xor):
         bits = be_int(mask)
         width = len(mask) * 8
@@ -419,27 +293,27 @@ def _masked(source: _Loaded, mask: bytes, xor: bytes) -> _Loaded:
         expr = {"|": [source.expr, xor_n]}
     else:
         raise NotUnderstood("bitwise with both a mask and an xor")
-    return _Loaded(expr, TYPE_MARK, source.size)
+    return Loaded(expr, TYPE_MARK, source.size)
 
 
-def _immediate(rule: _Rule, data: Any) -> None:
+def _immediate(rule: RuleState, data: Any) -> None:
     if str(data.get_attr("NFTA_IMMEDIATE_DREG")) == "NFT_REG_VERDICT":
-        rule.out.append(_verdict(data, "NFTA_IMMEDIATE_DATA"))
+        rule.out.append(attr_verdict(data, "NFTA_IMMEDIATE_DATA"))
         return
-    literal = _value(data, "NFTA_IMMEDIATE_DATA")
-    _load(rule, data, _Loaded(None, TYPE_INTEGER, len(literal), literal=literal),
+    literal = attr_value(data, "NFTA_IMMEDIATE_DATA")
+    load(rule, data, Loaded(None, TYPE_INTEGER, len(literal), literal=literal),
           "NFTA_IMMEDIATE_DREG")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- comparisons
 
 
-def _cmp(rule: _Rule, data: Any) -> None:
-    left = _source(rule, data, "NFTA_CMP_SREG")
+def _cmp(rule: RuleState, data: Any) -> None:
+    left = read_register(rule, data, "NFTA_CMP_SREG")
     op = _CMP_OPS.get(str(data.get_attr("NFTA_CMP_OP")))
     if op is None:
         raise NotUnderstood(f"cmp {data.get_attr('NFTA_CMP_OP')}")
-    value = _value(data, "NFTA_CMP_DATA")
+    value = attr_value(data, "NFTA_CMP_DATA")
     if left.flags_mask is not None:
         if op != "!=" or any(value):
             raise NotUnderstood("a ct flags match other than 'in'")
@@ -464,7 +338,7 @@ def _cmp(rule: _Rule, data: Any) -> None:
     rule.out.append({"match": {"op": op, "left": left.expr, "right": right}})
 
 
-def _right(left: _Loaded, value: bytes) -> Any:
+def _right(left: Loaded, value: bytes) -> Any:
     if left.literal is not None or left.expr is None:
         raise NotUnderstood("a comparison of a literal")
     if left.prefix is not None and left.field_bits is not None:
@@ -476,20 +350,20 @@ def _right(left: _Loaded, value: bytes) -> Any:
     return render(left.kind, value)
 
 
-def _range(rule: _Rule, data: Any) -> None:
-    left = _source(rule, data, "NFTA_RANGE_SREG")
+def _range(rule: RuleState, data: Any) -> None:
+    left = read_register(rule, data, "NFTA_RANGE_SREG")
     op = {"NFT_RANGE_EQ": "==", "NFT_RANGE_NEQ": "!="}.get(str(data.get_attr("NFTA_RANGE_OP")))
     if op is None or left.prefix is not None:
         raise NotUnderstood("range")
-    low = _right(left, _value(data, "NFTA_RANGE_FROM_DATA"))
-    high = _right(left, _value(data, "NFTA_RANGE_TO_DATA"))
+    low = _right(left, attr_value(data, "NFTA_RANGE_FROM_DATA"))
+    high = _right(left, attr_value(data, "NFTA_RANGE_TO_DATA"))
     rule.out.append({"match": {"op": op, "left": left.expr, "right": {"range": [low, high]}}})
 
 
-def _lookup(rule: _Rule, data: Any) -> None:
+def _lookup(rule: RuleState, data: Any) -> None:
     name = str(data.get_attr("NFTA_LOOKUP_SET"))
     info = rule.sets(name)
-    start = _reg(data.get_attr("NFTA_LOOKUP_SREG"))
+    start = register(data.get_attr("NFTA_LOOKUP_SREG"))
     left = _key(rule, start, info.key_len)
     right: Any = {"set": list(info.elements)} if info.anonymous else f"@{name}"
     inverted = "NFT_LOOKUP_F_INV" in (data.get_attr("NFTA_LOOKUP_FLAGS") or ())
@@ -503,7 +377,7 @@ def _lookup(rule: _Rule, data: Any) -> None:
         raise NotUnderstood(f"a data map lookup (@{name})")
 
 
-def _key(rule: _Rule, start: int, key_len: int) -> Any:
+def _key(rule: RuleState, start: int, key_len: int) -> Any:
     """The left side of a lookup: one register, or the concatenation of consecutive ones."""
     parts: list[Any] = []
     covered = 0
@@ -523,137 +397,8 @@ def _key(rule: _Rule, start: int, key_len: int) -> Any:
     return parts[0] if len(parts) == 1 else {"concat": parts}
 
 
-# --------------------------------------------------------------------------- statements
-
-
-def _counter(rule: _Rule, data: Any) -> None:
-    packets = data.get_attr("NFTA_COUNTER_PACKETS") or 0
-    nbytes = data.get_attr("NFTA_COUNTER_BYTES") or 0
-    rule.out.append({"counter": {"packets": packets, "bytes": nbytes}})
-
-
-def _notrack(rule: _Rule, data: Any) -> None:
-    rule.out.append({"notrack": None})
-
-
-def _log(rule: _Rule, data: Any) -> None:
-    body: dict[str, Any] = {}
-    if data.get_attr("NFTA_LOG_PREFIX") is not None:
-        body["prefix"] = data.get_attr("NFTA_LOG_PREFIX")
-    if data.get_attr("NFTA_LOG_GROUP") is not None:
-        body["group"] = data.get_attr("NFTA_LOG_GROUP")
-    level = data.get_attr("NFTA_LOG_LEVEL")
-    if level is not None:
-        if level not in _LOG_LEVELS:
-            raise NotUnderstood(f"log level {level}")
-        body["level"] = _LOG_LEVELS[level]
-    if data.get_attr("NFTA_LOG_FLAGS") or data.get_attr("NFTA_LOG_SNAPLEN"):
-        raise NotUnderstood("log flags")
-    rule.out.append({"log": body or None})
-
-
-def _limit(rule: _Rule, data: Any) -> None:
-    unit = _LIMIT_UNITS.get(data.get_attr("NFTA_LIMIT_UNIT"))
-    if unit is None or str(data.get_attr("NFTA_LIMIT_TYPE")) != "NFT_LIMIT_PKTS":
-        raise NotUnderstood("limit in bytes or odd units")
-    body: dict[str, Any] = {"rate": data.get_attr("NFTA_LIMIT_RATE")}
-    burst = data.get_attr("NFTA_LIMIT_BURST")
-    if burst:
-        body["burst"] = burst
-    body["per"] = unit
-    if data.get_attr("NFTA_LIMIT_FLAGS"):
-        body["inv"] = True
-    rule.out.append({"limit": body})
-
-
-def _reject(rule: _Rule, data: Any) -> None:
-    kind = str(data.get_attr("NFTA_REJECT_TYPE"))
-    if kind == "NFT_REJECT_TCP_RST":
-        rule.out.append({"reject": {"type": "tcp reset"}})
-        return
-    # pyroute2 names the code by the icmpx table whatever the type: read the raw byte.
-    raw = _raw_attrs(data).get(_NFTA_REJECT_ICMP_CODE)
-    if not raw:
-        raise NotUnderstood("reject without a code")
-    code = raw[0]
-    if kind == "NFT_REJECT_ICMPX_UNREACH":
-        if code not in _ICMPX_CODES:
-            raise NotUnderstood(f"reject code {code}")
-        rule.out.append({"reject": {"type": "icmpx", "expr": _ICMPX_CODES[code]}})
-        return
-    if kind != "NFT_REJECT_ICMP_UNREACH":
-        raise NotUnderstood(f"reject {kind}")
-    if rule.family in ("ip", "ip6"):
-        version = "ipv4" if rule.family == "ip" else "ipv6"
-    else:
-        version = {"ip": "ipv4", "ip6": "ipv6"}[_use_context(rule, "l3", _L3_NAMES)]
-    codes = _ICMP_CODES if version == "ipv4" else _ICMP6_CODES
-    if code not in codes:
-        raise NotUnderstood(f"reject code {code}")
-    icmp = "icmp" if version == "ipv4" else "icmpv6"
-    rule.out.append({"reject": {"type": icmp, "expr": codes[code]}})
-
-
-def _nat(rule: _Rule, data: Any) -> None:
-    kind = {"NFT_NAT_DNAT": "dnat", "NFT_NAT_SNAT": "snat"}.get(str(data.get_attr("NFTA_NAT_TYPE")))
-    if kind is None:
-        raise NotUnderstood(f"nat {data.get_attr('NFTA_NAT_TYPE')}")
-    flags = _nat_flags(data.get_attr("NFTA_NAT_FLAGS"))
-    body: dict[str, Any] = {}
-    version = {2: "ip", 10: "ip6"}.get(data.get_attr("NFTA_NAT_FAMILY"))
-    if version is None:
-        raise NotUnderstood("nat family")
-    if rule.family == "inet":
-        body["family"] = version
-    addr_kind = TYPE_IPADDR if version == "ip" else TYPE_IP6ADDR
-    address = _literal_pair(rule, data, "NFTA_NAT_REG_ADDR_MIN", "NFTA_NAT_REG_ADDR_MAX")
-    if address is not None:
-        body["addr"] = render(addr_kind, address)
-    port = _literal_pair(rule, data, "NFTA_NAT_REG_PROTO_MIN", "NFTA_NAT_REG_PROTO_MAX")
-    if port is not None:
-        body["port"] = be_int(port)
-    if flags:
-        body["flags"] = flags
-    rule.out.append({kind: body or None})
-
-
-def _literal_pair(rule: _Rule, data: Any, low: str, high: str) -> bytes | None:
-    if data.get_attr(low) is None:
-        return None
-    first = _source(rule, data, low)
-    if data.get_attr(high) is not None and _reg(data.get_attr(high)) != _reg(data.get_attr(low)):
-        raise NotUnderstood("a nat range")
-    if first.literal is None:
-        raise NotUnderstood("a nat address from a map")
-    return first.literal
-
-
-def _masq(rule: _Rule, data: Any) -> None:
-    if data.get_attr("NFTA_MASQ_REG_PROTO_MIN") is not None:
-        raise NotUnderstood("masquerade to ports")
-    flags = _nat_flags(data.get_attr("NFTA_MASQ_FLAGS"))
-    rule.out.append({"masquerade": {"flags": flags} if flags else None})
-
-
-def _nat_flags(flags: Any) -> Any:
-    """The flags nft prints (``random``, ``fully-random``, ``persistent``): one as a string."""
-    given = set(flags or ()) - _NAT_IMPLIED_FLAGS
-    names = [name for key, name in _NAT_FLAG_NAMES if key in given]
-    if len(names) != len(given):
-        raise NotUnderstood(f"nat flags {', '.join(sorted(map(str, given)))}")
-    return one_or_list(names) if names else None
-
-
-def _redir(rule: _Rule, data: Any) -> None:
-    flags = _nat_flags(data.get_attr("NFTA_REDIR_FLAGS"))
-    port = _literal_pair(rule, data, "NFTA_REDIR_REG_PROTO_MIN", "NFTA_REDIR_REG_PROTO_MAX")
-    body: dict[str, Any] = {} if port is None else {"port": be_int(port)}
-    if flags:
-        body["flags"] = flags
-    rule.out.append({"redirect": body or None})
-
-
-_HANDLERS: dict[str, Callable[[_Rule, Any], None]] = {
+_HANDLERS: dict[str, Callable[[RuleState, Any], None]] = {
+    **STATEMENTS,
     "payload": _payload,
     "meta": _meta,
     "ct": _ct,
@@ -664,12 +409,4 @@ _HANDLERS: dict[str, Callable[[_Rule, Any], None]] = {
     "cmp": _cmp,
     "range": _range,
     "lookup": _lookup,
-    "counter": _counter,
-    "notrack": _notrack,
-    "log": _log,
-    "limit": _limit,
-    "reject": _reject,
-    "nat": _nat,
-    "masq": _masq,
-    "redir": _redir,
 }

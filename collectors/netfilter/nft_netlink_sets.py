@@ -15,7 +15,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (  # type: ignore[import-untype
     nft_set_msg,
 )
 
-from collectors.netfilter.nft_netlink_rules import SetInfo
+from collectors.netfilter.nft_netlink_state import SetInfo
 from collectors.netfilter.nft_netlink_types import (
     TYPE_INET_PROTOCOL,
     TYPE_INET_SERVICE,

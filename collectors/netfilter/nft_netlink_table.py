@@ -18,8 +18,9 @@ from typing import Any
 
 from collectors.netfilter.model import Chain, Table
 from collectors.netfilter.nft import NFT_FAMILY_LABEL, chain_from_json, rule_from_json
-from collectors.netfilter.nft_netlink_rules import SetInfo, decode_rule
+from collectors.netfilter.nft_netlink_rules import decode_rule
 from collectors.netfilter.nft_netlink_sets import SetHead, decode_elements, decode_set_head
+from collectors.netfilter.nft_netlink_state import SetInfo
 from collectors.netfilter.nft_netlink_types import NetlinkFallback, NotUnderstood
 from collectors.netfilter.nft_socket import NftDumps
 

@@ -1,15 +1,12 @@
 """The netlink edge of the nft reader: requests to nf_tables on a ``NETLINK_NETFILTER`` socket
 (encoded with pyroute2's message classes), the answers as the raw bytes of each message. Only
-reads: a rule dump of one chain, one set's head, one set's elements. ``Recorded`` plays back
-answers saved in a file (tests)."""
+reads: a rule dump of one chain, one set's head, one set's elements."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
-from pathlib import Path
 from typing import Any, Protocol
 
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST  # type: ignore[import-untyped]
@@ -120,55 +117,3 @@ def _open() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     sock.bind((0, 0))
     return sock
-
-
-class Recorded:
-    """Answers saved by ``Recorder`` (a JSON file: request key → hex of each message)."""
-
-    def __init__(self, path: Path) -> None:
-        self.answers: dict[str, list[str]] = json.loads(path.read_text())
-        self.asked: list[str] = []
-
-    def _get(self, *key: str) -> list[bytes]:
-        name = " ".join(key)
-        self.asked.append(name)
-        if name not in self.answers:
-            raise OSError(2, f"not recorded: {name}")
-        return [bytes.fromhex(h) for h in self.answers[name]]
-
-    def rules(self, family: str, table: str, chain: str) -> list[bytes]:
-        return self._get("rules", family, table, chain)
-
-    def set_head(self, family: str, table: str, name: str) -> list[bytes]:
-        return self._get("set", family, table, name)
-
-    def elements(self, family: str, table: str, name: str) -> list[bytes]:
-        return self._get("elements", family, table, name)
-
-    def close(self) -> None:
-        pass
-
-
-class Recorder:
-    """Records what ``dumps`` answers, for ``Recorded``."""
-
-    def __init__(self, dumps: NftDumps) -> None:
-        self.dumps = dumps
-        self.answers: dict[str, list[str]] = {}
-
-    def _keep(self, key: str, found: list[bytes]) -> list[bytes]:
-        self.answers[key] = [m.hex() for m in found]
-        return found
-
-    def rules(self, family: str, table: str, chain: str) -> list[bytes]:
-        return self._keep(f"rules {family} {table} {chain}", self.dumps.rules(family, table, chain))
-
-    def set_head(self, family: str, table: str, name: str) -> list[bytes]:
-        return self._keep(f"set {family} {table} {name}", self.dumps.set_head(family, table, name))
-
-    def elements(self, family: str, table: str, name: str) -> list[bytes]:
-        found = self.dumps.elements(family, table, name)
-        return self._keep(f"elements {family} {table} {name}", found)
-
-    def close(self) -> None:
-        self.dumps.close()

@@ -20,12 +20,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
+from nft_recorded import Recorder  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 from test_firewall_netns import Netns  # noqa: E402
 from test_nft_netlink import CLUSTER_DNS, FACTS, RULE_SETS, listed_tables, load  # noqa: E402
 
 from collectors.firewall_collector import FirewallCollector  # noqa: E402
-from collectors.netfilter.nft_socket import NftNetlink, Recorder  # noqa: E402
+from collectors.netfilter.nft_socket import NftNetlink  # noqa: E402
 
 CASES = ("kube_proxy_20_no_dns_endpoints", "lab_alpine", "netlink_shapes", "firewalld_nft")
 
