@@ -71,6 +71,10 @@ __all__ = ["SOURCES", "FirewallCollector", "Source", "findings_from_files", "nat
 NETLINK_MIN_CHAINS = 100
 
 
+#: Runs whose tables read over netlink changed while being read before nft reads them.
+NETLINK_ATTEMPTS = 2
+
+
 def host_netlink() -> NftDumps:
     """nf_tables over netlink in this network namespace (pyroute2 is loaded only now)."""
     from collectors.netfilter.nft_socket import NftNetlink
@@ -206,12 +210,15 @@ class FirewallCollector:
         self.netlink_min_chains = netlink_min_chains
         self._dumps: NftDumps | None = None
         self._netlink_tables: dict[tuple[str, str], Table] = {}
+        self._use_netlink = True
+        self._generation = 0
         #: What the last run read over netlink ("ip kube-proxy chain services", "… set …").
         self.netlink_reads: list[str] = []
 
-    def read(self) -> list[Ruleset]:
+    def read(self, netlink: bool = True) -> list[Ruleset]:
         """Run every source that exists, recording each one's outcome in ``sources``;
-        CollectorError when none could be read."""
+        CollectorError when none could be read. ``netlink``: big native nft tables may be
+        read over netlink."""
         read: list[tuple[Source, Ruleset]] = []
         errors: list[str] = []
         self.last_nat_marks = {}
@@ -220,7 +227,7 @@ class FirewallCollector:
         self._listing_items = None
         self._listing_error = None
         self._netlink_tables = {}
-        self.netlink_reads = []
+        self._use_netlink = netlink
         for source in self.rule_sources:
             if source.backend == "ipset" and self.facts is None:
                 continue  # only the flow evaluator needs set members
@@ -372,18 +379,20 @@ class FirewallCollector:
         }
         try:
             big = self._big_tables(covered)
+            if big and not self._open_netlink():
+                big = {}
             if not covered and not big:
                 return self.runner(source.argv)
             text = self._list_tables(source, covered | set(big))
         except (ValueError, AttributeError, TypeError) as error:
             raise CollectorError(f"{source.tool} -j printed unexpected JSON: {error}") from error
-        self._open_netlink_tables(big)
+        self._netlink_table_objects(big)
         return text
 
     def _big_tables(self, covered: set[tuple[str, str]]) -> dict[tuple[str, str], list[Any]]:
         """The native tables to read over netlink, with their chains' JSON objects from
         ``nft -j list chains``."""
-        if self.nft_netlink is None:
+        if self.nft_netlink is None or not self._use_netlink:
             return {}
         tables: dict[tuple[str, str], list[Any]] = {}
         for item in self._listed_chains():
@@ -397,14 +406,29 @@ class FirewallCollector:
             if key not in covered and len(chains) >= self.netlink_min_chains
         }
 
-    def _open_netlink_tables(self, big: dict[tuple[str, str], list[Any]]) -> None:
-        if not big:
+    def _open_netlink(self) -> bool:
+        """nf_tables over netlink, and the ruleset's generation now; False (said in the
+        ``nft-netlink`` source) when it cannot be asked: nft reads those tables."""
+        try:
+            if self._dumps is None and self.nft_netlink is not None:
+                self._dumps = self.nft_netlink()
+            if self._dumps is None:
+                return False
+            self._generation = self._dumps.generation()
+        except OSError as error:
+            self.sources.skipped("nft-netlink", f"nf_tables over netlink: {error}; read with nft")
+            if self._dumps is not None:
+                self._dumps.close()
+                self._dumps = None
+            return False
+        return True
+
+    def _netlink_table_objects(self, big: dict[tuple[str, str], list[Any]]) -> None:
+        if not big or self._dumps is None:
             return
         from collectors.netfilter.nft_netlink_table import netlink_table
 
-        if self._dumps is None and self.nft_netlink is not None:
-            self._dumps = self.nft_netlink()
-        assert self._dumps is not None
+        self.netlink_reads = []
         for (family, name), chains in big.items():
             table = netlink_table(family, name, chains, self._dumps, self.netlink_reads)
             self._netlink_tables[(family, name)] = table
@@ -445,9 +469,8 @@ class FirewallCollector:
         return json.dumps({"nftables": items})
 
     def collect(self) -> list[Finding]:
-        rulesets = self.read()
         try:
-            hits, verdicts = self._analyse(rulesets)
+            hits, verdicts = self._read_and_analyse()
         finally:
             if self._dumps is not None:
                 self._dumps.close()
@@ -459,6 +482,27 @@ class FirewallCollector:
         self.last_verdicts = verdicts
         self._update_flow_metrics(verdicts)
         return findings_with_flows(hits, verdicts, self.node)
+
+    def _read_and_analyse(self) -> tuple[list[DnsRuleHit], list[FlowVerdict] | None]:
+        """The rules read and analysed. Tables read over netlink are not one snapshot: when
+        the ruleset's generation moved during the run (kube-proxy wrote), read again; when
+        it moved again, read every table with nft (nft retries until it has a snapshot)."""
+        for _attempt in range(NETLINK_ATTEMPTS):
+            found = self._analyse(self.read())
+            if not self._netlink_tables or self._unchanged():
+                return found
+        self.netlink_reads = []
+        found = self._analyse(self.read(netlink=False))
+        why = f"the rules changed while being read ({NETLINK_ATTEMPTS} times); read with nft -j"
+        self.sources.skipped("nft-netlink", why)
+        return found
+
+    def _unchanged(self) -> bool:
+        """Whether the ruleset's generation is the one the netlink reads started at."""
+        try:
+            return self._dumps is not None and self._dumps.generation() == self._generation
+        except OSError:
+            return False
 
     def _analyse(
         self, rulesets: list[Ruleset]

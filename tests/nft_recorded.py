@@ -32,6 +32,12 @@ class Recorded:
     def elements(self, family: str, table: str, name: str) -> list[bytes]:
         return self._get("elements", family, table, name)
 
+    def chain(self, family: str, table: str, name: str) -> list[bytes]:
+        return self._get("chain", family, table, name)
+
+    def generation(self) -> int:
+        return 1  # recorded answers do not change
+
     def close(self) -> None:
         pass
 
@@ -56,6 +62,13 @@ class Recorder:
     def elements(self, family: str, table: str, name: str) -> list[bytes]:
         found = self.dumps.elements(family, table, name)
         return self._keep(f"elements {family} {table} {name}", found)
+
+    def chain(self, family: str, table: str, name: str) -> list[bytes]:
+        found = self.dumps.chain(family, table, name)
+        return self._keep(f"chain {family} {table} {name}", found)
+
+    def generation(self) -> int:
+        return self.dumps.generation()
 
     def close(self) -> None:
         self.dumps.close()

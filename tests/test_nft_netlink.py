@@ -41,7 +41,7 @@ from collectors.netfilter.nft import NftRule
 from collectors.netfilter.nft_netlink_table import netlink_table
 from collectors.netfilter.nft_netlink_types import NetlinkFallback
 from collectors.netfilter.nft_socket import NftDumps, NftNetlink
-from collectors.registry import ToolNotFound
+from collectors.registry import Runner, ToolNotFound
 
 VECTORS = Path(__file__).parent / "vectors" / "firewall"
 SRC = VECTORS / "src"
@@ -344,3 +344,64 @@ def test_a_table_the_reader_cannot_decode_is_read_with_nft() -> None:
     assert source.status == "skipped"
     assert "ip6 header field at 6 (2 bytes)" in (source.detail or "")
     assert {v.verdict for v in found.last_verdicts} <= {"pass", "drop", "may-drop"}
+
+
+class Changing(Recorded):
+    """Recorded answers of a ruleset that changes under every read (kube-proxy writing)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.generations = 0
+
+    def generation(self) -> int:
+        self.generations += 1
+        return self.generations
+
+
+class Refusing(Recorded):
+    def generation(self) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+
+def recorded_runner(case: str, asked: list[str]) -> Runner:
+    """nft as it answered when ``case`` was recorded (the other tools are not installed)."""
+    saved = json.loads((RECORDED / f"{case}.nft.json").read_text())
+    listing = {"nftables": [{"chain": c} for cs in saved["chains"].values() for c in cs]}
+    whole = {"nftables": [i for d in saved["tables"].values() for i in d["nftables"]]}
+
+    def runner(argv: Sequence[str]) -> str:
+        asked.append(" ".join(argv))
+        if list(argv) == ["nft", "-j", "list", "chains"]:
+            return json.dumps(listing)
+        if list(argv[:4]) == ["nft", "-j", "list", "table"]:
+            return json.dumps(saved["tables"][f"{argv[4]} {argv[5]}"])
+        if list(argv) == ["nft", "-j", "list", "ruleset"]:
+            return json.dumps(whole)
+        raise ToolNotFound(f"{argv[0]} not found")
+
+    return runner
+
+
+@pytest.mark.parametrize("dumps", [Changing, Refusing])
+def test_rules_changing_or_netlink_refused_read_with_nft(dumps: type[Recorded]) -> None:
+    """The generation moves during every netlink read: after two tries the tables are read
+    with nft (a snapshot); netlink refused: nft at once. Either way the source says so."""
+    case = "kube_proxy_20_no_dns_endpoints"
+    asked: list[str] = []
+    found = FirewallCollector(
+        "node-1",
+        lambda: CLUSTER_DNS,
+        CollectorRegistry(),
+        runner=recorded_runner(case, asked),
+        facts=lambda: FACTS,
+        nft_netlink=lambda: dumps(RECORDED / f"{case}.json"),
+        netlink_min_chains=0,
+    )
+    findings = found.collect()
+    assert "nft -j list ruleset" in asked
+    source = {r.source: r for r in found.sources.results()}["nft-netlink"]
+    assert source.status == "skipped"
+    why = "changed while being read" if dumps is Changing else "Operation not permitted"
+    assert why in (source.detail or "")
+    assert "DNSNoEndpointsReject" in {f.reason for f in findings}
+    assert found.netlink_reads == []

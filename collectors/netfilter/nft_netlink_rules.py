@@ -18,7 +18,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from pyroute2.netlink.nfnetlink.nftsocket import nft_rule_msg  # type: ignore[import-untyped]
+from pyroute2.netlink.nfnetlink.nftsocket import (  # type: ignore[import-untyped]
+    nft_chain_msg,
+    nft_rule_msg,
+)
 
 from collectors.netfilter.nft_netlink_state import (
     L3_NAMES,
@@ -65,6 +68,8 @@ from collectors.netfilter.nft_netlink_types import (
 )
 
 NFT_FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
+#: The netfilter hooks of the ip, ip6 and inet families.
+_HOOKS = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting"}
 _CMP_OPS = {
     "NFT_CMP_EQ": "==",
     "NFT_CMP_NEQ": "!=",
@@ -127,6 +132,34 @@ def decode_rule(data: bytes, sets: SetSource) -> dict[str, Any]:
     comment = _comment(msg.get_attr("NFTA_RULE_USERDATA"))
     if comment is not None:
         body["comment"] = comment
+    return body
+
+
+def decode_chain(data: bytes) -> dict[str, Any]:
+    """One ``NFT_MSG_NEWCHAIN`` message as the chain object ``nft -j`` prints."""
+    msg = nft_chain_msg(data)
+    msg.decode()
+    family = NFT_FAMILIES.get(msg["nfgen_family"])
+    if family not in ("ip", "ip6", "inet"):
+        raise NotUnderstood(f"chain of nfgen family {msg['nfgen_family']}")
+    body: dict[str, Any] = {
+        "family": family,
+        "table": msg.get_attr("NFTA_CHAIN_TABLE"),
+        "name": msg.get_attr("NFTA_CHAIN_NAME"),
+        "handle": msg.get_attr("NFTA_CHAIN_HANDLE"),
+    }
+    hook = msg.get_attr("NFTA_CHAIN_HOOK")
+    if hook is not None:
+        number = hook.get_attr("NFTA_HOOK_HOOKNUM")
+        if number not in _HOOKS or hook.get_attr("NFTA_HOOK_DEV") is not None:
+            raise NotUnderstood(f"hook {number}")
+        policy = {0: "drop", 1: "accept"}.get(msg.get_attr("NFTA_CHAIN_POLICY"))
+        if policy is None:
+            raise NotUnderstood(f"chain policy {msg.get_attr('NFTA_CHAIN_POLICY')}")
+        body["type"] = msg.get_attr("NFTA_CHAIN_TYPE")
+        body["hook"] = _HOOKS[number]
+        body["prio"] = hook.get_attr("NFTA_HOOK_PRIORITY")
+        body["policy"] = policy
     return body
 
 

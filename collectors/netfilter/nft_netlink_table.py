@@ -1,8 +1,10 @@
-"""A native nft table read over netlink, lazily: its chains' heads (hooks, priorities,
-policies) come from ``nft -j list chains``; a chain's rules are fetched when an analysis
-first asks for the chain (one ``NFT_MSG_GETRULE`` dump of that chain), a named set's elements
-when a rule first needs them, an anonymous set's when a rule that holds it is decoded. The
-rules become the same ``NftRule``s ``parse_nft_json`` makes from ``nft -j`` output.
+"""A native nft table read over netlink, lazily: ``nft -j list chains`` says which chains it
+has and which are base chains; a chain is read when an analysis first asks for it (its head,
+``NFT_MSG_GETCHAIN``, and its rules, one ``NFT_MSG_GETRULE`` dump of that chain), a named
+set's elements when a rule first needs them, an anonymous set's when a rule that holds it is
+decoded. The rules become the same ``NftRule``s ``parse_nft_json`` makes from ``nft -j``
+output. The caller compares the ruleset's generation before and after (the reads are not
+one snapshot, as nft's are).
 
 Why: nft 1.0.6 fetches the elements of every set of a table for any command that touches
 it, and kube-proxy's nftables mode holds one anonymous verdict map per Service: with 10,000
@@ -18,7 +20,7 @@ from typing import Any
 
 from collectors.netfilter.model import Chain, Table
 from collectors.netfilter.nft import NFT_FAMILY_LABEL, chain_from_json, rule_from_json
-from collectors.netfilter.nft_netlink_rules import decode_rule
+from collectors.netfilter.nft_netlink_rules import decode_chain, decode_rule
 from collectors.netfilter.nft_netlink_sets import SetHead, decode_elements, decode_set_head
 from collectors.netfilter.nft_netlink_state import SetInfo
 from collectors.netfilter.nft_netlink_types import NetlinkFallback, NotUnderstood
@@ -36,6 +38,7 @@ class _Reader:
         self.anonymous: dict[str, tuple[Any, ...]] = {}
         #: The chains and sets read, in order (what a run cost).
         self.read = reads
+        self.sets: Mapping[str, list[Any]] = {}
 
     def fail(self, why: str) -> NetlinkFallback:
         return NetlinkFallback(self.family, self.table, why)
@@ -67,6 +70,18 @@ class _Reader:
             self.anonymous[name] = tuple(self.elements(name))
         return head.info(self.anonymous[name])
 
+    def chain(self, name: str) -> dict[str, Any] | None:
+        """The chain's head as nft prints it (None: no such chain now)."""
+        try:
+            found = self.dumps.chain(self.family, self.table, name)
+            if len(found) != 1:
+                raise self.fail(f"chain {name}: {len(found)} answers")
+            return decode_chain(found[0])
+        except FileNotFoundError:
+            return None
+        except (OSError, NotUnderstood) as error:
+            raise self.fail(f"chain {name}: {error}") from error
+
     def rules(self, name: str) -> list[dict[str, Any]]:
         self.read.append(f"{self.family} {self.table} chain {name}")
         try:
@@ -96,47 +111,54 @@ class NetlinkSets(dict[str, list[Any]]):
 
 
 class NetlinkChains(dict[str, Chain]):
-    """A table's chains: the heads known, the rules read when a chain is first asked for.
-    Iterating reads them all (the analyses ask by name, and for the base chains)."""
+    """A table's chains, each read when first asked for: its head (hook, priority, policy)
+    and its rules, at that moment (a chain created after ``nft -j list chains`` is found
+    too; one deleted since is absent). Iterating reads them all (the analyses ask by name,
+    and for the base chains)."""
 
-    def __init__(self, reader: _Reader, heads: Mapping[str, Chain], sets: NetlinkSets) -> None:
+    def __init__(self, reader: _Reader, listed: Mapping[str, bool]) -> None:
         super().__init__()
         self._reader = reader
-        self._heads = dict(heads)
-        self._sets = sets
+        #: The chains ``nft -j list chains`` showed: whether each is a base chain.
+        self._listed = dict(listed)
+        self._absent: set[str] = set()
 
     def __missing__(self, name: str) -> Chain:
-        head = self._heads.get(name)
+        head = None if name in self._absent else self._reader.chain(name)
         if head is None:
+            self._absent.add(name)
             raise KeyError(name)
-        chain = Chain(head.name, head.policy, hook=head.hook, handle=head.handle)
-        chain.priority, chain.type = head.priority, head.type
+        chain = chain_from_json(head)
         for position, body in enumerate(self._reader.rules(name), 1):
-            chain.rules.append(rule_from_json(body, position, self._sets))
+            chain.rules.append(rule_from_json(body, position, self._reader.sets))
         self[name] = chain
         return chain
 
     def get(self, name: str, default: Chain | None = None) -> Chain | None:  # type: ignore[override]
-        return self[name] if name in self._heads else default
+        try:
+            return self[name]
+        except KeyError:
+            return default
 
     def __contains__(self, name: object) -> bool:
-        return name in self._heads
+        return isinstance(name, str) and self.get(name) is not None
 
     def hooked(self) -> list[Chain]:
         """The base chains (read now)."""
-        return [self[name] for name, head in self._heads.items() if head.hook is not None]
+        found = (self.get(name) for name, base in self._listed.items() if base)
+        return [chain for chain in found if chain is not None and chain.hook is not None]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._heads))
+        return iter([name for name in self._listed if name in self])
 
     def __len__(self) -> int:
-        return len(self._heads)
+        return len(list(iter(self)))
 
     def values(self) -> Any:
-        return [self[name] for name in self._heads]
+        return [self[name] for name in self]
 
     def items(self) -> Any:
-        return [(name, self[name]) for name in self._heads]
+        return [(name, self[name]) for name in self]
 
 
 def netlink_table(
@@ -151,8 +173,7 @@ def netlink_table(
     is appended to ``reads`` ("ip kube-proxy chain services")."""
     reader = _Reader(dumps, family, name, reads if reads is not None else [])
     table = Table(NFT_FAMILY_LABEL.get(family, family), "nft", name)
-    sets = NetlinkSets(reader)
-    heads = {str(c.get("name", "")): chain_from_json(c) for c in chains}
-    table.chains = NetlinkChains(reader, heads, sets)
-    table.sets = sets
+    table.sets = reader.sets = NetlinkSets(reader)
+    listed = {str(c.get("name", "")): bool(c.get("hook")) for c in chains}
+    table.chains = NetlinkChains(reader, listed)
     return table

@@ -1,6 +1,7 @@
 """The netlink edge of the nft reader: requests to nf_tables on a ``NETLINK_NETFILTER`` socket
 (encoded with pyroute2's message classes), the answers as the raw bytes of each message. Only
-reads: a rule dump of one chain, one set's head, one set's elements."""
+reads: one chain's head, a rule dump of one chain, one set's head, one set's elements, the
+ruleset's generation."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from typing import Any, Protocol
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST  # type: ignore[import-untyped]
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES  # type: ignore[import-untyped]
 from pyroute2.netlink.nfnetlink.nftsocket import (  # type: ignore[import-untyped]
+    NFT_MSG_GETCHAIN,
+    NFT_MSG_GETGEN,
     NFT_MSG_GETRULE,
     NFT_MSG_GETSET,
     NFT_MSG_GETSETELEM,
+    nft_chain_msg,
+    nft_gen_msg,
     nft_rule_msg,
     nft_set_elem_list_msg,
     nft_set_msg,
@@ -25,7 +30,7 @@ from collectors.dns_probe import run_in_netns
 NETLINK_NETFILTER = 12
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
-NFPROTO = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
+NFPROTO = {"unspec": 0, "inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
 _HEADER = struct.Struct("=IHHII")
 
 
@@ -39,6 +44,12 @@ class NftDumps(Protocol):
     def set_head(self, family: str, table: str, name: str) -> list[bytes]: ...
 
     def elements(self, family: str, table: str, name: str) -> list[bytes]: ...
+
+    def chain(self, family: str, table: str, name: str) -> list[bytes]: ...
+
+    def generation(self) -> int:
+        """The ruleset's generation: it changes with every change of any table."""
+        ...
 
     def close(self) -> None: ...
 
@@ -69,6 +80,16 @@ class NftNetlink:
     def elements(self, family: str, table: str, name: str) -> list[bytes]:
         attrs = [("NFTA_SET_ELEM_LIST_TABLE", table), ("NFTA_SET_ELEM_LIST_SET", name)]
         return self._ask(nft_set_elem_list_msg, NFT_MSG_GETSETELEM, family, attrs, dump=True)
+
+    def chain(self, family: str, table: str, name: str) -> list[bytes]:
+        attrs = [("NFTA_CHAIN_TABLE", table), ("NFTA_CHAIN_NAME", name)]
+        return self._ask(nft_chain_msg, NFT_MSG_GETCHAIN, family, attrs, dump=False)
+
+    def generation(self) -> int:
+        found = self._ask(nft_gen_msg, NFT_MSG_GETGEN, "unspec", [], dump=False)
+        msg = nft_gen_msg(found[0])
+        msg.decode()
+        return int(msg.get_attr("NFTA_GEN_ID"))
 
     def _ask(
         self, kind: Any, command: int, family: str, attrs: list[tuple[str, str]], dump: bool
