@@ -281,33 +281,48 @@ def test_recorded_netlink_answers_decode_to_nfts_json(case: str) -> None:
         assert got == ({c: rules[c] for c in read_chains}, {s: sets[s] for s in read_sets})
 
 
-def test_a_recorded_kube_proxy_table_gives_nfts_verdicts_without_root() -> None:
-    """The collector on the recorded kube-proxy answers (a fake runner plays nft): the same
-    verdicts as parsing nft's JSON of the whole table."""
-    saved = json.loads((RECORDED / "kube_proxy_20_no_dns_endpoints.nft.json").read_text())
+def recorded_runner(case: str, asked: list[str]) -> Runner:
+    """nft as it answered when ``case`` was recorded (the other tools are not installed)."""
+    saved = json.loads((RECORDED / f"{case}.nft.json").read_text())
     listing = {"nftables": [{"chain": c} for cs in saved["chains"].values() for c in cs]}
     whole = {"nftables": [i for d in saved["tables"].values() for i in d["nftables"]]}
 
     def runner(argv: Sequence[str]) -> str:
-        if argv[:3] == ("nft", "-j", "list") and argv[3] == "chains":
+        asked.append(" ".join(argv))
+        if list(argv) == ["nft", "-j", "list", "chains"]:
             return json.dumps(listing)
-        if argv[0] == "nft":
+        if list(argv[:4]) == ["nft", "-j", "list", "table"]:
+            return json.dumps(saved["tables"][f"{argv[4]} {argv[5]}"])
+        if list(argv) == ["nft", "-j", "list", "ruleset"]:
             return json.dumps(whole)
         raise ToolNotFound(f"{argv[0]} not found")
 
+    return runner
+
+
+def recorded_collector(
+    case: str, asked: list[str], dumps: type[Recorded] | None = Recorded
+) -> FirewallCollector:
+    """The firewall collector on ``case``'s recorded nft output and netlink answers
+    (``dumps`` None: nft alone)."""
+    answers = RECORDED / f"{case}.json"
+    return FirewallCollector(
+        "node-1",
+        lambda: CLUSTER_DNS,
+        CollectorRegistry(),
+        runner=recorded_runner(case, asked),
+        facts=lambda: FACTS,
+        nft_netlink=None if dumps is None else (lambda: dumps(answers)),
+        netlink_min_chains=0,
+    )
+
+
+def test_a_recorded_kube_proxy_table_gives_nfts_verdicts_without_root() -> None:
+    """The collector on the recorded kube-proxy answers: the same verdicts as parsing nft's
+    JSON of the whole table."""
     runs = []
-    for netlink in (False, True):
-        found = FirewallCollector(
-            "node-1",
-            lambda: CLUSTER_DNS,
-            CollectorRegistry(),
-            runner=runner,
-            facts=lambda: FACTS,
-            nft_netlink=(lambda: Recorded(RECORDED / "kube_proxy_20_no_dns_endpoints.json"))
-            if netlink
-            else None,
-            netlink_min_chains=0,
-        )
+    for dumps in (None, Recorded):
+        found = recorded_collector("kube_proxy_20_no_dns_endpoints", [], dumps)
         findings = found.collect()
         runs.append((verdict_summary(found.last_verdicts), finding_summary(findings)))
     assert runs[0] == runs[1]
@@ -317,27 +332,8 @@ def test_a_recorded_kube_proxy_table_gives_nfts_verdicts_without_root() -> None:
 def test_a_table_the_reader_cannot_decode_is_read_with_nft() -> None:
     """Alpine's recorded input chain (two ip6 header matches merged by nft): the collector
     reads that table with ``nft -j list table`` and says why."""
-    saved = json.loads((RECORDED / "lab_alpine.nft.json").read_text())
-    listing = {"nftables": [{"chain": c} for cs in saved["chains"].values() for c in cs]}
     asked: list[str] = []
-
-    def runner(argv: Sequence[str]) -> str:
-        asked.append(" ".join(argv))
-        if list(argv) == ["nft", "-j", "list", "chains"]:
-            return json.dumps(listing)
-        if list(argv[:4]) == ["nft", "-j", "list", "table"]:
-            return json.dumps(saved["tables"][f"{argv[4]} {argv[5]}"])
-        raise ToolNotFound(f"{argv[0]} not found")
-
-    found = FirewallCollector(
-        "node-1",
-        lambda: CLUSTER_DNS,
-        CollectorRegistry(),
-        runner=runner,
-        facts=lambda: FACTS,
-        nft_netlink=lambda: Recorded(RECORDED / "lab_alpine.json"),
-        netlink_min_chains=0,
-    )
+    found = recorded_collector("lab_alpine", asked)
     found.collect()
     assert "nft -j list table inet filter" in asked
     source = {r.source: r for r in found.sources.results()}["nft-netlink"]
@@ -363,40 +359,13 @@ class Refusing(Recorded):
         raise PermissionError(1, "Operation not permitted")
 
 
-def recorded_runner(case: str, asked: list[str]) -> Runner:
-    """nft as it answered when ``case`` was recorded (the other tools are not installed)."""
-    saved = json.loads((RECORDED / f"{case}.nft.json").read_text())
-    listing = {"nftables": [{"chain": c} for cs in saved["chains"].values() for c in cs]}
-    whole = {"nftables": [i for d in saved["tables"].values() for i in d["nftables"]]}
-
-    def runner(argv: Sequence[str]) -> str:
-        asked.append(" ".join(argv))
-        if list(argv) == ["nft", "-j", "list", "chains"]:
-            return json.dumps(listing)
-        if list(argv[:4]) == ["nft", "-j", "list", "table"]:
-            return json.dumps(saved["tables"][f"{argv[4]} {argv[5]}"])
-        if list(argv) == ["nft", "-j", "list", "ruleset"]:
-            return json.dumps(whole)
-        raise ToolNotFound(f"{argv[0]} not found")
-
-    return runner
-
-
 @pytest.mark.parametrize("dumps", [Changing, Refusing])
 def test_rules_changing_or_netlink_refused_read_with_nft(dumps: type[Recorded]) -> None:
     """The generation moves during every netlink read: after two tries the tables are read
     with nft (a snapshot); netlink refused: nft at once. Either way the source says so."""
     case = "kube_proxy_20_no_dns_endpoints"
     asked: list[str] = []
-    found = FirewallCollector(
-        "node-1",
-        lambda: CLUSTER_DNS,
-        CollectorRegistry(),
-        runner=recorded_runner(case, asked),
-        facts=lambda: FACTS,
-        nft_netlink=lambda: dumps(RECORDED / f"{case}.json"),
-        netlink_min_chains=0,
-    )
+    found = recorded_collector(case, asked, dumps)
     findings = found.collect()
     assert "nft -j list ruleset" in asked
     source = {r.source: r for r in found.sources.results()}["nft-netlink"]
