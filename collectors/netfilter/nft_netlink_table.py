@@ -50,6 +50,8 @@ class _Reader:
                 if len(found) != 1:
                     raise self.fail(f"set {name}: {len(found)} answers")
                 self.heads[name] = decode_set_head(found[0])
+            except FileNotFoundError as error:
+                raise KeyError(name) from error
             except (OSError, NotUnderstood) as error:
                 raise self.fail(f"set {name}: {error}") from error
         return self.heads[name]
@@ -87,12 +89,14 @@ class _Reader:
         try:
             found = self.dumps.rules(self.family, self.table, name)
             return [decode_rule(data, self.set_info) for data in found]
+        except KeyError as error:
+            raise self.fail(f"chain {name}: no set {error}") from error
         except (OSError, NotUnderstood) as error:
             raise self.fail(f"chain {name}: {error}") from error
 
 
 class NetlinkSets(dict[str, list[Any]]):
-    """A table's named sets and maps, each read when first asked for."""
+    """A table's named sets and maps, each read when first asked for (KeyError: none such)."""
 
     def __init__(self, reader: _Reader) -> None:
         super().__init__()
@@ -104,7 +108,10 @@ class NetlinkSets(dict[str, list[Any]]):
         return elements
 
     def get(self, name: str, default: Any = None) -> Any:
-        return self[name]
+        try:
+            return self[name]
+        except KeyError:
+            return default
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
