@@ -374,3 +374,21 @@ def test_rules_changing_or_netlink_refused_read_with_nft(dumps: type[Recorded]) 
     assert why in (source.detail or "")
     assert "DNSNoEndpointsReject" in {f.reason for f in findings}
     assert found.netlink_reads == []
+
+
+class Garbled(Recorded):
+    """Recorded answers whose rule messages are cut short, or filled with noise."""
+
+    def rules(self, family: str, table: str, chain: str) -> list[bytes]:
+        found = super().rules(family, table, chain)
+        return [m[:20] + bytes(range(256))[: len(m) - 20] for m in found]
+
+
+def test_a_message_that_cannot_be_decoded_is_read_with_nft() -> None:
+    asked: list[str] = []
+    found = recorded_collector("kube_proxy_20_no_dns_endpoints", asked, Garbled)
+    findings = found.collect()
+    assert "nft -j list table ip kube-proxy" in asked
+    source = {r.source: r for r in found.sources.results()}["nft-netlink"]
+    assert source.status == "skipped" and "table ip kube-proxy: chain" in (source.detail or "")
+    assert "DNSNoEndpointsReject" in {f.reason for f in findings}

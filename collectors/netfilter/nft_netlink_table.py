@@ -15,8 +15,11 @@ raises ``NetlinkFallback``: the caller then reads the table with ``nft -j`` (nev
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkDecodeError  # type: ignore[import-untyped]
 
 from collectors.netfilter.model import Chain, Table
 from collectors.netfilter.nft import NFT_FAMILY_LABEL, chain_from_json, rule_from_json
@@ -25,6 +28,19 @@ from collectors.netfilter.nft_netlink_sets import SetHead, decode_elements, deco
 from collectors.netfilter.nft_netlink_state import SetInfo
 from collectors.netfilter.nft_netlink_types import NetlinkFallback, NotUnderstood
 from collectors.netfilter.nft_socket import NftDumps
+
+#: What reading or decoding one chain or set may raise: the table is then read with nft
+#: (pyroute2 raises struct.error, IndexError… on a message it cannot parse).
+_FAILURES = (
+    OSError,
+    NotUnderstood,
+    ValueError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    struct.error,
+    NetlinkDecodeError,
+)
 
 
 class _Reader:
@@ -52,7 +68,7 @@ class _Reader:
                 self.heads[name] = decode_set_head(found[0])
             except FileNotFoundError as error:
                 raise KeyError(name) from error
-            except (OSError, NotUnderstood) as error:
+            except _FAILURES as error:
                 raise self.fail(f"set {name}: {error}") from error
         return self.heads[name]
 
@@ -61,7 +77,7 @@ class _Reader:
         self.read.append(f"{self.family} {self.table} set {name}")
         try:
             return decode_elements(head, self.dumps.elements(self.family, self.table, name))
-        except (OSError, NotUnderstood) as error:
+        except _FAILURES as error:
             raise self.fail(f"elements of set {name}: {error}") from error
 
     def set_info(self, name: str) -> SetInfo:
@@ -81,7 +97,7 @@ class _Reader:
             return decode_chain(found[0])
         except FileNotFoundError:
             return None
-        except (OSError, NotUnderstood) as error:
+        except _FAILURES as error:
             raise self.fail(f"chain {name}: {error}") from error
 
     def rules(self, name: str) -> list[dict[str, Any]]:
@@ -91,7 +107,7 @@ class _Reader:
             return [decode_rule(data, self.set_info) for data in found]
         except KeyError as error:
             raise self.fail(f"chain {name}: no set {error}") from error
-        except (OSError, NotUnderstood) as error:
+        except _FAILURES as error:
             raise self.fail(f"chain {name}: {error}") from error
 
 
