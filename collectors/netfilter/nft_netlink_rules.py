@@ -277,7 +277,7 @@ def _fib(rule: RuleState, data: Any) -> None:
         raise NotUnderstood(f"fib result {result}")
     name, kind, size = kinds[result]
     expr = {"fib": {"result": name, "flags": names}}
-    load(rule, data, Loaded(expr, kind, 1 if kind == TYPE_BOOLEAN else size), "NFTA_FIB_DREG")
+    load(rule, data, Loaded(expr, kind, 4 if kind == TYPE_BOOLEAN else size), "NFTA_FIB_DREG")
 
 
 def _numgen(rule: RuleState, data: Any) -> None:
@@ -301,6 +301,8 @@ def _bitwise(rule: RuleState, data: Any) -> None:
         raise NotUnderstood("bitwise shift")
     source = read_register(rule, data, "NFTA_BITWISE_SREG")
     mask, xor = attr_value(data, "NFTA_BITWISE_MASK"), attr_value(data, "NFTA_BITWISE_XOR")
+    if not len(mask) == len(xor) == source.size == data.get_attr("NFTA_BITWISE_LEN"):
+        raise NotUnderstood("bitwise on part of a register")
     load(rule, data, _masked(source, mask, xor), "NFTA_BITWISE_DREG")
 
 
@@ -374,6 +376,9 @@ def _cmp(rule: RuleState, data: Any) -> None:
 def _right(left: Loaded, value: bytes) -> Any:
     if left.literal is not None or left.expr is None:
         raise NotUnderstood("a comparison of a literal")
+    if len(value) != left.size and not (left.kind == TYPE_IFNAME and len(value) < left.size):
+        # Only an interface name is compared in part (a prefix: "eth*").
+        raise NotUnderstood(f"{len(value)} bytes compared with {left.size}")
     if left.prefix is not None and left.field_bits is not None:
         full = value.ljust(left.field_bits // 8, b"\0")
         return {"prefix": {"addr": render(left.kind, full), "len": left.prefix}}

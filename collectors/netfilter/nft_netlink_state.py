@@ -71,7 +71,17 @@ def register(name: Any) -> int:
 
 
 def load(rule: RuleState, data: Any, loaded: Loaded, attr: str) -> None:
-    rule.regs[register(data.get_attr(attr))] = loaded
+    """``loaded`` into the register ``attr`` names; what it overwrites in part is gone."""
+    start = register(data.get_attr(attr))
+    end = start + _words(loaded)
+    for other, held in list(rule.regs.items()):
+        if other < end and start < other + _words(held):
+            del rule.regs[other]
+    rule.regs[start] = loaded
+
+
+def _words(loaded: Loaded) -> int:
+    return max(1, (loaded.size + 3) // 4)
 
 
 def read_register(rule: RuleState, data: Any, attr: str) -> Loaded:
