@@ -30,7 +30,7 @@ import pytest
 from kube_proxy_nft import kube_proxy_nft_script
 from nft_recorded import Recorded
 from prometheus_client import CollectorRegistry
-from test_firewall_netns import Netns
+from test_firewall_netns import Netns, kube_proxy_rules
 from test_netfilter_evaluate import FACTS as EVALUATOR_FACTS
 
 from collectors.finding import Finding
@@ -250,6 +250,21 @@ def test_large_kube_proxy_reads_only_the_flows_chains(
         assert any(s.packets > 0 for s in rejects)  # the packet sent above
     top = by_netlink._netlink_tables[("ip", "kube-proxy")].chains["filter-output"].rules[0]
     assert top.packets > 0 and top.expr[0]["counter"]["packets"] == top.packets
+
+
+@pytest.mark.root
+def test_next_to_iptables_nft_tables(netns: Netns) -> None:
+    """kube-proxy's nftables table beside iptables-nft tables (the RKE2 base and kube-proxy's
+    iptables rules): the iptables-nft ones are read piece by piece, the nft one over
+    netlink; the same verdicts as nft's read."""
+    netns.run(["iptables-restore"], stdin=kube_proxy_rules(30))
+    load(netns, (kube_proxy_nft_script(30, dns_endpoints=()),))
+    by_nft, nft_findings = collector(netns, netlink=False)
+    by_netlink, netlink_findings = collector(netns, netlink=True)
+    assert verdict_summary(by_netlink.last_verdicts) == verdict_summary(by_nft.last_verdicts)
+    assert finding_summary(netlink_findings) == finding_summary(nft_findings)
+    assert {r.source for r in by_netlink.sources.results()} >= {"iptables-nft", "nft-netlink"}
+    assert any(r.startswith("ip kube-proxy chain") for r in by_netlink.netlink_reads)
 
 
 # --------------------------------------------------------------------------- recorded
