@@ -42,6 +42,7 @@ from collectors.netfilter.ipset import parse_ipset_save
 from collectors.netfilter.iptables import nat_marks, parse_iptables_save
 from collectors.netfilter.model import DROP_TABLES, Ruleset, Table
 from collectors.netfilter.nft import parse_nft_json
+from collectors.netfilter.nft_netlink_tables import NetlinkTables
 from collectors.netfilter.nft_netlink_types import NetlinkFallback
 from collectors.netfilter.xtables_nft import (
     FetchedChains,
@@ -71,7 +72,7 @@ __all__ = ["SOURCES", "FirewallCollector", "Source", "findings_from_files", "nat
 NETLINK_MIN_CHAINS = 100
 
 
-#: Runs whose tables read over netlink changed while being read before nft reads them.
+#: Reads over netlink that may see the rules change under them before nft reads instead.
 NETLINK_ATTEMPTS = 2
 
 
@@ -206,14 +207,13 @@ class FirewallCollector:
         self._listing: str | None = None
         self._listing_items: list[Any] | None = None
         self._listing_error: CollectorError | OSError | None = None
-        self.nft_netlink = nft_netlink
-        self.netlink_min_chains = netlink_min_chains
-        self._dumps: NftDumps | None = None
-        self._netlink_tables: dict[tuple[str, str], Table] = {}
-        self._use_netlink = True
-        self._generation = 0
-        #: What the last run read over netlink ("ip kube-proxy chain services", "… set …").
-        self.netlink_reads: list[str] = []
+        self.netlink = NetlinkTables(nft_netlink, netlink_min_chains)
+        self._netlink_made: list[Table] = []
+
+    @property
+    def netlink_reads(self) -> list[str]:
+        """What the last run read over netlink ("ip kube-proxy chain services", "… set …")."""
+        return self.netlink.reads if self.netlink.tables else []
 
     def read(self, netlink: bool = True) -> list[Ruleset]:
         """Run every source that exists, recording each one's outcome in ``sources``;
@@ -226,8 +226,8 @@ class FirewallCollector:
         self._listing = None
         self._listing_items = None
         self._listing_error = None
-        self._netlink_tables = {}
-        self._use_netlink = netlink
+        self.netlink.start(netlink)
+        self._netlink_made = []
         for source in self.rule_sources:
             if source.backend == "ipset" and self.facts is None:
                 continue  # only the flow evaluator needs set members
@@ -363,7 +363,7 @@ class FirewallCollector:
         if source.backend == "nft" and not ruleset.tables and ruleset.warnings:
             raise CollectorError(f"{source.tool} printed no rules: {ruleset.warnings[0]}")
         if source.backend == "nft":
-            ruleset.tables.extend(self._netlink_tables.values())
+            ruleset.tables.extend(self._netlink_made)
         return ruleset, text
 
     def _read_nft(self, source: Source, iptables: Sequence[Ruleset]) -> str:
@@ -378,65 +378,35 @@ class FirewallCollector:
             if t.backend == "iptables-nft"
         }
         try:
-            big = self._big_tables(covered)
-            if big and not self._open_netlink():
-                big = {}
+            big = self._netlink_candidates(covered)
             if not covered and not big:
                 return self.runner(source.argv)
             text = self._list_tables(source, covered | set(big))
         except (ValueError, AttributeError, TypeError) as error:
             raise CollectorError(f"{source.tool} -j printed unexpected JSON: {error}") from error
-        self._netlink_table_objects(big)
+        if big:
+            self._netlink_made = self.netlink.make(big)
+            self.sources.ok("nft-netlink")
         return text
 
-    def _big_tables(self, covered: set[tuple[str, str]]) -> dict[tuple[str, str], list[Any]]:
-        """The native tables to read over netlink, with their chains' JSON objects from
-        ``nft -j list chains``."""
-        if self.nft_netlink is None or not self._use_netlink:
+    def _netlink_candidates(self, covered: set[tuple[str, str]]) -> dict[Any, list[Any]]:
+        """The tables to read over netlink, with their chains' objects; none when nf_tables
+        cannot be asked over netlink (said in the ``nft-netlink`` source): nft reads them."""
+        if self.netlink.opener is None or not self.netlink.enabled:
             return {}
-        tables: dict[tuple[str, str], list[Any]] = {}
-        for item in self._listed_chains():
-            chain = item.get("chain") if isinstance(item, dict) else None
-            if isinstance(chain, dict):
-                key = (str(chain.get("family")), str(chain.get("table")))
-                tables.setdefault(key, []).append(chain)
-        return {
-            key: chains
-            for key, chains in tables.items()
-            if key not in covered and len(chains) >= self.netlink_min_chains
-        }
-
-    def _open_netlink(self) -> bool:
-        """nf_tables over netlink, and the ruleset's generation now; False (said in the
-        ``nft-netlink`` source) when it cannot be asked: nft reads those tables."""
+        chosen = self.netlink.choose(self._listed_chains(), covered)
+        if not chosen:
+            return {}
         try:
-            if self._dumps is None and self.nft_netlink is not None:
-                self._dumps = self.nft_netlink()
-            if self._dumps is None:
-                return False
-            self._generation = self._dumps.generation()
+            self.netlink.open()
         except OSError as error:
             self.sources.skipped("nft-netlink", f"nf_tables over netlink: {error}; read with nft")
-            if self._dumps is not None:
-                self._dumps.close()
-                self._dumps = None
-            return False
-        return True
-
-    def _netlink_table_objects(self, big: dict[tuple[str, str], list[Any]]) -> None:
-        if not big or self._dumps is None:
-            return
-        from collectors.netfilter.nft_netlink_table import netlink_table
-
-        self.netlink_reads = []
-        for (family, name), chains in big.items():
-            table = netlink_table(family, name, chains, self._dumps, self.netlink_reads)
-            self._netlink_tables[(family, name)] = table
-        self.sources.ok("nft-netlink")
+            return {}
+        return chosen
 
     def _fall_back(self, rulesets: list[Ruleset], fallback: NetlinkFallback) -> None:
         """Read the table the netlink reader gave up on with ``nft -j list table``."""
-        table = self._netlink_tables.pop((fallback.family, fallback.name))
+        table = self.netlink.tables.pop((fallback.family, fallback.name))
         self.sources.skipped("nft-netlink", f"{fallback}; read with nft -j instead")
         argv = ("nft", "-j", "list", "table", fallback.family, fallback.name)
         parsed = parse_nft_json(self.runner(argv))
@@ -472,9 +442,7 @@ class FirewallCollector:
         try:
             hits, verdicts = self._read_and_analyse()
         finally:
-            if self._dumps is not None:
-                self._dumps.close()
-                self._dumps = None
+            self.netlink.close()
         self.last_hits = hits
         self._update_metrics(hits)
         if verdicts is None:
@@ -489,20 +457,12 @@ class FirewallCollector:
         it moved again, read every table with nft (nft retries until it has a snapshot)."""
         for _attempt in range(NETLINK_ATTEMPTS):
             found = self._analyse(self.read())
-            if not self._netlink_tables or self._unchanged():
+            if not self.netlink.tables or self.netlink.unchanged():
                 return found
-        self.netlink_reads = []
         found = self._analyse(self.read(netlink=False))
         why = f"the rules changed while being read ({NETLINK_ATTEMPTS} times); read with nft -j"
         self.sources.skipped("nft-netlink", why)
         return found
-
-    def _unchanged(self) -> bool:
-        """Whether the ruleset's generation is the one the netlink reads started at."""
-        try:
-            return self._dumps is not None and self._dumps.generation() == self._generation
-        except OSError:
-            return False
 
     def _analyse(
         self, rulesets: list[Ruleset]

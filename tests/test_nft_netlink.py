@@ -248,7 +248,7 @@ def test_large_kube_proxy_reads_only_the_flows_chains(
         rejects = [s for s in stops if s.no_endpoints]
         assert rejects and all(s.chain == "reject-chain" for s in rejects)
         assert any(s.packets > 0 for s in rejects)  # the packet sent above
-    top = by_netlink._netlink_tables[("ip", "kube-proxy")].chains["filter-output"].rules[0]
+    top = by_netlink.netlink.tables[("ip", "kube-proxy")].chains["filter-output"].rules[0]
     assert top.packets > 0 and top.expr[0]["counter"]["packets"] == top.packets
 
 
