@@ -407,3 +407,19 @@ def test_a_message_that_cannot_be_decoded_is_read_with_nft() -> None:
     source = {r.source: r for r in found.sources.results()}["nft-netlink"]
     assert source.status == "skipped" and "table ip kube-proxy: chain" in (source.detail or "")
     assert "DNSNoEndpointsReject" in {f.reason for f in findings}
+
+
+def test_a_listed_chain_is_known_without_reading_it() -> None:
+    """The evaluator asks whether each target of a verdict map is a chain (10,000 of them
+    with 10,000 Services) before it follows a few: a listed chain is not read for that; a
+    name not listed is asked for (a chain made since), and remembered as absent."""
+    case = "kube_proxy_20_no_dns_endpoints"
+    saved = json.loads((RECORDED / f"{case}.nft.json").read_text())
+    dumps = Recorded(RECORDED / f"{case}.json")
+    table = netlink_table("ip", "kube-proxy", saved["chains"]["ip kube-proxy"], dumps)
+    listed = [c["name"] for c in saved["chains"]["ip kube-proxy"]]
+    assert all(name in table.chains for name in listed)
+    assert dumps.asked == []
+    assert "no-such-chain" not in table.chains and "no-such-chain" not in table.chains
+    assert dumps.asked == ["chain ip kube-proxy no-such-chain"]
+    assert len(table.base_chains()) == 6

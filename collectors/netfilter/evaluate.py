@@ -347,7 +347,13 @@ class Evaluator:
             yield from self._end_of_chain(base, chain, stack, branch, budget, depth, returned=True)
         else:  # jump or goto
             assert result.verdict is not None and result.verdict.chain is not None
-            target = base.table.chains[result.verdict.chain]
+            name = result.verdict.chain
+            if depth + 1 > MAX_DEPTH or budget.exhausted():
+                # _walk stops there: do not read the chain (a table read lazily over netlink
+                # would fetch each of a verdict map's thousands of targets).
+                target = Chain(name)
+            else:
+                target = base.table.chains[name]
             branch = replace(branch, path=(*branch.path, target.name))
             if kind == "jump":
                 stack = (*stack, (chain, index + 1))
