@@ -12,11 +12,14 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import realcontainerd
 import realkernel
+
+if TYPE_CHECKING:
+    import imagelab
 
 
 def _require_root() -> None:
@@ -119,3 +122,12 @@ def k8s_container(
                 errors.append(str(e))
         if errors:
             raise RuntimeError("k8s_container cleanup: " + "; ".join(errors))
+
+
+@pytest.fixture(scope="session")
+def image(tmp_path_factory: pytest.TempPathFactory) -> imagelab.Image:
+    """The image as shipped, built once per session by scripts/build-image."""
+    import imagelab
+
+    imagelab.require_tools()
+    return imagelab.build_image(tmp_path_factory.mktemp("image"))

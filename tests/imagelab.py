@@ -17,6 +17,7 @@ Import as ``import imagelab``.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -34,6 +35,7 @@ from typing import Any
 
 import podspec
 import realcontainerd
+import realcri
 import realkernel
 from prometheus_client.parser import text_string_to_metric_families
 from test_deploy import pod_spec, rendered
@@ -121,12 +123,22 @@ class Node:
 
     name: str = field(default_factory=lambda: f"node-{secrets.token_hex(3)}")
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
+    cri: bool = False
+    """containerd with its CRI plugin, started in the node's network (as kubelet's is)."""
 
     def __post_init__(self) -> None:
         self.netns = f"nodediag-node-{self.tag}"
         self.dns_netns = f"nodediag-nodedns-{self.tag}"
         self.root = Path(f"/run/nodediag-node-{self.tag}")
-        self.containerd = realcontainerd.Containerd(base=self.root / "run" / "containerd")
+        # Outside ``root``: its removal must never walk into the cgroup filesystem.
+        self.shared_cgroup = Path(f"/run/nodediag-node-{self.tag}-cgroup")
+        self._cgroup_mounted = False
+        base = self.root / "run" / "containerd"
+        self.containerd = (
+            realcri.CriContainerd(base=base, netns=self.netns)
+            if self.cri
+            else realcontainerd.Containerd(base=base)
+        )
         self._dns_server: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Node:
@@ -134,8 +146,11 @@ class Node:
             self._make_network()
             (self.root / "run").mkdir(parents=True)
             self._write_node_files()
+            if self.cri:
+                self._share_cgroup_mount()
             self.containerd.__enter__()
-            realcontainerd.import_busybox_image(self.containerd)
+            if not self.containerd.image:  # the CRI containerd imports it itself
+                realcontainerd.import_busybox_image(self.containerd)
         except BaseException:
             self.cleanup()
             raise
@@ -211,11 +226,36 @@ class Node:
             f"clusterDNS:\n- {CLUSTER_DNS}\nclusterDomain: cluster.local\n"
         )
 
+    def _share_cgroup_mount(self) -> None:
+        """The cgroup tree as a systemd node has it: a shared mount. containerd's CRI
+        refuses ``mountPropagation: HostToContainer`` from a private one, which is what this
+        machine may have; a shared bind of it leaves the machine's own mount as it is."""
+        self.shared_cgroup.mkdir()
+        subprocess.run(["mount", "--rbind", "/sys/fs/cgroup", str(self.shared_cgroup)],
+                       check=True, capture_output=True)  # fmt: skip
+        self._cgroup_mounted = True
+        subprocess.run(["mount", "--make-rshared", str(self.shared_cgroup)],
+                       check=True, capture_output=True)  # fmt: skip
+
+    def _unshare_cgroup_mount(self) -> None:
+        if self._cgroup_mounted:
+            done = subprocess.run(["umount", "--recursive", "--lazy", str(self.shared_cgroup)],
+                                  capture_output=True, text=True)  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(f"umount {self.shared_cgroup}: {done.stderr.strip()}")
+            self._cgroup_mounted = False
+        with contextlib.suppress(FileNotFoundError):
+            self.shared_cgroup.rmdir()  # never rmtree: it was a cgroup filesystem
+
     def cleanup(self) -> None:
         errors: list[str] = []
         try:
             self.containerd.cleanup()
         except Exception as e:  # the rest must go all the same
+            errors.append(str(e))
+        try:
+            self._unshare_cgroup_mount()
+        except Exception as e:
             errors.append(str(e))
         if self._dns_server is not None:
             self._dns_server.kill()
@@ -230,6 +270,10 @@ class Node:
 
     def host_path(self, path: str) -> Path:
         """Where the manifest's hostPath ``path`` is on this test's node."""
+        if self._cgroup_mounted and (
+            path == "/sys/fs/cgroup" or path.startswith("/sys/fs/cgroup/")
+        ):
+            return self.shared_cgroup / path.removeprefix("/sys/fs/cgroup").lstrip("/")
         if any(path == p or path.startswith(p + "/") for p in SHARED_HOST_PATHS):
             return Path(path)
         return self.root / path.lstrip("/")
@@ -271,23 +315,27 @@ def translate(node: Node, image: Image, spec: Obj, scratch: Path, pod: str) -> p
     )
 
 
-@dataclass
-class Agent:
-    """The agent's container, started from the translated DaemonSet."""
+class AgentView(abc.ABC):
+    """The agent's container on a :class:`Node`, however it was started: its log (findings
+    are its JSON lines), its metrics port and probes."""
 
     node: Node
-    run: podspec.CtrRun
-    container: realcontainerd.RunningContainer
+
+    @abc.abstractmethod
+    def log(self) -> str:
+        """What the agent wrote to stdout and stderr so far."""
+
+    @abc.abstractmethod
+    def state(self) -> str:
+        """``RUNNING`` while the container runs."""
 
     @property
-    def log_path(self) -> Path:
-        return self.node.containerd.logs / f"{self.container.container_id}.log"
+    @abc.abstractmethod
+    def ports(self) -> dict[str, int]: ...
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    @property
+    @abc.abstractmethod
+    def probes(self) -> dict[str, podspec.HttpProbe]: ...
 
     def findings(self) -> list[dict[str, Any]]:
         found = []
@@ -300,7 +348,7 @@ class Agent:
         return found
 
     def url(self, path: str) -> str:
-        return f"http://{NODE_IP}:{self.run.ports['metrics']}{path}"
+        return f"http://{NODE_IP}:{self.ports['metrics']}{path}"
 
     def get(self, path: str, *, from_peer: bool = False) -> tuple[int, str]:
         return self.node.http_get(self.url(path), from_peer=from_peer)
@@ -318,10 +366,10 @@ class Agent:
         deadline = time.monotonic() + timeout
         last: object = None
         while time.monotonic() < deadline:
-            if self.container.status() != "RUNNING":
-                raise RuntimeError(f"agent container {self.container.status()}:\n{self.log()}")
+            if self.state() != "RUNNING":
+                raise RuntimeError(f"agent container {self.state()}:\n{self.log()}")
             try:
-                status, _ = self.get(self.run.probes["readinessProbe"].path)
+                status, _ = self.get(self.probes["readinessProbe"].path)
                 if status == 200:
                     return
                 last = status
@@ -339,6 +387,36 @@ class Agent:
             time.sleep(0.2)
         raise TimeoutError(f"no finding {match}:\n{self.log()[-3000:]}")
 
+
+@dataclass
+class Agent(AgentView):
+    """The agent's container, started by ``ctr run`` from the translated DaemonSet."""
+
+    node: Node
+    run: podspec.CtrRun
+    container: realcontainerd.RunningContainer
+
+    @property
+    def log_path(self) -> Path:
+        return self.node.containerd.logs / f"{self.container.container_id}.log"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def state(self) -> str:
+        return self.container.status()
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return self.run.ports
+
+    @property
+    def probes(self) -> dict[str, podspec.HttpProbe]:
+        return self.run.probes
+
     def terminate(self) -> tuple[int, float]:
         """SIGTERM the agent as the kubelet stops a pod; returns (exit status, seconds)."""
         t0 = time.monotonic()
@@ -346,6 +424,21 @@ class Agent:
         self.container.wait_stopped(timeout=self.run.termination_grace_seconds + 5)
         seconds = time.monotonic() - t0
         return self.container.delete_task(), seconds
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """``/proc/<pid>/status`` by field (``CapEff``, ``NoNewPrivs``, ``Seccomp``, …)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def mount_options(pid: int) -> dict[str, set[str]]:
+    """Mount point (as the process sees it) -> its per-mount options (``ro``/``rw``, …)."""
+    options: dict[str, set[str]] = {}
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        options[fields[4].replace("\\040", " ")] = set(fields[5].split(","))
+    return options
 
 
 def failures(samples: Samples) -> dict[str, float]:

@@ -104,6 +104,8 @@ from standin_validation import (
     status_object,
 )
 
+from collectors.dns_probe import run_in_netns
+
 __all__ = [
     "DEFAULT_TOKEN",
     "EVENTS_GROUP",
@@ -129,6 +131,7 @@ class RecordedRequest:
     content_type: str = ""
     fault: str | None = None  # "drop", "status", "outage", "forbid" when injected
     response: Any = None  # parsed JSON answer (None for watch streams / drops)
+    user: str | None = None  # who the bearer token named (None: not authenticated)
 
 
 @dataclass
@@ -224,16 +227,21 @@ class KubeStandin(EventsEndpoint):
         self.watch_event_limit: int | None = None
         """End each watch stream after this many events (a proxy with a short idle timeout)."""
         self._server: _Server | None = None
+        self.host = "127.0.0.1"
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
-    def start(self, port: int = 0) -> KubeStandin:
-        """Serve on 127.0.0.1:``port`` (0: any free port). After :meth:`stop`, starting
+    def start(
+        self, port: int = 0, *, host: str = "127.0.0.1", netns: str | None = None
+    ) -> KubeStandin:
+        """Serve on ``host``:``port`` (0: any free port), the listening socket made in network
+        namespace ``netns`` (a test's; ``None``: this one). After :meth:`stop`, starting
         again on the old port with the same stored objects is an API server restart."""
         with self._cond:
             self._stopping = False
-        server = _Server(("127.0.0.1", port), _Handler)
+        self.host = host
+        server = run_in_netns(netns, lambda: _Server((host, port), _Handler))
         server.standin = self
         server.tls_context = self.tls.server_context() if self.tls else None
         self._server = server
@@ -271,7 +279,7 @@ class KubeStandin(EventsEndpoint):
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def write_kubeconfig(
         self, path: str | Path, *, namespace: str = "default", token: str | None = None
@@ -562,10 +570,12 @@ class KubeStandin(EventsEndpoint):
             except ValueError as exc:
                 body_error = f"couldn't get version/kind; json parse error: {exc}"
 
+        user: User | None = None
+
         def log(status: int | None, fault: str | None = None, response: Any = None) -> None:
-            self._log(
-                RecordedRequest(method, path, query, status, body, arrived, ctype, fault, response)
-            )
+            name = user.name if user else None
+            self._log(RecordedRequest(method, path, query, status, body, arrived, ctype, fault,
+                                      response, name))  # fmt: skip
 
         with self._cond:
             outage = self._outage_now()
@@ -584,7 +594,8 @@ class KubeStandin(EventsEndpoint):
             return
 
         try:
-            self._authorize(method, path, query, self._authenticate(req))
+            user = self._authenticate(req)
+            self._authorize(method, path, query, user)
             route = self._route(path)
             if route is not None:
                 self._check_rbac(method, route, query)
@@ -867,7 +878,7 @@ class KubeStandin(EventsEndpoint):
                 "kind": "APIVersions",
                 "versions": ["v1"],
                 "serverAddressByClientCIDRs": [
-                    {"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{self.port}"}
+                    {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self.host}:{self.port}"}
                 ],
             }
         if path == "/api/v1":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -166,7 +166,7 @@ def environment(container: Obj, downward: Mapping[str, str]) -> dict[str, str]:
     env: dict[str, str] = {}
     for entry in container.get("env", []):
         if "value" in entry:
-            env[entry["name"]] = _expand(str(entry["value"]), env)
+            env[entry["name"]] = expand(str(entry["value"]), env)
             continue
         source = entry.get("valueFrom", {})
         ref = source.get("fieldRef", {}).get("fieldPath")
@@ -176,7 +176,7 @@ def environment(container: Obj, downward: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def _expand(value: str, env: Mapping[str, str]) -> str:
+def expand(value: str, env: Mapping[str, str]) -> str:
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), value)
 
 
@@ -204,35 +204,64 @@ def check_host_path(path: Path, kind: str) -> None:
         raise PodStartError(f"hostPath type check failed: {path} is not a {kind}")
 
 
-def mounts(pod: Obj, container: Obj, host_path: Callable[[str], Path], scratch: Path) -> list[str]:
-    """``--mount`` options for every volumeMount: hostPath volumes at ``host_path(path)``
-    (type-checked, created where the type says), emptyDirs as a tmpfs (``medium: Memory``,
-    with its ``sizeLimit``) or a fresh directory under ``scratch``."""
+def volume_mounts(pod: Obj, container: Obj) -> Iterator[tuple[Obj, Obj]]:
+    """Each volumeMount with its volume; a mount field or volume kind not modelled raises."""
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    options: list[str] = []
     for mount in container.get("volumeMounts", []):
         unknown = set(mount) - {"name", "mountPath", "readOnly", "mountPropagation"}
         if unknown:
             raise Unsupported(f"volumeMount {mount['name']}: {sorted(unknown)}")
         volume = volumes[mount["name"]]
+        kinds = set(volume) - {"name"}
+        if kinds not in ({"hostPath"}, {"emptyDir"}):
+            raise Unsupported(f"volume {volume['name']}: {sorted(kinds)}")
+        if mount.get("mountPropagation") not in _PROPAGATION:
+            raise Unsupported(f"volumeMount {mount['name']}: {mount['mountPropagation']}")
+        yield mount, volume
+
+
+def host_path_source(volume: Obj, host_path: Callable[[str], Path]) -> Path:
+    """A hostPath volume's path on the test's node, type-checked (created where the type
+    says) as the kubelet does before it starts the container."""
+    unknown = set(volume["hostPath"]) - {"path", "type"}
+    if unknown:
+        raise Unsupported(f"volume {volume['name']}: hostPath {sorted(unknown)}")
+    source = host_path(volume["hostPath"]["path"])
+    check_host_path(source, volume["hostPath"].get("type", ""))
+    return source
+
+
+def memory_medium(volume: Obj) -> tuple[bool, int | None]:
+    """An emptyDir: (on tmpfs, its size limit in bytes)."""
+    empty = volume["emptyDir"] or {}
+    unknown = set(empty) - {"medium", "sizeLimit"}
+    if unknown or empty.get("medium", "") not in ("", "Memory"):
+        raise Unsupported(f"volume {volume['name']}: emptyDir {empty}")
+    size = quantity(empty["sizeLimit"]) if "sizeLimit" in empty else None
+    return empty.get("medium") == "Memory", size
+
+
+def mounts(pod: Obj, container: Obj, host_path: Callable[[str], Path], scratch: Path) -> list[str]:
+    """``--mount`` options for every volumeMount: hostPath volumes at ``host_path(path)``
+    (type-checked, created where the type says), emptyDirs as a tmpfs (``medium: Memory``,
+    with its ``sizeLimit``) or a fresh directory under ``scratch``."""
+    options: list[str] = []
+    for mount, volume in volume_mounts(pod, container):
         ro = "ro" if mount.get("readOnly") else "rw"
         propagation = _PROPAGATION[mount.get("mountPropagation")]
         if "hostPath" in volume:
-            source = host_path(volume["hostPath"]["path"])
-            check_host_path(source, volume["hostPath"].get("type", ""))
+            source = host_path_source(volume, host_path)
             spec = f"type=bind,src={source},options=rbind:{ro}:{propagation}"
-        elif "emptyDir" in volume:
-            spec = _empty_dir(volume, scratch, ro)
         else:
-            raise Unsupported(f"volume {volume['name']}: {sorted(set(volume) - {'name'})}")
+            spec = _empty_dir(volume, scratch, ro)
         options += ["--mount", f"{spec},dst={mount['mountPath']}"]
     return options
 
 
 def _empty_dir(volume: Obj, scratch: Path, ro: str) -> str:
-    empty = volume["emptyDir"] or {}
-    if empty.get("medium") == "Memory":
-        size = f":size={quantity(empty['sizeLimit'])}" if "sizeLimit" in empty else ""
+    in_memory, limit = memory_medium(volume)
+    if in_memory:
+        size = f":size={limit}" if limit is not None else ""
         return f"type=tmpfs,src=tmpfs,options=nosuid:nodev:mode=777:{ro}{size}"
     directory = scratch / f"empty-dir-{volume['name']}"
     directory.mkdir(mode=0o777, parents=True, exist_ok=True)
@@ -252,14 +281,8 @@ def translate(
     """The ``ctr run`` options for the pod's only container. ``entrypoint``/``cmd``: the
     image's; ``network_namespace``: what ``hostNetwork: true`` joins (the test's node);
     ``host_path`` maps a manifest hostPath to the path used here."""
-    unknown = set(pod) - _POD_FIELDS
-    if unknown:
-        raise Unsupported(f"pod spec fields {sorted(unknown)}")
-    [container] = pod["containers"]
-    unknown = set(container) - _CONTAINER_FIELDS
-    if unknown:
-        raise Unsupported(f"container fields {sorted(unknown)}")
-    context = security_context(pod, container)
+    read = read_pod(pod)
+    container, context = read.container, read.context
     options = _security_options(context)
     options += _namespace_options(pod, network_namespace)
     options += mounts(pod, container, host_path, scratch)
@@ -268,33 +291,88 @@ def translate(
         options += ["--env", f"{name}={value}"]
     if "workingDir" in container:
         options += ["--cwd", container["workingDir"]]
-    limits = container.get("resources", {}).get("limits", {})
-    unknown = set(limits) - {"memory", "cpu"}
-    if unknown:
-        raise Unsupported(f"resource limits {sorted(unknown)}")
-    if "cpu" in limits:
-        period = 100_000
-        quota = _millicores(limits["cpu"]) * period // 1000
-        options += ["--cpu-period", str(period), "--cpu-quota", str(quota)]
-    requests = {**limits, **container.get("resources", {}).get("requests", {})}
-    if "cpu" in requests:  # the kubelet's shares: 1024 per CPU, at least 2
-        options += ["--cpu-shares", str(max(2, _millicores(requests["cpu"]) * 1024 // 1000))]
-    ports = {p.get("name", str(p["containerPort"])): p["containerPort"] for p in
-             container.get("ports", [])}  # fmt: skip
+    if read.cpu_quota:
+        options += ["--cpu-period", str(CPU_PERIOD), "--cpu-quota", str(read.cpu_quota)]
+    if read.cpu_shares:
+        options += ["--cpu-shares", str(read.cpu_shares)]
     return CtrRun(
         options=options,
         argv=_argv(container, entrypoint, cmd, env),
         env=env,
-        memory_limit=quantity(limits["memory"]) if "memory" in limits else 0,
-        qos=_qos(limits, requests),
+        memory_limit=read.memory_limit,
+        qos=read.qos,
         capabilities=capabilities(context),
-        no_new_privs=context.get("allowPrivilegeEscalation") is False,
+        no_new_privs=read.no_new_privs,
         seccomp=_seccomp(pod, context),
         privileged=bool(context.get("privileged")),
+        ports=read.ports,
+        probes=read.probes,
+        termination_grace_seconds=read.termination_grace_seconds,
+    )
+
+
+CPU_PERIOD = 100_000  # the kubelet's CFS period (µs)
+
+
+@dataclass(frozen=True)
+class PodRead:
+    """The pod's only container as the kubelet reads it: every field checked against what
+    is modelled, the securityContext merged, resources in bytes, shares and quota."""
+
+    pod: Obj
+    container: Obj
+    context: Obj
+    memory_limit: int  # 0: none
+    cpu_shares: int | None  # from the CPU request: 1024 per CPU, at least 2
+    cpu_quota: int | None  # per CPU_PERIOD, from the CPU limit
+    qos: Qos
+    ports: dict[str, int]
+    probes: dict[str, HttpProbe]
+
+    @property
+    def no_new_privs(self) -> bool:
+        return self.context.get("allowPrivilegeEscalation") is False
+
+    @property
+    def termination_grace_seconds(self) -> float:
+        return float(self.pod.get("terminationGracePeriodSeconds", 30))
+
+
+def read_pod(pod: Obj, pod_fields: frozenset[str] = frozenset()) -> PodRead:
+    """Check and read ``pod`` (``pod_fields``: more pod fields the caller models)."""
+    unknown = set(pod) - _POD_FIELDS - pod_fields
+    if unknown:
+        raise Unsupported(f"pod spec fields {sorted(unknown)}")
+    [container] = pod["containers"]
+    unknown = set(container) - _CONTAINER_FIELDS
+    if unknown:
+        raise Unsupported(f"container fields {sorted(unknown)}")
+    resources = container.get("resources", {})
+    unknown = set(resources) - {"limits", "requests"}
+    if unknown:
+        raise Unsupported(f"resources {sorted(unknown)}")
+    limits = resources.get("limits", {})
+    requests = {**limits, **resources.get("requests", {})}
+    unknown = (set(limits) | set(requests)) - {"memory", "cpu"}
+    if unknown:
+        raise Unsupported(f"resources {sorted(unknown)}")
+    ports = {p.get("name", str(p["containerPort"])): p["containerPort"] for p in
+             container.get("ports", [])}  # fmt: skip
+    return PodRead(
+        pod=pod,
+        container=container,
+        context=security_context(pod, container),
+        memory_limit=quantity(limits["memory"]) if "memory" in limits else 0,
+        cpu_shares=_shares(requests["cpu"]) if "cpu" in requests else None,
+        cpu_quota=_millicores(limits["cpu"]) * CPU_PERIOD // 1000 if "cpu" in limits else None,
+        qos=_qos(limits, requests),
         ports=ports,
         probes=_probes(container, ports),
-        termination_grace_seconds=float(pod.get("terminationGracePeriodSeconds", 30)),
     )
+
+
+def _shares(cpu: str | int) -> int:
+    return max(2, _millicores(cpu) * 1024 // 1000)
 
 
 def _qos(limits: Mapping[str, Any], requests: Mapping[str, Any]) -> Qos:
@@ -311,17 +389,23 @@ def _amount(resource: str, value: str | int) -> int:
     return _millicores(value) if resource == "cpu" else quantity(value)
 
 
-def _security_options(context: Obj) -> list[str]:
-    uid, gid = context.get("runAsUser"), context.get("runAsGroup")
-    if context.get("runAsNonRoot") and not uid:
+def check_refused(context: Obj) -> None:
+    """What the kubelet (or the API server's validation) refuses to start; the image's user
+    is root (uid 0)."""
+    if context.get("runAsNonRoot") and not context.get("runAsUser"):
         raise PodStartError("runAsNonRoot with uid 0 (or no runAsUser): the kubelet refuses")
+    if context.get("privileged") and context.get("allowPrivilegeEscalation") is False:
+        raise PodStartError("privileged with allowPrivilegeEscalation false")
+
+
+def _security_options(context: Obj) -> list[str]:
+    check_refused(context)
+    uid, gid = context.get("runAsUser"), context.get("runAsGroup")
     if uid not in (None, 0) or gid not in (None, 0):
         # ctr run has no --user: the image's user (root) is all it can run as.
         raise Unsupported(f"runAsUser {uid} / runAsGroup {gid}: only 0 is expressible")
     options: list[str] = []
     if context.get("privileged"):
-        if context.get("allowPrivilegeEscalation") is False:
-            raise PodStartError("privileged with allowPrivilegeEscalation false")
         options.append("--privileged")
     else:
         wanted = capabilities(context)
@@ -338,14 +422,20 @@ def _security_options(context: Obj) -> list[str]:
     return options
 
 
-def _seccomp(pod: Obj, context: Obj) -> bool:
+def seccomp_type(pod: Obj, context: Obj) -> Literal["RuntimeDefault", "Unconfined"]:
+    """The container's seccomp profile (container over pod; none is Unconfined)."""
     profile = context.get("seccompProfile") or pod.get("securityContext", {}).get(
         "seccompProfile", {"type": "Unconfined"}
     )
-    if profile["type"] not in ("RuntimeDefault", "Unconfined"):
+    if profile["type"] not in ("RuntimeDefault", "Unconfined") or set(profile) != {"type"}:
         raise Unsupported(f"seccompProfile {profile}")
+    kind: Literal["RuntimeDefault", "Unconfined"] = profile["type"]
+    return kind
+
+
+def _seccomp(pod: Obj, context: Obj) -> bool:
     # containerd's CRI applies no seccomp profile to privileged containers.
-    return profile["type"] == "RuntimeDefault" and not context.get("privileged")
+    return seccomp_type(pod, context) == "RuntimeDefault" and not context.get("privileged")
 
 
 def _namespace_options(pod: Obj, network_namespace: Path) -> list[str]:
@@ -368,7 +458,7 @@ def _argv(container: Obj, entrypoint: Sequence[str], cmd: Sequence[str],
         argv = list(container["command"]) + list(container.get("args", []))
     else:
         argv = list(entrypoint) + list(container.get("args", cmd))
-    return [_expand(a, env) for a in argv]
+    return [expand(a, env) for a in argv]
 
 
 def _probes(container: Obj, ports: Mapping[str, int]) -> dict[str, HttpProbe]:

@@ -486,8 +486,14 @@ def kubepods_cgroup_path(
 ) -> str:
     """A cgroupfs-driver kubepods path under the throwaway ``prefix``:
     ``/<prefix>/kubepods[/<qos>]/pod<uid>/<container id>``."""
+    return f"{pod_cgroup_parent(prefix, pod_uid, qos)}/{container_id}"
+
+
+def pod_cgroup_parent(prefix: str, pod_uid: str, qos: Qos = "burstable") -> str:
+    """The pod's cgroup as kubelet's cgroupfs driver lays it out under ``prefix``:
+    ``/<prefix>/kubepods[/<qos>]/pod<uid>`` (Guaranteed pods directly under kubepods)."""
     qos_dir = [] if qos == "guaranteed" else [qos]
-    return "/" + "/".join([prefix, "kubepods", *qos_dir, f"pod{pod_uid}", container_id])
+    return "/" + "/".join([prefix.strip("/"), "kubepods", *qos_dir, f"pod{pod_uid}"])
 
 
 # -- image ---------------------------------------------------------------------------------

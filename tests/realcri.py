@@ -57,14 +57,16 @@ def missing_binaries() -> list[str]:
 
 
 class CriContainerd(realcontainerd.Containerd):
-    """containerd with its CRI plugin, started in its own network namespace."""
+    """containerd with its CRI plugin, started in its own network namespace (or in
+    ``netns``, a test namespace the caller made and removes)."""
 
     disabled_plugins = tuple(p for p in realcontainerd.Containerd.disabled_plugins
                              if p != CRI_PLUGIN)  # fmt: skip
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, netns: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.netns = f"nodediag-cri-{secrets.token_hex(4)}"
+        self.owns_netns = netns is None
+        self.netns = netns or f"nodediag-cri-{secrets.token_hex(4)}"
         self.cgroup_prefix = f"nodediag-test-{secrets.token_hex(4)}"
         self.cgroup_prefixes.add(self.cgroup_prefix)
         self.pause_image = ""
@@ -98,8 +100,9 @@ class CriContainerd(realcontainerd.Containerd):
         )
 
     def __enter__(self) -> CriContainerd:
-        subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
-        subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
+        if self.owns_netns:
+            subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
+            subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
         try:
             super().__enter__()
             self._import_images()
@@ -123,7 +126,8 @@ class CriContainerd(realcontainerd.Containerd):
             self._delete_netns()
 
     def _delete_netns(self) -> None:
-        subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True)
+        if self.owns_netns:
+            subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True)
 
 
 # -- the CRI client ------------------------------------------------------------------------
@@ -158,8 +162,7 @@ class CriClient:
     ) -> CriPod:  # fmt: skip
         """RunPodSandbox as kubelet makes it (see the module docstring)."""
         uid = uid or str(uuid.uuid4())
-        qos_dir = "" if qos == "guaranteed" else f"/{qos}"
-        parent = f"/{self.cd.cgroup_prefix}/kubepods{qos_dir}/pod{uid}"
+        parent = realcontainerd.pod_cgroup_parent(self.cd.cgroup_prefix, uid, qos)
         logs = self.cd.base / "pods" / f"{namespace}_{name}_{uid}"
         logs.mkdir(parents=True, exist_ok=True)
         config = cri.PodSandboxConfig(
@@ -171,6 +174,10 @@ class CriClient:
                 security_context=cri.LinuxSandboxSecurityContext(namespace_options=_namespaces()),
             ),
         )
+        return self.run_sandbox(config, qos)
+
+    def run_sandbox(self, config: cri.PodSandboxConfig, qos: Qos) -> CriPod:
+        """RunPodSandbox with a ready-made ``config`` (e.g. from :mod:`podspec_cri`)."""
         answer = self.call(
             "RunPodSandbox", cri.RunPodSandboxRequest(config=config), cri.RunPodSandboxResponse
         )
@@ -239,11 +246,18 @@ class CriPod:
                 security_context=cri.LinuxContainerSecurityContext(namespace_options=_namespaces()),
             ),
         )
+        return self.create(config, start=start)
+
+    def create(self, config: cri.ContainerConfig, *, start: bool = True) -> CriContainer:
+        """CreateContainer (+ StartContainer) with a ready-made ``config``."""
         request = cri.CreateContainerRequest(
             pod_sandbox_id=self.sandbox_id, config=config, sandbox_config=self.config
         )
         created = self.client.call("CreateContainer", request, cri.CreateContainerResponse)
-        container = CriContainer(self, created.container_id, name, attempt, memory_limit)
+        container = CriContainer(
+            self, created.container_id, config.metadata.name, config.metadata.attempt,
+            config.linux.resources.memory_limit_in_bytes,
+        )  # fmt: skip
         if start:
             container.start()
         return container

@@ -28,10 +28,12 @@ def client_version(kubectl: Path) -> str:
     return str(json.loads(out)["clientVersion"]["gitVersion"])
 
 
-def run(kubectl: Path, kubeconfig: Path, *args: str) -> str:
-    """``kubectl ARGS`` against ``kubeconfig``; its stdout (an error names stderr)."""
+def run(kubectl: Path, kubeconfig: Path, *args: str, netns: str | None = None) -> str:
+    """``kubectl ARGS`` against ``kubeconfig`` (from inside test network namespace ``netns``
+    when given); its stdout (an error names stderr)."""
+    where = ["ip", "netns", "exec", netns] if netns else []
     result = subprocess.run(
-        [str(kubectl), "--kubeconfig", str(kubeconfig),
+        [*where, str(kubectl), "--kubeconfig", str(kubeconfig),
          "--cache-dir", str(kubeconfig.parent / "kubectl-cache"), *args],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -22,12 +22,6 @@ from test_deploy import pod_spec, rendered
 pytestmark = pytest.mark.root
 
 
-@pytest.fixture(scope="session")
-def image(tmp_path_factory: pytest.TempPathFactory) -> imagelab.Image:
-    imagelab.require_tools()
-    return imagelab.build_image(tmp_path_factory.mktemp("image"))
-
-
 @pytest.fixture(scope="module")
 def node(image: imagelab.Image) -> Iterator[imagelab.Node]:
     with imagelab.Node() as lab:
@@ -78,27 +72,13 @@ def test_journal_oom_kill_is_found_and_named(agent: imagelab.Agent, node: imagel
         victim.remove()
 
 
-def _status_fields(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
-
-
-def _mount_options(pid: int) -> dict[str, set[str]]:
-    """Mount point (as the process sees it) -> its per-mount options (``ro``/``rw``, …)."""
-    options: dict[str, set[str]] = {}
-    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
-        fields = line.split()
-        options[fields[4].replace("\\040", " ")] = set(fields[5].split(","))
-    return options
-
-
 def test_the_kernel_confines_the_agent_as_the_manifest_says(
     agent: imagelab.Agent, node: imagelab.Node
 ) -> None:
     """The kernel is the oracle: what the process really has, against what the rendered
     manifest asks for."""
     pid = agent.container.init_pid
-    status = _status_fields(pid)
+    status = imagelab.proc_status(pid)
     assert podspec.cap_names(int(status["CapBnd"], 16)) == agent.run.capabilities
     assert podspec.cap_names(int(status["CapEff"], 16)) == agent.run.capabilities
     assert status["NoNewPrivs"] == ("1" if agent.run.no_new_privs else "0")
@@ -107,7 +87,7 @@ def test_the_kernel_confines_the_agent_as_the_manifest_says(
     same = os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{node.netns}").st_ino
     assert same, "hostNetwork: the agent is not in the node's network namespace"
     assert os.stat(f"/proc/{pid}/ns/pid").st_ino == os.stat("/proc/self/ns/pid").st_ino
-    mounts = _mount_options(pid)
+    mounts = imagelab.mount_options(pid)
     assert "ro" in mounts["/"], "readOnlyRootFilesystem"
     container = pod_spec(rendered("base"))["containers"][0]
     for mount in container["volumeMounts"]:

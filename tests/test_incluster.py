@@ -7,6 +7,8 @@ token file is replaced (kubelet rotating the projected token) and the old token 
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -110,18 +112,38 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 
 def service_account_dir(directory: Path, tls: TlsFiles, token: str) -> Path:
     """The files kubelet projects into the pod (the token as written, newline included)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "ca.crt").write_bytes(tls.ca_cert.read_bytes())
-    (directory / "namespace").write_text("nodediag")
-    rotate_token(directory, token)
+    files = {"token": (token + "\n").encode(), "ca.crt": tls.ca_cert.read_bytes(),
+             "namespace": b"nodediag"}  # fmt: skip
+    write_projected(directory, files)
     return directory
 
 
 def rotate_token(directory: Path, token: str) -> None:
-    """Replace the token file atomically (kubelet's atomic writer swaps a symlink)."""
-    fresh = directory / f".token-{time.monotonic_ns()}"
-    fresh.write_text(token + "\n")
-    fresh.rename(directory / "token")
+    """A new token, written as kubelet writes a projected volume (the other files kept)."""
+    files = {name: (directory / name).read_bytes() for name in ("ca.crt", "namespace")}
+    write_projected(directory, {**files, "token": (token + "\n").encode()})
+
+
+def write_projected(directory: Path, files: dict[str, bytes]) -> None:
+    """Kubelet's AtomicWriter: the files in a fresh ``..<timestamp>`` directory, the
+    ``..data`` symlink swapped to it by a rename, each visible name a symlink through
+    ``..data``; the previous directory removed. A reader sees all old or all new files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "..data"
+    previous = os.readlink(data) if data.is_symlink() else None
+    stamp = directory / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+    stamp.mkdir(mode=0o755)
+    for name, content in files.items():
+        (stamp / name).write_bytes(content)
+        (stamp / name).chmod(0o644)
+    swap = directory / "..data_tmp"
+    swap.symlink_to(stamp.name)
+    swap.rename(data)
+    for name in files:
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to(f"..data/{name}")
+    if previous is not None:
+        shutil.rmtree(directory / previous)
 
 
 @pytest.fixture
