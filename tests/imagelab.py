@@ -28,7 +28,7 @@ import sys
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,6 +378,18 @@ class AgentView(abc.ABC):
             time.sleep(0.5)
         raise TimeoutError(f"/readyz never answered 200 (last: {last}):\n{self.log()[-3000:]}")
 
+    def wait_samples(self, done: Callable[[Samples], bool], timeout: float = 90) -> Samples:
+        """Scrape (from the peer) until ``done(samples)``."""
+        deadline = time.monotonic() + timeout
+        samples: Samples = {}
+        while time.monotonic() < deadline:
+            samples = self.samples()
+            if done(samples):
+                return samples
+            time.sleep(0.5)
+        collectors = sorted(k for k in samples if "collector" in k[0])
+        raise TimeoutError(f"metrics never settled: {collectors}")
+
     def wait_finding(self, timeout: float = 60, **match: Any) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -439,6 +451,19 @@ def mount_options(pid: int) -> dict[str, set[str]]:
         fields = line.split()
         options[fields[4].replace("\\040", " ")] = set(fields[5].split(","))
     return options
+
+
+#: The collectors `nodediag run` runs (agent/periodic.py), and the kernel log loop.
+PERIODIC = ("firewall", "vxlan", "dns_probe", "conntrack", "node_sysctl", "overlay_mtu", "resolver")
+
+
+def collector_success(samples: Samples) -> dict[str, float]:
+    """``nodediag_collector_success`` by collector."""
+    return {
+        dict(labels)["collector"]: value
+        for (name, labels), value in samples.items()
+        if name == "nodediag_collector_success"
+    }
 
 
 def failures(samples: Samples) -> dict[str, float]:

@@ -56,6 +56,8 @@ _SECURITY_FIELDS = {
     "runAsUser", "runAsGroup", "runAsNonRoot", "readOnlyRootFilesystem",
     "allowPrivilegeEscalation", "seccompProfile", "capabilities", "privileged",
 }  # fmt: skip
+#: The pod-level securityContext fields modelled (fsGroup, sysctls, … are not).
+_POD_SECURITY_FIELDS = {"runAsUser", "runAsGroup", "runAsNonRoot", "seccompProfile"}
 _PROPAGATION = {None: "rprivate", "None": "rprivate", "HostToContainer": "rslave",
                 "Bidirectional": "rshared"}  # fmt: skip
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
@@ -110,7 +112,10 @@ def _millicores(text: str | int) -> int:
 
 def security_context(pod: Obj, container: Obj) -> Obj:
     """The container's effective securityContext (container fields over pod fields)."""
-    merged = {k: v for k, v in pod.get("securityContext", {}).items() if k in _SECURITY_FIELDS}
+    unknown = set(pod.get("securityContext", {})) - _POD_SECURITY_FIELDS
+    if unknown:
+        raise Unsupported(f"pod securityContext fields {sorted(unknown)}")
+    merged = dict(pod.get("securityContext", {}))
     merged.update(container.get("securityContext", {}))
     unknown = set(merged) - _SECURITY_FIELDS
     if unknown:

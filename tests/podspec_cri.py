@@ -21,7 +21,7 @@ Import as ``import podspec_cri``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,7 @@ class PodPlacement:
     pod_dir: Path  # the kubelet's /var/lib/kubelet/pods/<uid> (emptyDirs, termination log)
     log_directory: Path  # /var/log/pods/<ns>_<name>_<uid>
     memory_capacity: int  # the node's memory, for a Burstable pod's oom_score_adj
+    labels: Mapping[str, str] = field(default_factory=dict)  # the pod's own (its template's)
 
 
 @dataclass(frozen=True)
@@ -202,8 +203,8 @@ def _sandbox(read: PodRead, placement: PodPlacement, cluster: ClusterView) -> cr
         context.run_as_user.value = pod_context["runAsUser"]
     if "runAsGroup" in pod_context:
         context.run_as_group.value = pod_context["runAsGroup"]
-    if "seccompProfile" in pod_context:  # the sandbox's own profile is the pod's only
-        context.seccomp.profile_type = _SECCOMP[podspec.seccomp_type(pod, {})]
+    # the sandbox's own profile is the pod's (none: Unconfined), never a container's
+    context.seccomp.profile_type = _SECCOMP[podspec.seccomp_type(pod, {})]
     return cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(
             name=placement.name, uid=placement.uid, namespace=placement.namespace, attempt=0
@@ -211,7 +212,7 @@ def _sandbox(read: PodRead, placement: PodPlacement, cluster: ClusterView) -> cr
         # no hostname: kubelet sets none for hostNetwork pods (the node's UTS namespace)
         log_directory=str(placement.log_directory),
         dns_config=_dns_config(pod, placement, cluster),
-        labels=_identity_labels(placement),
+        labels={**placement.labels, **_identity_labels(placement)},
         linux=cri.LinuxPodSandboxConfig(
             cgroup_parent=realcontainerd.pod_cgroup_parent(
                 placement.cgroup_prefix, placement.uid, read.qos

@@ -95,6 +95,7 @@ def test_the_rendered_daemonset_as_the_kubelet_asks_for_it(tmp_path: Path) -> No
     spec = _translate(tmp_path)
     sandbox, container = spec.sandbox, spec.container
     assert (sandbox.metadata.name, sandbox.metadata.namespace) == ("nodediag-x1", "nodediag")
+    assert sandbox.linux.security_context.seccomp.profile_type == cri.SecurityProfile.Unconfined
     assert sandbox.linux.cgroup_parent == "/nodediag-test-x/kubepods/burstable/poduid-1"
     hosts = sandbox.linux.security_context.namespace_options
     assert (hosts.network, hosts.pid) == (cri.NODE, cri.NODE)
@@ -133,6 +134,7 @@ def test_the_rendered_daemonset_as_the_kubelet_asks_for_it(tmp_path: Path) -> No
         (lambda s: s["containers"][0]["securityContext"].update(
             seccompProfile={"type": "Localhost", "localhostProfile": "p"}), "Localhost"),
         (lambda s: s.update(dnsPolicy="None"), "dnsPolicy"),
+        (lambda s: s.update(securityContext={"fsGroup": 2000}), "fsGroup"),
         (lambda s: s.update(hostNetwork=False), "hostNetwork"),
     ],
 )  # fmt: skip
@@ -287,6 +289,7 @@ def agent(
         cgroup_prefix=node.containerd.cgroup_prefix, pod_dir=pod_dir,
         log_directory=node.host_path(f"/var/log/pods/{namespace}_{name}_{uid}"),
         memory_capacity=psutil.virtual_memory().total,
+        labels=the(rendered("base"), "DaemonSet")["spec"]["template"]["metadata"]["labels"],
     )  # fmt: skip
     cluster = podspec_cri.ClusterView(imagelab.PEER_IP, API_PORT, account, (imagelab.CLUSTER_DNS,))
     spec = podspec_cri.translate(
@@ -301,7 +304,8 @@ def agent(
             running.wait_ready()
             yield running
         finally:
-            print(running.log()[-5000:])
+            messages = [line for line in running.log().splitlines() if not line.startswith("{")]
+            print("\n".join(messages)[-5000:])  # the agent's own messages, not its findings
             pod.remove()
 
 
@@ -473,3 +477,11 @@ def test_the_agent_goes_on_after_kubelet_rotates_the_token(
     assert 403 not in statuses
     assert statuses.count(401) <= 2, statuses  # at most one per client, then the new token
     assert agent.get("/healthz")[0] == 200
+
+
+def test_every_collector_succeeds_in_the_pod(agent: PodAgent) -> None:
+    """Under the CRI's confinement too (its seccomp profile, masked /proc paths, the
+    container's own /etc/resolv.conf from the pod's DNS config): nothing fails."""
+    reported = set(imagelab.PERIODIC) | {"kernel_log"}
+    samples = agent.wait_samples(lambda s: reported <= set(imagelab.collector_success(s)))
+    assert imagelab.failures(samples) == {}, agent.log()[-3000:]

@@ -67,7 +67,7 @@ def test_journal_oom_kill_is_found_and_named(agent: imagelab.Agent, node: imagel
         labels = (("container", "app"), ("namespace", "shop"), ("pod", "shop-web-0"),
                   ("scope", "invisible"))  # fmt: skip
         kills = ("nodediag_oom_kills_total", labels)
-        assert _wait_samples(agent, lambda s: kills in s)[kills] == 1
+        assert agent.wait_samples(lambda s: kills in s)[kills] == 1
     finally:
         victim.remove()
 
@@ -99,33 +99,10 @@ def test_the_kernel_confines_the_agent_as_the_manifest_says(
     assert int(limit_file.read_text()) == agent.run.memory_limit
 
 
-def _wait_samples(agent: imagelab.Agent, done: Any, timeout: float = 90) -> imagelab.Samples:
-    deadline = time.monotonic() + timeout
-    samples: imagelab.Samples = {}
-    while time.monotonic() < deadline:
-        samples = agent.samples()
-        if done(samples):
-            return samples
-        time.sleep(0.5)
-    raise TimeoutError(
-        f"metrics never settled: {sorted(k for k in samples if 'collector' in k[0])}"
-    )
-
-
-#: The collectors `nodediag run` runs (agent/periodic.py), and the kernel log loop.
-PERIODIC = ("firewall", "vxlan", "dns_probe", "conntrack", "node_sysctl", "overlay_mtu", "resolver")
-
-
-def _success(samples: imagelab.Samples) -> dict[str, float]:
-    return {
-        dict(labels)["collector"]: value
-        for (name, labels), value in samples.items()
-        if name == "nodediag_collector_success"
-    }
-
-
 def test_every_collector_succeeds_and_prometheus_scrapes_it(agent: imagelab.Agent) -> None:
-    samples = _wait_samples(agent, lambda s: set(PERIODIC) | {"kernel_log"} <= set(_success(s)))
+    samples = agent.wait_samples(
+        lambda s: set(imagelab.PERIODIC) | {"kernel_log"} <= set(imagelab.collector_success(s))
+    )
     assert imagelab.failures(samples) == {}
 
 
@@ -158,7 +135,7 @@ def test_vxlan_offload_and_dns_probe_from_the_node_network(agent: imagelab.Agent
         "nodediag_dns_probe_success",
         (("protocol", "udp"), ("server", imagelab.CLUSTER_DNS)),
     )
-    samples = _wait_samples(agent, lambda s: offload in s and probe in s)
+    samples = agent.wait_samples(lambda s: offload in s and probe in s)
     assert samples[offload] == 1
     assert samples[probe] == 1
     finding = agent.wait_finding(reason="VXLANChecksumOffload")
@@ -262,7 +239,9 @@ def test_a_manifest_change_that_breaks_a_collector_fails_these_checks(
         agent = imagelab.start_agent(node, image, tmp_path, spec=spec)
         try:
             agent.wait_ready()
-            samples = _wait_samples(agent, lambda s: set(PERIODIC) <= set(_success(s)))
+            samples = agent.wait_samples(
+                lambda s: set(imagelab.PERIODIC) <= set(imagelab.collector_success(s))
+            )
             failed = imagelab.failures(samples)
             assert [name for name in failed if "legacy" in name], failed
         finally:
