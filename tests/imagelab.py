@@ -131,7 +131,7 @@ class Node:
         self.dns_netns = f"nodediag-nodedns-{self.tag}"
         self.root = Path(f"/run/nodediag-node-{self.tag}")
         # Outside ``root``: its removal must never walk into the cgroup filesystem.
-        self.shared_cgroup = Path(f"/run/nodediag-node-{self.tag}-cgroup")
+        self.node_cgroup = Path(f"/run/nodediag-node-{self.tag}-cgroup")
         self._cgroup_mounted = False
         base = self.root / "run" / "containerd"
         self.containerd = (
@@ -147,7 +147,7 @@ class Node:
             (self.root / "run").mkdir(parents=True)
             self._write_node_files()
             if self.cri:
-                self._share_cgroup_mount()
+                self._private_cgroup_mount()
             self.containerd.__enter__()
             if not self.containerd.image:  # the CRI containerd imports it itself
                 realcontainerd.import_busybox_image(self.containerd)
@@ -226,26 +226,27 @@ class Node:
             f"clusterDNS:\n- {CLUSTER_DNS}\nclusterDomain: cluster.local\n"
         )
 
-    def _share_cgroup_mount(self) -> None:
-        """The cgroup tree as a systemd node has it: a shared mount. containerd's CRI
-        refuses ``mountPropagation: HostToContainer`` from a private one, which is what this
-        machine may have; a shared bind of it leaves the machine's own mount as it is."""
-        self.shared_cgroup.mkdir()
-        subprocess.run(["mount", "--rbind", "/sys/fs/cgroup", str(self.shared_cgroup)],
+    def _private_cgroup_mount(self) -> None:
+        """The node's cgroup tree as a private mount (the kernel's default; only systemd
+        makes mounts shared): containerd's CRI refuses ``mountPropagation:
+        HostToContainer`` from it, so the DaemonSet must not ask for that. A bind of this
+        machine's tree, whatever its propagation, leaves the machine's own mount alone."""
+        self.node_cgroup.mkdir()
+        subprocess.run(["mount", "--rbind", "/sys/fs/cgroup", str(self.node_cgroup)],
                        check=True, capture_output=True)  # fmt: skip
         self._cgroup_mounted = True
-        subprocess.run(["mount", "--make-rshared", str(self.shared_cgroup)],
+        subprocess.run(["mount", "--make-rprivate", str(self.node_cgroup)],
                        check=True, capture_output=True)  # fmt: skip
 
-    def _unshare_cgroup_mount(self) -> None:
+    def _unmount_node_cgroup(self) -> None:
         if self._cgroup_mounted:
-            done = subprocess.run(["umount", "--recursive", "--lazy", str(self.shared_cgroup)],
+            done = subprocess.run(["umount", "--recursive", "--lazy", str(self.node_cgroup)],
                                   capture_output=True, text=True)  # fmt: skip
             if done.returncode != 0:
-                raise RuntimeError(f"umount {self.shared_cgroup}: {done.stderr.strip()}")
+                raise RuntimeError(f"umount {self.node_cgroup}: {done.stderr.strip()}")
             self._cgroup_mounted = False
         with contextlib.suppress(FileNotFoundError):
-            self.shared_cgroup.rmdir()  # never rmtree: it was a cgroup filesystem
+            self.node_cgroup.rmdir()  # never rmtree: it was a cgroup filesystem
 
     def cleanup(self) -> None:
         errors: list[str] = []
@@ -254,7 +255,7 @@ class Node:
         except Exception as e:  # the rest must go all the same
             errors.append(str(e))
         try:
-            self._unshare_cgroup_mount()
+            self._unmount_node_cgroup()
         except Exception as e:
             errors.append(str(e))
         if self._dns_server is not None:
@@ -273,7 +274,7 @@ class Node:
         if self._cgroup_mounted and (
             path == "/sys/fs/cgroup" or path.startswith("/sys/fs/cgroup/")
         ):
-            return self.shared_cgroup / path.removeprefix("/sys/fs/cgroup").lstrip("/")
+            return self.node_cgroup / path.removeprefix("/sys/fs/cgroup").lstrip("/")
         if any(path == p or path.startswith(p + "/") for p in SHARED_HOST_PATHS):
             return Path(path)
         return self.root / path.lstrip("/")

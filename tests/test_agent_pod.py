@@ -117,7 +117,7 @@ def test_the_rendered_daemonset_as_the_kubelet_asks_for_it(tmp_path: Path) -> No
     account = mounts[podspec_cri.SERVICE_ACCOUNT_PATH]
     assert account.readonly and account.host_path == str(tmp_path / "account")
     assert mounts["/host/proc"].readonly and not mounts["/var/lib/nodediag"].readonly
-    assert mounts["/host/sys/fs/cgroup"].propagation == cri.PROPAGATION_HOST_TO_CONTAINER
+    assert {m.propagation for m in container.mounts} == {cri.PROPAGATION_PRIVATE}
     [(tmp, size)] = spec.tmpfs.items()
     assert mounts["/tmp"].host_path == str(tmp) and size == 16 << 20
     assert (tmp_path / "host/var/lib/nodediag").is_dir()  # DirectoryOrCreate
@@ -156,6 +156,14 @@ def test_no_service_account_volume_when_automount_is_off(tmp_path: Path) -> None
     paths = [m.container_path for m in _translate(tmp_path, spec).container.mounts]
     assert podspec_cri.SERVICE_ACCOUNT_PATH not in paths
     assert podspec_cri.TERMINATION_LOG in paths
+
+
+def test_mount_propagation(tmp_path: Path) -> None:
+    spec = copy.deepcopy(pod_spec(rendered("base")))
+    spec["containers"][0]["volumeMounts"][0]["mountPropagation"] = "HostToContainer"
+    path = spec["containers"][0]["volumeMounts"][0]["mountPath"]
+    [mount] = [m for m in _translate(tmp_path, spec).container.mounts if m.container_path == path]
+    assert mount.propagation == cri.PROPAGATION_HOST_TO_CONTAINER
 
 
 def test_oom_score_adj_by_qos(tmp_path: Path) -> None:
