@@ -22,6 +22,7 @@ models: bodies are plain dicts, answers plain JSON, so no model schemas are ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 REQUEST_TIMEOUT = 10.0
 TOKEN_REFRESH_SECONDS = 60.0
+STOP_POLL_SECONDS = 0.5  # how soon a stop cuts an open watch short
 
 
 class KubeError(Exception):
@@ -88,7 +90,14 @@ class Api(Protocol):
         timeout: float = REQUEST_TIMEOUT,
     ) -> JSON: ...
 
-    def watch(self, path: str, query: Mapping[str, str], *, timeout: float) -> Iterator[JSON]: ...
+    def watch(
+        self,
+        path: str,
+        query: Mapping[str, str],
+        *,
+        timeout: float,
+        stop: threading.Event | None = None,
+    ) -> Iterator[JSON]: ...
 
 
 @dataclass(frozen=True)
@@ -267,12 +276,24 @@ class KubeClient:
             raise KubeError(response.status, parsed, response.headers)
         return parsed
 
-    def watch(self, path: str, query: Mapping[str, str], *, timeout: float) -> Iterator[JSON]:
-        """Stream a watch: one decoded watch event per line until the server ends it."""
+    def watch(
+        self,
+        path: str,
+        query: Mapping[str, str],
+        *,
+        timeout: float,
+        stop: threading.Event | None = None,
+    ) -> Iterator[JSON]:
+        """Stream a watch: one decoded watch event per line until the server ends it, or
+        ``stop`` is set (a quiet stream would otherwise hold the reader until its timeout)."""
         import urllib3
 
         response = self._send("GET", path, {**query, "watch": "1"}, None, "application/json",
                               (5.0, timeout))  # fmt: skip
+        ended = threading.Event()
+        if stop is not None:
+            threading.Thread(target=_interrupt_on, args=(stop, ended, response),
+                             name="watch-stop", daemon=True).start()  # fmt: skip
         try:
             if not 200 <= response.status < 300:
                 if response.status == 401:
@@ -288,8 +309,18 @@ class KubeClient:
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise KubeUnreachable(f"watch {path}: {error}") from error
         finally:
+            ended.set()
             response.release_conn()
             response.close()
+
+
+def _interrupt_on(stop: threading.Event, ended: threading.Event, response: Any) -> None:
+    """Shut the watch's socket for reading once ``stop`` is set: the blocked read returns."""
+    while not ended.wait(STOP_POLL_SECONDS):
+        if stop.is_set():
+            with contextlib.suppress(OSError, ValueError, RuntimeError):  # already closed
+                response.shutdown()
+            return
 
 
 def _discard(response: Any) -> None:

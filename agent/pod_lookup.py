@@ -138,6 +138,8 @@ class PodLookup:
                 else:
                     self._failed(error)
             except (KubeUnreachable, ValueError) as error:
+                if stop.is_set():  # the watch was cut short to stop
+                    break
                 self._failed(error)
             stop.wait(backoff.next())
 
@@ -165,7 +167,7 @@ class PodLookup:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(seconds),
         }
-        for event in api.watch("/api/v1/pods", query, timeout=seconds + 30):
+        for event in api.watch("/api/v1/pods", query, timeout=seconds + 30, stop=stop):
             kind = event.get("type")
             obj: Any = event.get("object") or {}
             if kind == "ERROR":

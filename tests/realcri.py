@@ -296,6 +296,12 @@ class CriContainer:
     def status(self) -> cri.ContainerStatus:
         return self.pod.client.container_status(self.id).status
 
+    def stop(self, timeout: int) -> None:
+        """StopContainer: SIGTERM, SIGKILL after ``timeout`` seconds (kubelet passes the
+        pod's grace period)."""
+        request = cri.StopContainerRequest(container_id=self.id, timeout=timeout)
+        self.pod.client.call("StopContainer", request, cri.StopContainerResponse)
+
     @property
     def init_pid(self) -> int:
         info = json.loads(self.pod.client.container_status(self.id).info["info"])

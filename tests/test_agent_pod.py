@@ -466,6 +466,11 @@ def test_child_and_init_kills_are_events_the_cri_agrees_with(
     shown = {(r["NAMESPACE"], r["REASON"], r["OBJECT"]) for r in rows}
     assert ("shop", "InvisibleOOMKill", f"pod/{child.pod.name}") in shown, rows
     assert ("shop", "ContainerOOMKill", f"pod/{init.pod.name}") in shown, rows
+    described = realkubectl.run(kubectl, kubeconfig, "describe", "pod", child.pod.name,
+                                "-n", "shop", netns=node.dns_netns)  # fmt: skip
+    [row] = realkubectl.events_section(described)
+    assert row.split()[:2] == ["Warning", "InvisibleOOMKill"], described
+    assert f"in container app of pod shop/{child.pod.name}" in row
 
 
 def test_the_agent_goes_on_after_kubelet_rotates_the_token(
@@ -485,6 +490,12 @@ def test_the_agent_goes_on_after_kubelet_rotates_the_token(
     assert 403 not in statuses
     assert statuses.count(401) <= 2, statuses  # at most one per client, then the new token
     assert agent.get("/healthz")[0] == 200
+    samples = agent.samples()
+    nonzero = [(name, dict(labels)) for (name, labels), value in samples.items() if value]
+    assert [s for s in nonzero if s[0] == "nodediag_thread_errors_total"] == []
+    dropped = [s for s in nonzero if s[0] == "nodediag_events_total"
+               and s[1]["result"] == "dropped"]  # fmt: skip
+    assert dropped == []
 
 
 def test_every_collector_succeeds_in_the_pod(agent: PodAgent) -> None:
@@ -493,3 +504,17 @@ def test_every_collector_succeeds_in_the_pod(agent: PodAgent) -> None:
     reported = set(imagelab.PERIODIC) | {"kernel_log"}
     samples = agent.wait_samples(lambda s: reported <= set(imagelab.collector_success(s)))
     assert imagelab.failures(samples) == {}, agent.log()[-3000:]
+
+
+def test_kubelet_stops_the_agent_within_its_grace_period(agent: PodAgent) -> None:
+    """Last here (it ends the module's agent): StopContainer with the pod's grace period,
+    as kubelet stops a pod; SIGTERM saves the kernel-log position and exits 0."""
+    grace = agent.spec.read.termination_grace_seconds
+    t0 = time.monotonic()
+    agent.container.stop(int(grace))
+    seconds = time.monotonic() - t0
+    status = agent.container.status()
+    assert (cri.ContainerState.Name(status.state), status.exit_code) == ("CONTAINER_EXITED", 0)
+    assert seconds < grace, agent.log()[-2000:]
+    state = agent.node.host_path("/var/lib/nodediag")
+    assert any(state.iterdir()), "no kernel-log position saved"

@@ -153,8 +153,11 @@ class Recorder:
             raise KubeUnreachable("answer lost (test)")
         return answer
 
-    def watch(self, path: str, query: Mapping[str, str], *, timeout: float) -> Iterator[JSON]:
-        return self.client.watch(path, query, timeout=timeout)
+    def watch(
+        self, path: str, query: Mapping[str, str], *, timeout: float,
+        stop: threading.Event | None = None,
+    ) -> Iterator[JSON]:  # fmt: skip
+        return self.client.watch(path, query, timeout=timeout, stop=stop)
 
     def writes(self) -> list[tuple[float, str, str, str]]:
         return [c for c in self.calls if c[1] in ("POST", "PATCH")]
