@@ -333,10 +333,7 @@ def test_pod_known_only_by_uid_is_named_from_the_watch(
     api: ks.KubeStandin, client: KubeClient
 ) -> None:
     api.add_pod(pod_object())
-    pods = PodLookup(NODE, lambda: client)
-    stop = threading.Event()
-    thread = threading.Thread(target=pods.run, args=(stop,), daemon=True)
-    thread.start()
+    pods, stop = _run_lookup(client)
     try:
         assert pods.synced.wait(5)
         sim = Sim(client, pods=pods)
@@ -704,10 +701,17 @@ def test_missing_kubeconfig_is_retried(tmp_path: Path) -> None:
 
 
 def _run_lookup(client: Api) -> tuple[PodLookup, threading.Event]:
+    pods, stop, _ = run_lookup(client)
+    return pods, stop
+
+
+def run_lookup(client: Api) -> tuple[PodLookup, threading.Event, threading.Thread]:
+    """A pod lookup following ``client`` on its own thread, until the event is set."""
     pods = PodLookup(NODE, lambda: client, rand=lambda: 0.0)
     stop = threading.Event()
-    threading.Thread(target=pods.run, args=(stop,), daemon=True).start()
-    return pods, stop
+    thread = threading.Thread(target=pods.run, args=(stop,), daemon=True)
+    thread.start()
+    return pods, stop, thread
 
 
 def test_pod_lookup_names_pods_and_containers_from_list_and_watch(

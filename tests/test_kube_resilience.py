@@ -25,7 +25,7 @@ from typing import cast
 import kube_standin as ks
 import pytest
 from prometheus_client import CollectorRegistry
-from test_events import NODE, node_finding, pod_object
+from test_events import NODE, node_finding, pod_object, run_lookup
 
 from agent.daemon import health_check
 from agent.events import EventSink
@@ -303,10 +303,7 @@ def test_a_quiet_pod_watch_ends_when_told_to_stop(
     with ks.running(tls=tls) as standin:
         standin.add_pod(pod_object())
         client = connect(KubeConfigSource("kubeconfig", standin.write_kubeconfig(tmp_path / "kc")))
-        pods = PodLookup(NODE, lambda: client)
-        stop = threading.Event()
-        thread = threading.Thread(target=pods.run, args=(stop,), daemon=True)
-        thread.start()
+        pods, stop, thread = run_lookup(client)
         try:
             assert pods.synced.wait(5)
             assert standin.wait_for(lambda s: any(r.query.get("watch") for r in s.requests))
