@@ -504,6 +504,8 @@ def test_every_collector_succeeds_in_the_pod(agent: PodAgent) -> None:
     reported = set(imagelab.PERIODIC) | {"kernel_log"}
     samples = agent.wait_samples(lambda s: reported <= set(imagelab.collector_success(s)))
     assert imagelab.failures(samples) == {}, agent.log()[-3000:]
+    for kind in ("livenessProbe", "readinessProbe"):  # as kubelet probes, from the node
+        assert agent.get(agent.probes[kind].path)[0] == 200, kind
 
 
 def test_kubelet_stops_the_agent_within_its_grace_period(agent: PodAgent) -> None:
