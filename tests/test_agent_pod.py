@@ -307,13 +307,16 @@ def agent(
     Path(spec.sandbox.log_directory).mkdir(parents=True, exist_ok=True)
     with kubelet_tmpfs(spec.tmpfs):
         pod = client.run_sandbox(spec.sandbox, spec.read.qos)
-        running = PodAgent(node, spec, pod.create(spec.container), account)
+        running: PodAgent | None = None
         try:
+            running = PodAgent(node, spec, pod.create(spec.container), account)
             running.wait_ready()
             yield running
         finally:
-            messages = [line for line in running.log().splitlines() if not line.startswith("{")]
-            print("\n".join(messages)[-5000:])  # the agent's own messages, not its findings
+            if running is not None:  # the agent's own messages, not its findings
+                messages = [line for line in running.log().splitlines()
+                            if not line.startswith("{")]  # fmt: skip
+                print("\n".join(messages)[-5000:])
             pod.remove()
 
 
