@@ -111,6 +111,15 @@ def _common_flags(*, kernel_log_source: bool = True) -> argparse.ArgumentParser:
         help="cluster DNS server IP (repeatable; default discovered)",
     )
     add(
+        "--pod-cidr",
+        action="append",
+        type=_typed(_ip_network),
+        default=_env_list("pod-cidr"),
+        metavar="CIDR",
+        help="this node's pod CIDR, for the DNS flows from pods (repeatable; default: the "
+        "node's routes and CNI config, else its Node object's spec.podCIDRs)",
+    )
+    add(
         "--dns-probe-name",
         type=_typed(_dns_name),
         default=_env("dns-probe-name") or Settings.dns_probe_name,
@@ -165,13 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the year of the kernel log's first year-less time stamp (syslog, journalctl "
         "-o short); default: inferred",
     )
-    analyze.add_argument(
-        "--pod-cidr",
-        action="append",
-        type=_typed(_ip_network),
-        metavar="CIDR",
-        help="the node's pod CIDR, for the DNS flows from pods (repeatable)",
-    )
     analyze.add_argument("--json", action="store_true", help="JSON lines instead of a report")
     pid = commands.add_parser(
         "pid", parents=[common], help="which pod and container a host process belongs to"
@@ -188,6 +190,14 @@ def _ip_network(text: str) -> str:
         return str(ipaddress.ip_network(text.strip(), strict=False))
     except ValueError:
         raise ValueError(f"invalid CIDR {text!r}") from None
+
+
+def _pod_cidrs(given: Sequence[str]) -> tuple[str, ...]:
+    """``--pod-cidr`` values (those from ``$NODEDIAG_POD_CIDR`` are checked here)."""
+    try:
+        return tuple(_ip_network(text) for text in given)
+    except ValueError as error:
+        raise InputError(f"--pod-cidr: {error}") from None
 
 
 def _ip_address(text: str) -> str:
@@ -237,6 +247,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         fix_vxlan_offload=args.fix_vxlan_offload,
         containerd_sockets=tuple(args.containerd_socket or DEFAULT_CONTAINERD_SOCKETS),
         cluster_dns=tuple(args.cluster_dns or ()),
+        pod_cidrs=_pod_cidrs(args.pod_cidr or ()),
         dns_probe_name=args.dns_probe_name,
     )
 
@@ -320,7 +331,7 @@ def _analyze(args: argparse.Namespace, settings: Settings) -> int:
         args.kernel_log_file,
         args.iptables_save,
         args.nft_json,
-        args.pod_cidr or (),
+        settings.pod_cidrs,
         year=args.year,
     )
     names = ", ".join(str(p) for p in given.values() if p)

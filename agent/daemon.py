@@ -17,6 +17,7 @@ from agent.http import HttpServer, make_app
 from agent.kernel_watch import STATE_FILE, KernelWatch, open_source
 from agent.kube_services import fan_out, start_kube
 from agent.metrics import Metrics
+from agent.node_pod_cidr import NodePodCidrReader
 from agent.oom_findings import LiveEvidence, OomFindings
 from agent.periodic import ClusterDnsSource, PeriodicCollectors, build_collectors
 from agent.settings import Settings
@@ -84,7 +85,9 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
              server.port)  # fmt: skip
     _stop_on_signals(stop)
     supervisor.start("containerd-events", containers.follow_task_starts)
-    _start_periodic(settings, metrics, supervisor, report, table_full)
+    client = kube.client if kube else None
+    node_object = NodePodCidrReader(settings.node_name, client) if client else None
+    _start_periodic(settings, metrics, supervisor, report, table_full, node_object)
     pods = kube.pods if kube else None
     alive = (lambda uid: pods.pod(uid) is not None) if pods is not None else None
     _start_expiry(metrics, supervisor, alive)
@@ -120,8 +123,11 @@ def _start_periodic(
     supervisor: Supervisor,
     report: Callable[[Finding], None] = log_finding,
     table_full: TableFullLog | None = None,
+    node_object: NodePodCidrReader | None = None,
 ) -> None:
-    collectors = build_collectors(settings, metrics, ClusterDnsSource(settings), table_full)
+    collectors = build_collectors(
+        settings, metrics, ClusterDnsSource(settings), table_full, node_object
+    )
     periodic = PeriodicCollectors(collectors, metrics, report)
     supervisor.start("collectors", lambda stop: periodic.loop(stop, settings.collect_interval))
     if settings.fix_vxlan_offload:

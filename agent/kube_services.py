@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from agent.events import EventSink, EventSinkOptions
-from agent.kube import Connection, config_source
+from agent.kube import Api, Connection, config_source
 from agent.pod_lookup import PodLookup
 from agent.settings import Settings
 from agent.supervise import Supervisor
@@ -29,6 +29,8 @@ class KubeServices:
     sink: EventSink
     pods: PodLookup
     threads: list[threading.Thread]
+    client: Callable[[], Api] | None = None
+    """The connection's client (made on first use), for the other readers of the API."""
 
     def join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -72,7 +74,7 @@ def start_kube(
         sink.wake()
 
     threading.Thread(target=wake_on_stop, name="events-stop", daemon=True).start()
-    return KubeServices(sink.submit, sink, pods, threads[:1])
+    return KubeServices(sink.submit, sink, pods, threads[:1], connection.client)
 
 
 def start_event_sink(

@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -25,8 +25,12 @@ from collectors.registry import (
     CollectorError,
     CollectorRun,
     CollectorSet,
+    SourceLog,
     run_command,
 )
+
+if TYPE_CHECKING:
+    from collectors.node_facts import PodCidrLookup
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +82,19 @@ def build_collectors(
     metrics: Metrics,
     dns: ClusterDnsSource,
     table_full: TableFullLog | None = None,
+    node_object: Callable[[], PodCidrLookup] | None = None,
 ) -> list[Collector]:
     """Every periodic collector, each registering its own metrics. ``table_full``: the
-    kernel log's conntrack messages (``run``), for the conntrack collector."""
+    kernel log's conntrack messages (``run``), for the conntrack collector; ``node_object``:
+    this node's pod CIDR from its Node object (a cluster connection), for the DNS flows."""
     from collectors.dns_probe import DnsProbeCollector
     from collectors.firewall_collector import FirewallCollector
-    from collectors.node_facts import NodeFactsReader
+    from collectors.node_facts import NodeFactsReader, PodCidrSources
     from collectors.vxlan import VxlanCollector
 
     registry = metrics.registry
+    sources = SourceLog()
+    facts = NodeFactsReader(settings.host_root, dns.servers)
     # iptables-save of a kube-proxy-sized nft-backend rule set can take tens of seconds.
     firewall = FirewallCollector(
         settings.node_name,
@@ -94,7 +102,8 @@ def build_collectors(
         registry,
         runner=partial(run_command, timeout=120),
         proc=settings.resolve("/proc"),
-        facts=NodeFactsReader(settings.host_root, dns.servers),
+        facts=PodCidrSources(facts, sources, settings.pod_cidrs, node_object),
+        source_log=sources,
     )
 
     def marks() -> dict[str, bool]:

@@ -74,6 +74,10 @@ class Settings:
     cluster_dns: tuple[str, ...] = ()
     """Cluster DNS server IPs; empty means discover them."""
 
+    pod_cidrs: tuple[str, ...] = ()
+    """This node's pod CIDRs; empty means: from the node's routes and CNI config, else from
+    its Node object."""
+
     collect_interval: float = 60.0
     """Seconds between runs of the periodic collectors (firewall, VXLAN offload, DNS probe)."""
 

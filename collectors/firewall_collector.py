@@ -167,10 +167,12 @@ class FirewallCollector:
         facts: Callable[[], NodeFacts] | None = None,
         nft_netlink: Callable[[], NftDumps] | None = host_netlink,
         netlink_min_chains: int = NETLINK_MIN_CHAINS,
+        source_log: SourceLog | None = None,
     ) -> None:
         """``proc``: where ``net/ip_tables_names`` tells whether legacy tables exist when
         ``iptables-legacy-save`` is not installed; ``nft_netlink`` opens nf_tables over
-        netlink for the big native nft tables (None: read every table with nft)."""
+        netlink for the big native nft tables (None: read every table with nft);
+        ``source_log``: shared with ``facts`` when they record sources of their own."""
         self.node = node
         self.proc = proc
         self.facts = facts
@@ -203,7 +205,7 @@ class FirewallCollector:
         self._last_packets: dict[tuple[str, str, str, str, str], int] = {}
         self.last_hits: list[DnsRuleHit] = []
         self.last_nat_marks: dict[str, bool] = {}
-        self.sources = SourceLog()
+        self.sources = source_log or SourceLog()
         self._listing: str | None = None
         self._listing_items: list[Any] | None = None
         self._listing_error: CollectorError | OSError | None = None

@@ -28,12 +28,13 @@ import logging
 import re
 import socket
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from collectors.cluster_dns import discover_resolv_conf, in_root, nameservers
 from collectors.netfilter.flows import NodeFacts, OverlayLink
+from collectors.registry import SourceLog
 
 log = logging.getLogger(__name__)
 
@@ -397,3 +398,80 @@ class NodeFactsReader:
                 log.warning("node network facts: %s", problem)
             self._problems = problems
         return facts
+
+
+NODE_POD_CIDR_SOURCE = "node-pod-cidr"
+"""The firewall collector's source for the Node object's ``spec.podCIDRs``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PodCidrLookup:
+    """This node's pod CIDRs as its Node object holds them, and why the last read failed."""
+
+    cidrs: tuple[str, ...] = ()
+    error: str | None = None
+
+
+class PodCidrSources:
+    """The node's facts with its pod CIDR from the first source that has it: the CIDRs
+    given (``--pod-cidr``); what the node itself shows (``facts``: what it really routes);
+    the Node object's ``spec.podCIDRs`` (``node_object``, asked only when neither has one).
+    The Node object's read is recorded in ``sources`` as ``node-pod-cidr``; each change of
+    where the pod CIDR comes from is logged once."""
+
+    def __init__(
+        self,
+        facts: Callable[[], NodeFacts],
+        sources: SourceLog,
+        given: Sequence[str] = (),
+        node_object: Callable[[], PodCidrLookup] | None = None,
+    ) -> None:
+        self.facts = facts
+        self.sources = sources
+        self.given = tuple(given)
+        self.node_object = node_object
+        self.origin: str | None = None
+        self._said: tuple[str | None, tuple[str, ...]] | None = None
+
+    def __call__(self) -> NodeFacts:
+        facts = self.facts()
+        cidrs, origin = self._choose(facts)
+        self._say(origin, cidrs)
+        self.origin = origin
+        return replace(facts, pod_cidrs=cidrs)
+
+    def _choose(self, facts: NodeFacts) -> tuple[tuple[str, ...], str | None]:
+        if self.given:
+            self._not_needed("--pod-cidr is given")
+            return self.given, "--pod-cidr"
+        if facts.pod_cidrs:
+            self._not_needed("the node's routes or CNI config show its pod CIDR")
+            return facts.pod_cidrs, "the node's routes and CNI config"
+        if self.node_object is None:
+            return (), None
+        try:
+            lookup = self.node_object()
+        except Exception as error:  # an optional source: never the collector's end
+            lookup = PodCidrLookup((), f"crashed: {error!r}")
+        if lookup.error is not None:
+            self.sources.failed(NODE_POD_CIDR_SOURCE, lookup.error)
+        else:
+            self.sources.ok(NODE_POD_CIDR_SOURCE)
+        return lookup.cidrs, "the Node object's spec.podCIDRs" if lookup.cidrs else None
+
+    def _not_needed(self, why: str) -> None:
+        if self.node_object is not None:
+            self.sources.skipped(NODE_POD_CIDR_SOURCE, why)
+
+    def _say(self, origin: str | None, cidrs: tuple[str, ...]) -> None:
+        if self._said == (origin, cidrs):
+            return
+        self._said = (origin, cidrs)
+        if origin is not None:
+            log.info("pod CIDR %s (from %s)", ", ".join(cidrs), origin)
+            return
+        where = "no --pod-cidr, no pod bridge route, flannel subnet or CNI host-local range"
+        if self.node_object is not None:
+            where += ", and the Node object has no spec.podCIDRs (or could not be read)"
+        log.info("this node's pod CIDR is unknown (%s): the DNS flows from pods are not "
+                 "evaluated", where)  # fmt: skip

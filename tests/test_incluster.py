@@ -174,13 +174,14 @@ def test_shipped_rbac_allows_what_the_agent_does_and_denies_the_rest(
     try:
         assert client.request("GET", "/api/v1/pods", query={"resourceVersion": "0"})["items"] == []
         assert client.request("GET", "/apis/events.k8s.io/v1")["groupVersion"]  # discovery
+        assert client.request("GET", f"/api/v1/nodes/{NODE}")["metadata"]["name"] == NODE
         with pytest.raises(KubeError) as denied:
-            client.request("GET", f"/api/v1/nodes/{NODE}")
+            client.request("GET", "/api/v1/nodes")  # get, not list
         assert denied.value.status == 403 and denied.value.reason == "Forbidden"
         assert denied.value.body["kind"] == "Status"
         assert denied.value.message == (
-            f'nodes "{NODE}" is forbidden: User "system:serviceaccount:nodediag:nodediag" '
-            'cannot get resource "nodes" in API group "" at the cluster scope'
+            'nodes is forbidden: User "system:serviceaccount:nodediag:nodediag" '
+            'cannot list resource "nodes" in API group "" at the cluster scope'
         )
         with pytest.raises(KubeError) as denied:
             client.request("GET", "/api/v1/namespaces/shop/pods/web-0")  # list, not get
