@@ -48,6 +48,7 @@ API_PORT = 443
 ADMIN_TOKEN = f"admin-{secrets.token_hex(8)}"
 FIRST_TOKEN, SECOND_TOKEN = (f"sa-{secrets.token_hex(16)}" for _ in range(2))
 LIMIT = 32 * realcontainerd.MiB
+POD_CIDR = "10.42.7.0/24"  # the Node object's spec.podCIDRs: the node itself shows none
 
 
 def daemonset_identity() -> tuple[str, str]:
@@ -226,6 +227,8 @@ def node(image: imagelab.Image) -> Iterator[imagelab.Node]:
     if missing:
         realkernel.skip_or_fail(f"not installed: {', '.join(missing)}")
     with imagelab.Node(cri=True) as lab:
+        # Cilium's health endpoint link: a pod link before any pod, no route shows the pod CIDR.
+        lab.run(["ip", "link", "add", "lxc_health", "type", "dummy"])
         realcontainerd.import_oci_archive(lab.containerd, image.archive, image.ref)
         yield lab
 
@@ -243,7 +246,8 @@ def api(node: imagelab.Node, tls: TlsFiles) -> Iterator[ks.KubeStandin]:
     standin = ks.KubeStandin(tls=tls, rbac=Rbac.of(rendered("base")), users=users)
     standin.start(API_PORT, host=imagelab.PEER_IP, netns=node.dns_netns)
     try:
-        standin.add_node(node.name)
+        standin.add_node({"metadata": {"name": node.name},
+                          "spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]}})  # fmt: skip
         yield standin
     finally:
         standin.stop()
@@ -509,6 +513,25 @@ def test_every_collector_succeeds_in_the_pod(agent: PodAgent) -> None:
     assert imagelab.failures(samples) == {}, agent.log()[-3000:]
     for kind in ("livenessProbe", "readinessProbe"):  # as kubelet probes, from the node
         assert agent.get(agent.probes[kind].path)[0] == 200, kind
+
+
+def test_the_pod_flows_use_the_node_objects_pod_cidr(agent: PodAgent) -> None:
+    """The node shows no pod CIDR (no pod bridge, no CNI config): the agent reads its Node
+    object's spec.podCIDRs (the shipped ClusterRole grants get on nodes) and evaluates the
+    DNS flows from pods."""
+    flows = ("pod-dns-udp", "pod-dns-tcp")
+
+    def evaluated(samples: imagelab.Samples) -> bool:
+        shown = {dict(labels).get("flow") for name, labels in samples
+                 if name == "nodediag_dns_flow_ok"}  # fmt: skip
+        return set(flows) <= shown
+
+    samples = agent.wait_samples(evaluated)
+    source = (("collector", "firewall"), ("source", "node-pod-cidr"))
+    assert samples[("nodediag_collector_source_success", source)] == 1
+    log = agent.log()
+    assert f"pod CIDR {POD_CIDR} (from the Node object's spec.podCIDRs)" in log
+    assert "pod CIDR is unknown" not in log
 
 
 def test_kubelet_stops_the_agent_within_its_grace_period(agent: PodAgent) -> None:

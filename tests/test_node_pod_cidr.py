@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -307,3 +308,22 @@ def test_without_a_cluster_nothing_changes() -> None:
     firewall = Firewall(None)
     assert firewall.run() == {"pod-dns-udp": UNKNOWN, "pod-dns-tcp": UNKNOWN}
     assert firewall.source() is None
+
+
+# ----------------------------------------------------------------------------- the flag
+
+
+def test_pod_cidr_flag_and_env_for_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.cli import InputError, build_parser, settings_from
+
+    for command in (["run"], ["scan"], ["analyze", "--nft-json", "x"]):
+        args = build_parser().parse_args([*command, "--pod-cidr", "10.42.1.7/24"])
+        assert settings_from(args).pod_cidrs == ("10.42.1.0/24",)
+    monkeypatch.setenv("NODEDIAG_POD_CIDR", "10.42.1.0/24,fd00:42::/64")
+    assert settings_from(build_parser().parse_args(["run"])).pod_cidrs == (
+        "10.42.1.0/24",
+        "fd00:42::/64",
+    )
+    monkeypatch.setenv("NODEDIAG_POD_CIDR", "10.42.1.0/33")
+    with pytest.raises(InputError, match=re.escape("--pod-cidr: invalid CIDR '10.42.1.0/33'")):
+        settings_from(build_parser().parse_args(["run"]))
