@@ -227,8 +227,8 @@ def node(image: imagelab.Image) -> Iterator[imagelab.Node]:
     if missing:
         realkernel.skip_or_fail(f"not installed: {', '.join(missing)}")
     with imagelab.Node(cri=True) as lab:
-        # Cilium's health endpoint link: a pod link before any pod, no route shows the pod CIDR.
-        lab.run(["ip", "link", "add", "lxc_health", "type", "dummy"])
+        # Cilium's health endpoint veth: a pod link before any pod; no route shows the pod CIDR.
+        lab.run(["ip", "link", "add", "lxc_health", "type", "veth", "peer", "name", "health0"])
         realcontainerd.import_oci_archive(lab.containerd, image.archive, image.ref)
         yield lab
 
