@@ -3,10 +3,14 @@
 ``--pod-network-cidr``, RKE2, K3s).
 
 The DNS flows from pods need it, and many nodes show it nowhere else: Cilium, Calico before
-its first block route, a node with no pod yet. One ``GET /api/v1/nodes/<node>``, cached: the
-Node's pod CIDR is set once, when the node registers, so it is read again only every
-``refresh`` seconds, and after a failure (a 403 when the ClusterRole lacks ``get`` on
-``nodes``, the API server unreachable) with exponential backoff — never per collector run.
+its first block route, a node with no pod yet. One ``GET /api/v1/nodes/<node>``, cached, never
+per collector run. The API server lets a Node's pod CIDR go only from unset to set (a change
+needs the Node deleted and registered again), so a set one is read again only every
+``refresh_set`` seconds (an hour), an unset one every ``refresh`` seconds (10 minutes: node
+IPAM may assign it later), and after a failure (a 403 when the ClusterRole lacks ``get`` on
+``nodes``, the API server unreachable) with exponential backoff from ``retry`` up to
+``refresh``. ``resourceVersion=0`` lets the API server answer from its watch cache instead
+of a quorum read of etcd (as client-go's informers list).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from agent.kube import JSON, Api, KubeError, KubeUnreachable, backoff_delay
 from collectors.node_facts import PodCidrLookup
 
 REFRESH_SECONDS = 600.0
+REFRESH_SET_SECONDS = 3600.0
 RETRY_SECONDS = 30.0
 
 
@@ -58,6 +63,7 @@ class NodePodCidrReader:
         client: Callable[[], Api],
         *,
         refresh: float = REFRESH_SECONDS,
+        refresh_set: float = REFRESH_SET_SECONDS,
         retry: float = RETRY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
@@ -65,6 +71,7 @@ class NodePodCidrReader:
         self.node = node
         self._client = client
         self.refresh = refresh
+        self.refresh_set = refresh_set
         self.retry = retry
         self._clock = clock
         self._rand = rand
@@ -84,12 +91,14 @@ class NodePodCidrReader:
     def _read(self, now: float) -> None:
         self.reads += 1
         try:
-            node = self._client().request("GET", f"/api/v1/nodes/{self.node}")
+            node = self._client().request(
+                "GET", f"/api/v1/nodes/{self.node}", query={"resourceVersion": "0"}
+            )
         except (KubeError, KubeUnreachable) as error:
             self._lookup = PodCidrLookup(self._lookup.cidrs, _explain(error, self.node))
             self._due = now + backoff_delay(self._failures, self.retry, self.refresh, self._rand)
             self._failures += 1
             return
         self._lookup = PodCidrLookup(node_pod_cidrs(node), None)
-        self._due = now + self.refresh
+        self._due = now + (self.refresh_set if self._lookup.cidrs else self.refresh)
         self._failures = 0

@@ -498,6 +498,7 @@ def test_the_code_calls_what_we_think() -> None:
     assert ("request", "POST", "/apis/events.k8s.io/v1/namespaces/{}/events") in calls
     assert ("request", "PATCH", "/api/v1/namespaces/{}/events/{}") in calls
     assert ("watch", "GET", "/api/v1/pods") in calls
+    assert ("request", "GET", "/api/v1/nodes/{}") in calls  # the own Node's pod CIDR
 
 
 def test_cluster_role_equals_the_calls_in_the_code() -> None:

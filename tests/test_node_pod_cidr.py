@@ -198,19 +198,28 @@ def test_shipped_rbac_reads_the_pod_cidr_and_the_pod_flows_are_evaluated(
     assert {f.details["flow"] for f in blocked} >= {"pod-dns-udp", "pod-dns-tcp"}
 
 
-def test_the_node_object_is_read_once_then_every_ten_minutes(
+def test_the_node_object_is_read_once_then_hourly_or_every_ten_minutes_while_unset(
     api: ks.KubeStandin, client: Any
 ) -> None:
-    api.add_node(node_object(cidrs=[POD_CIDR]))
+    api.add_node(node_object())  # registered, node IPAM has not assigned a CIDR yet
     clock = Clock()
+    start = clock.now
     firewall = Firewall(NodePodCidrReader(NODE, lambda: client, clock=clock))
-    for _ in range(5):  # collector runs a minute apart
-        assert firewall.run()["pod-dns-udp"] == "drop"
+    reads = []
+    for minute in range(80):  # collector runs a minute apart
+        before = len(node_gets(api))
+        if minute == 15:
+            api.add_node(node_object(cidrs=[POD_CIDR]))  # assigned (stored anew)
+        verdict = firewall.run()["pod-dns-udp"]
+        if len(node_gets(api)) > before:
+            reads.append((minute, verdict))
         clock.now += 60
-    assert node_gets(api) == [200]
-    clock.now += 300  # 10 minutes after the first read
+    assert reads == [(0, UNKNOWN), (10, UNKNOWN), (20, "drop")]
+    assert set(node_gets(api)) == {200}
+    assert all(r.query == {"resourceVersion": "0"} for r in api.requests if "/nodes/" in r.path)
+    assert clock.now == start + 80 * 60  # an hour after the read that found it
     firewall.run()
-    assert node_gets(api) == [200, 200]
+    assert len(node_gets(api)) == 4
 
 
 @pytest.mark.parametrize("api", ["without-nodes-get"], indirect=True)
