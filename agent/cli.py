@@ -192,12 +192,14 @@ def _ip_network(text: str) -> str:
         raise ValueError(f"invalid CIDR {text!r}") from None
 
 
-def _pod_cidrs(given: Sequence[str]) -> tuple[str, ...]:
-    """``--pod-cidr`` values (those from ``$NODEDIAG_POD_CIDR`` are checked here)."""
+def _checked(flag: str, given: Sequence[str], convert: Callable[[str], str]) -> tuple[str, ...]:
+    """Values of a repeatable flag; those from its ``$NODEDIAG_…`` variable, which argparse
+    does not convert, are checked here."""
     try:
-        return tuple(_ip_network(text) for text in given)
+        return tuple(convert(text) for text in given)
     except ValueError as error:
-        raise InputError(f"--pod-cidr: {error}") from None
+        variable = "NODEDIAG_" + flag.upper().replace("-", "_")
+        raise InputError(f"--{flag} (or ${variable}): {error}") from None
 
 
 def _ip_address(text: str) -> str:
@@ -246,8 +248,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         no_kube=args.no_kube,
         fix_vxlan_offload=args.fix_vxlan_offload,
         containerd_sockets=tuple(args.containerd_socket or DEFAULT_CONTAINERD_SOCKETS),
-        cluster_dns=tuple(args.cluster_dns or ()),
-        pod_cidrs=_pod_cidrs(args.pod_cidr or ()),
+        cluster_dns=_checked("cluster-dns", args.cluster_dns or (), _ip_address),
+        pod_cidrs=_checked("pod-cidr", args.pod_cidr or (), _ip_network),
         dns_probe_name=args.dns_probe_name,
     )
 

@@ -334,5 +334,20 @@ def test_pod_cidr_flag_and_env_for_every_command(monkeypatch: pytest.MonkeyPatch
         "fd00:42::/64",
     )
     monkeypatch.setenv("NODEDIAG_POD_CIDR", "10.42.1.0/33")
-    with pytest.raises(InputError, match=re.escape("--pod-cidr: invalid CIDR '10.42.1.0/33'")):
+    expected = "--pod-cidr (or $NODEDIAG_POD_CIDR): invalid CIDR '10.42.1.0/33'"
+    with pytest.raises(InputError, match=re.escape(expected)):
+        settings_from(build_parser().parse_args(["run"]))
+
+
+def test_cluster_dns_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.cli import InputError, build_parser, settings_from
+
+    monkeypatch.setenv("NODEDIAG_CLUSTER_DNS", "10.43.0.10, fd00:43::a")
+    assert settings_from(build_parser().parse_args(["run"])).cluster_dns == (
+        "10.43.0.10",
+        "fd00:43::a",
+    )
+    monkeypatch.setenv("NODEDIAG_CLUSTER_DNS", "10.43.0.300")
+    expected = "--cluster-dns (or $NODEDIAG_CLUSTER_DNS): invalid IP address '10.43.0.300'"
+    with pytest.raises(InputError, match=re.escape(expected)):
         settings_from(build_parser().parse_args(["run"]))
