@@ -322,32 +322,49 @@ def test_without_a_cluster_nothing_changes() -> None:
 # ----------------------------------------------------------------------------- the flag
 
 
-def test_pod_cidr_flag_and_env_for_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent.cli import InputError, build_parser, settings_from
+def test_pod_cidr_flag_for_every_command() -> None:
+    from agent.cli import build_parser, settings_from
 
     for command in (["run"], ["scan"], ["analyze", "--nft-json", "x"]):
         args = build_parser().parse_args([*command, "--pod-cidr", "10.42.1.7/24"])
         assert settings_from(args).pod_cidrs == ("10.42.1.0/24",)
-    monkeypatch.setenv("NODEDIAG_POD_CIDR", "10.42.1.0/24,fd00:42::/64")
-    assert settings_from(build_parser().parse_args(["run"])).pod_cidrs == (
-        "10.42.1.0/24",
-        "fd00:42::/64",
-    )
-    monkeypatch.setenv("NODEDIAG_POD_CIDR", "10.42.1.0/33")
-    expected = "--pod-cidr (or $NODEDIAG_POD_CIDR): invalid CIDR '10.42.1.0/33'"
-    with pytest.raises(InputError, match=re.escape(expected)):
-        settings_from(build_parser().parse_args(["run"]))
 
 
-def test_cluster_dns_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("variable", "good", "read", "bad", "error"),
+    [
+        (
+            "NODEDIAG_POD_CIDR",
+            "10.42.1.0/24,fd00:42::/64",
+            ("10.42.1.0/24", "fd00:42::/64"),
+            "10.42.1.0/33",
+            "--pod-cidr (or $NODEDIAG_POD_CIDR): invalid CIDR '10.42.1.0/33'",
+        ),
+        (
+            "NODEDIAG_CLUSTER_DNS",
+            "10.43.0.10, fd00:43::a",
+            ("10.43.0.10", "fd00:43::a"),
+            "10.43.0.300",
+            "--cluster-dns (or $NODEDIAG_CLUSTER_DNS): invalid IP address '10.43.0.300'",
+        ),
+    ],
+)
+def test_list_flags_from_the_environment_are_checked(
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    good: str,
+    read: tuple[str, ...],
+    bad: str,
+    error: str,
+) -> None:
     from agent.cli import InputError, build_parser, settings_from
 
-    monkeypatch.setenv("NODEDIAG_CLUSTER_DNS", "10.43.0.10, fd00:43::a")
-    assert settings_from(build_parser().parse_args(["run"])).cluster_dns == (
-        "10.43.0.10",
-        "fd00:43::a",
-    )
-    monkeypatch.setenv("NODEDIAG_CLUSTER_DNS", "10.43.0.300")
-    expected = "--cluster-dns (or $NODEDIAG_CLUSTER_DNS): invalid IP address '10.43.0.300'"
-    with pytest.raises(InputError, match=re.escape(expected)):
-        settings_from(build_parser().parse_args(["run"]))
+    def settings() -> Any:
+        return settings_from(build_parser().parse_args(["run"]))
+
+    field = "pod_cidrs" if variable.endswith("POD_CIDR") else "cluster_dns"
+    monkeypatch.setenv(variable, good)
+    assert getattr(settings(), field) == read
+    monkeypatch.setenv(variable, bad)
+    with pytest.raises(InputError, match=re.escape(error)):
+        settings()
