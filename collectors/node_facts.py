@@ -30,7 +30,7 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from collectors.cluster_dns import discover_resolv_conf, in_root, nameservers
 from collectors.netfilter.flows import NodeFacts, OverlayLink
@@ -50,10 +50,14 @@ RTN_BLACKHOLE = 6
 
 @dataclass(frozen=True, slots=True)
 class Link:
+    """A link; ``underlay`` the address family a vxlan link's packets travel in (its local
+    or group address), None when it does not say."""
+
     index: int
     name: str
     kind: str | None = None
     port: int | None = None
+    underlay: Literal["ipv4", "ipv6"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +165,7 @@ def _name(by_index: dict[int, Link], index: int | None) -> str | None:
 
 def _overlay(link: Link) -> OverlayLink | None:
     if link.kind == "vxlan":
-        return OverlayLink(link.name, "vxlan", link.port or 8472)
+        return OverlayLink(link.name, "vxlan", link.port or 8472, link.underlay)
     if link.kind == "ipip" or link.name == "tunl0":
         return OverlayLink(link.name, "ipip")
     if link.kind == "wireguard":
@@ -320,10 +324,15 @@ def _link(message: Any) -> Link:
     info = message.get_attr("IFLA_LINKINFO")
     kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
     port = None
+    underlay: Literal["ipv4", "ipv6"] | None = None
     data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
     if kind == "vxlan" and data is not None and hasattr(data, "get_attr"):
         port = data.get_attr("IFLA_VXLAN_PORT")
-    return Link(message["index"], message.get_attr("IFLA_IFNAME"), kind, port)
+        if data.get_attr("IFLA_VXLAN_LOCAL6") or data.get_attr("IFLA_VXLAN_GROUP6"):
+            underlay = "ipv6"
+        elif data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_GROUP"):
+            underlay = "ipv4"
+    return Link(message["index"], message.get_attr("IFLA_IFNAME"), kind, port, underlay)
 
 
 def _route(message: Any) -> RouteEntry | None:

@@ -54,9 +54,16 @@ def answer(query: bytes, zone_name: str, address: str) -> bytes | None:
     return header + question + records
 
 
-def serve_udp(sock: socket.socket, zone_name: str, address: str) -> None:
+def _logged(log: Path | None, what: str) -> None:
+    if log is not None:
+        with log.open("a") as out:
+            out.write(what + "\n")
+
+
+def serve_udp(sock: socket.socket, zone_name: str, address: str, log: Path | None) -> None:
     while True:
         data, peer = sock.recvfrom(4096)
+        _logged(log, f"udp {peer[0]}")
         response = answer(data, zone_name, address)
         if response is not None:
             sock.sendto(response, peer)
@@ -76,9 +83,10 @@ def serve_tcp_client(conn: socket.socket, zone_name: str, address: str) -> None:
             conn.sendall(struct.pack("!H", len(response)) + response)
 
 
-def serve_tcp(sock: socket.socket, zone_name: str, address: str) -> None:
+def serve_tcp(sock: socket.socket, zone_name: str, address: str, log: Path | None) -> None:
     while True:
-        conn, _ = sock.accept()
+        conn, peer = sock.accept()
+        _logged(log, f"tcp {peer[0]}")
         threading.Thread(
             target=serve_tcp_client, args=(conn, zone_name, address), daemon=True
         ).start()
@@ -91,17 +99,22 @@ def main() -> None:
     parser.add_argument("--zone-name", default="kubernetes.default.svc.cluster.local")
     parser.add_argument("--answer", default="10.43.0.1", help="the A record's address")
     parser.add_argument("--ready", type=Path, required=True, help="file written when listening")
+    parser.add_argument(
+        "--log", type=Path, help="a line per UDP query and per TCP connection accepted"
+    )
     args = parser.parse_args()
 
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    family = socket.AF_INET6 if ":" in args.address else socket.AF_INET
+    udp = socket.socket(family, socket.SOCK_DGRAM)
     udp.bind((args.address, args.port))
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp = socket.socket(family, socket.SOCK_STREAM)
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     tcp.bind((args.address, args.port))
     tcp.listen(16)
-    threading.Thread(target=serve_tcp, args=(tcp, args.zone_name, args.answer), daemon=True).start()
+    serving = (tcp, args.zone_name, args.answer, args.log)
+    threading.Thread(target=serve_tcp, args=serving, daemon=True).start()
     args.ready.write_text("ready\n")
-    serve_udp(udp, args.zone_name, args.answer)
+    serve_udp(udp, args.zone_name, args.answer, args.log)
 
 
 if __name__ == "__main__":

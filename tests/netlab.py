@@ -22,25 +22,34 @@ server (counters in the server's namespace), and which drop/reject rule or polic
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import secrets
 import socket
+import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import test_firewall_netns
+from netlab_evidence import (
+    Tracer,
+    iptables_drop_counters,
+    iptables_tables,
+    nft_drop_counters,
+    rose,
+    stop,
+    trace_stops,
+)
 
 from collectors.dns_probe import DnsProbe, run_in_netns
+
+__all__ = ["iptables_drop_counters", "stop", "trace_stops"]  # the lab's readers, re-exported
 
 SERVER_SCRIPT = Path(__file__).parent / "dns_test_server.py"
 CLUSTER_DNS = "10.43.0.10"
@@ -52,9 +61,25 @@ NODE_FLANNEL_IP = "10.42.0.0"
 PEER_IP = "10.99.0.2"
 DNS_POD_IP = "10.42.1.2"
 UPSTREAM_DNS = "10.99.0.3"
+# IPv6, beside IPv4 on the same links (the pods' IPv6 rides the IPv4 vxlan link too).
+CLUSTER_DNS6 = "fd43::a"
+POD_CIDR6 = "fd42::/56"
+NODE_POD_CIDR6 = "fd42::/64"
+POD_IP6 = "fd42::2"
+NODE_IP6 = "fd99::1"
+NODE_FLANNEL_IP6 = "fd42::ff"
+PEER_IP6 = "fd99::2"
+DNS_POD_IP6 = "fd42:0:0:1::2"
+UPSTREAM_DNS6 = "fd99::3"
+#: NodeLocal DNSCache's address, and the kube-dns IP it binds too (iptables mode).
+NODE_CACHE = ("169.254.20.10", CLUSTER_DNS)
 VXLAN_PORT = 8472
+WIREGUARD_PORT = 51820
 PROBE_NAME = "kubernetes.default.svc.cluster.local"
 ROLES = ("node", "pod", "peer", "dnspod", "upstream")
+#: Lab features a scenario may ask for beyond the IPv4 flows: IPv6 flows, NodeLocal DNSCache
+#: on the node, IP-in-IP and WireGuard overlay packets.
+FEATURES = frozenset({"ipv6", "nodelocal", "ipip", "wireguard"})
 _SERVER_COUNTERS = """
 table inet nodediag_lab {
     counter dns_udp {}
@@ -67,6 +92,18 @@ table inet nodediag_lab {
 }
 """
 
+
+@dataclass(frozen=True)
+class Probe:
+    """One DNS query of a flow: from the ``source`` namespace to ``address``; ``server`` is the
+    role whose namespace runs the server (``node``: NodeLocal DNSCache's)."""
+
+    source: str
+    server: str
+    address: str
+    protocol: str
+
+
 #: flow name -> (namespace the query leaves from, server role, server address, protocol)
 FLOW_PROBES: dict[str, tuple[str, str, str, str]] = {
     "pod-dns-udp": ("pod", "dnspod", CLUSTER_DNS, "udp"),
@@ -77,16 +114,38 @@ FLOW_PROBES: dict[str, tuple[str, str, str, str]] = {
     "dns-upstream-tcp": ("pod", "upstream", UPSTREAM_DNS, "tcp"),
 }
 FLOWS = (*FLOW_PROBES, "dns-replies", "overlay-vxlan")
+_V6 = {CLUSTER_DNS: CLUSTER_DNS6, UPSTREAM_DNS: UPSTREAM_DNS6}
 
 
-def stop(process: subprocess.Popen[Any]) -> None:
-    """SIGTERM, and SIGKILL when it has not ended 10 s later."""
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+def flow_key(flow: str, family: str) -> str:
+    """How the lab names a flow of a family: IPv4 flows by their name, IPv6 ``ipv6:NAME``."""
+    return flow if family == "ipv4" else f"{family}:{flow}"
+
+
+def flow_probes(features: frozenset[str] = frozenset()) -> dict[str, tuple[Probe, ...]]:
+    """The queries of each DNS flow (by :func:`flow_key`) the lab sends for these features.
+    With NodeLocal DNSCache the pods and the host ask the node's cache on both its addresses,
+    and the cache (host network) asks the upstream too."""
+    probes: dict[str, tuple[Probe, ...]] = {}
+    for flow, (source, server, address, protocol) in FLOW_PROBES.items():
+        if "nodelocal" in features and server == "dnspod":
+            found = tuple(Probe(source, "node", a, protocol) for a in NODE_CACHE)
+        elif "nodelocal" in features:
+            found = tuple(Probe(s, server, address, protocol) for s in (source, "node"))
+        else:
+            found = (Probe(source, server, address, protocol),)
+        probes[flow] = found
+    if "ipv6" in features:
+        for flow, (source, server, address, protocol) in FLOW_PROBES.items():
+            probes[flow_key(flow, "ipv6")] = (Probe(source, server, _V6[address], protocol),)
+    return probes
+
+
+def lab_flows(features: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """Every flow (by :func:`flow_key`) the lab observes for these features."""
+    overlays = tuple(f"overlay-{k}" for k in ("ipip", "wireguard") if k in features)
+    v6 = ("ipv6:" + f for f in (*FLOW_PROBES, "dns-replies")) if "ipv6" in features else ()
+    return (*FLOWS, *overlays, *v6)
 
 
 def ip(*args: str) -> None:
@@ -122,159 +181,6 @@ class FlowObservation:
     drops: dict[str, int] = field(default_factory=dict)
 
 
-# ------------------------------------------------------------------------- counters
-
-_IPT_POLICY = re.compile(r"^:(\S+) (ACCEPT|DROP) \[(\d+):\d+\]")
-_IPT_RULE = re.compile(r"^\[(\d+):\d+\] -A (\S+) (.*)$")
-_DROPPING = re.compile(r"-j (DROP|REJECT)\b")
-_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
-
-
-def iptables_drop_counters(text: str, source: str) -> dict[str, int]:
-    """``iptables-save -c`` text -> {"source table chain rule-or-policy": packets} for every
-    DROP/REJECT rule and DROP policy."""
-    counters: dict[str, int] = {}
-    table = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        elif match := _IPT_POLICY.match(line):
-            chain, policy, packets = match.groups()
-            if policy == "DROP":
-                counters[f"{source} {table} {chain} policy DROP"] = int(packets)
-        elif (match := _IPT_RULE.match(line)) and _DROPPING.search(
-            _QUOTED.sub('""', match.group(3))
-        ):
-            packets, chain, rule = match.groups()
-            key = f"{source} {table} {chain} {rule}"
-            counters[key] = counters.get(key, 0) + int(packets)
-    return counters
-
-
-def _nft_expr_verdict(expr: Sequence[dict[str, object]]) -> str | None:
-    for statement in expr:
-        for verdict in ("drop", "reject"):
-            if verdict in statement:
-                return verdict
-    return None
-
-
-def nft_drop_counters(ruleset: dict[str, object], skip: set[tuple[str, str]]) -> dict[str, int]:
-    """``nft -j list ruleset`` -> counters of native nft drop/reject rules that count
-    (``counter`` statement); the tables in ``skip`` (iptables-nft's: (family, name)) are read
-    from iptables-save instead."""
-    counters: dict[str, int] = {}
-    items = ruleset.get("nftables", [])
-    assert isinstance(items, list)
-    for item in items:
-        rule = item.get("rule") if isinstance(item, dict) else None
-        if not isinstance(rule, dict):
-            continue
-        expr = rule.get("expr", [])
-        verdict = _nft_expr_verdict(expr)
-        counted = [s["counter"] for s in expr if isinstance(s, dict) and "counter" in s]
-        if verdict is None or not counted or (rule["family"], rule["table"]) in skip:
-            continue
-        key = f"nft {rule['family']} {rule['table']} {rule['chain']} handle {rule['handle']}"
-        counters[key] = int(counted[0]["packets"])
-    return counters
-
-
-def rose(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {
-        key: after[key] - before.get(key, 0) for key in after if after[key] > before.get(key, 0)
-    }
-
-
-_TRACE_TABLE = """
-table ip nodediag_lab_trace {
-    chain pre { type filter hook prerouting priority -500; meta nftrace set 1; }
-    chain out { type filter hook output priority -500; meta nftrace set 1; }
-}
-"""
-_TRACE_STOP = re.compile(
-    r"^trace id \S+ (\S+) (\S+) (\S+) (?:rule .*# handle (\d+) \(verdict drop\)|policy drop)"
-)
-
-
-def trace_stops(lines: Sequence[str], skip: set[tuple[str, str]]) -> dict[str, int]:
-    """``nft --handle monitor trace`` lines -> the drop/reject stops they show: {"nft FAMILY
-    TABLE CHAIN handle N" or "nft FAMILY TABLE CHAIN policy drop": packets}, leaving out the
-    tables in ``skip`` ((family, name))."""
-    stops: dict[str, int] = {}
-    for line in lines:
-        match = _TRACE_STOP.match(line)
-        if match is None or (match.group(1), match.group(2)) in skip:
-            continue
-        family, table, chain, handle = match.groups()
-        key = f"nft {family} {table} {chain} " + (f"handle {handle}" if handle else "policy drop")
-        stops[key] = stops.get(key, 0) + 1
-    return stops
-
-
-def _poke_loopback() -> None:
-    # A rule may drop it (EPERM): it is traced all the same.
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
-        sock.sendto(b"", ("127.0.0.1", 9))
-
-
-class Tracer:
-    """``nft monitor trace`` in the node's namespace while a table there marks every IPv4
-    packet for tracing: which nft rule or chain policy dropped (or rejected) each packet.
-    It names the stops of native nft tables, which count nothing unless a rule says
-    ``counter``; iptables' tables (``skip``) are read from their counters instead."""
-
-    def __init__(self, node: Netns, skip: set[tuple[str, str]]) -> None:
-        self.node = node
-        self.skip = skip
-        self.lines: list[str] = []
-        node.run(["nft", "-f", "-"], stdin=_TRACE_TABLE)
-        self.monitor = subprocess.Popen(
-            ["ip", "netns", "exec", node.name, "nft", "--handle", "monitor", "trace"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        try:
-            self._wait_subscribed()
-        except BaseException:
-            self.close()
-            raise
-
-    def _wait_subscribed(self) -> None:
-        """Pokes the node's loopback until the monitor shows a trace: then it listens."""
-        deadline = time.monotonic() + 10
-        while not self.lines:
-            if self.monitor.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nft monitor trace showed nothing")
-            run_in_netns(self.node.name, _poke_loopback)
-            time.sleep(0.05)
-
-    def _read(self) -> None:
-        assert self.monitor.stdout is not None
-        for line in self.monitor.stdout:
-            self.lines.append(line)
-
-    def stops(self, since: int) -> dict[str, int]:
-        """The stops traced since line ``since`` (see :func:`trace_stops`)."""
-        return trace_stops(self.lines[since:], self.skip)
-
-    def close(self) -> None:
-        stop(self.monitor)
-        self.reader.join(timeout=5)
-        self.node.run(["nft", "delete", "table", "ip", "nodediag_lab_trace"])
-
-
-def iptables_tables(dumps: dict[str, str]) -> set[tuple[str, str]]:
-    """(nft family, table) of the tables iptables-nft shows."""
-    return {
-        (family, table)
-        for family, suffix in (("ip", "iptables-save"), ("ip6", "ip6tables-save"))
-        for table in re.findall(r"^\*(\S+)", dumps[suffix], re.M)
-    }
-
-
 # ------------------------------------------------------------------------------ the lab
 
 
@@ -290,12 +196,27 @@ class Lab:
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
         self.probe_timeout = 0.5
         self.tracer: Tracer | None = None
+        self.features: frozenset[str] = frozenset()
 
     def start(self) -> None:
         self._build()
-        for role, address in (("dnspod", DNS_POD_IP), ("upstream", UPSTREAM_DNS)):
+        for role, address, address6 in (
+            ("dnspod", DNS_POD_IP, DNS_POD_IP6),
+            ("upstream", UPSTREAM_DNS, UPSTREAM_DNS6),
+        ):
             self._count_queries(role)
             self._start_server(role, address)
+            self._start_server(role, address6)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One query to each server from each side before any rule is loaded: the neighbours
+        on the way are resolved (a scenario's first query is then not lost to discovery)."""
+        for source in ("pod", "node"):
+            probe = DnsProbe(PROBE_NAME, 2.0, netns=self.ns[source].name)
+            for address in (DNS_POD_IP, DNS_POD_IP6, UPSTREAM_DNS, UPSTREAM_DNS6):
+                if not probe.probe(address, "udp").ok:
+                    raise RuntimeError(f"the lab does not work: {source} -> {address}")
 
     def close(self) -> None:
         for process in self.servers.values():
@@ -319,6 +240,8 @@ class Lab:
     def _build(self) -> None:
         for netns in self.ns.values():
             ip("netns", "add", netns.name)
+            for scope in ("all", "default"):  # IPv6 addresses usable at once (links too)
+                netns.run(["sysctl", "-qw", f"net.ipv6.conf.{scope}.accept_dad=0"])
             netns.ip("link", "set", "lo", "up")
         node, pod, peer, dnspod, upstream = (self.ns[r] for r in ROLES)
         self._veth("node", "vpod", "pod", "eth0")
@@ -359,6 +282,38 @@ class Lab:
         self._flannel(peer, PEER_IP, "10.42.1.0", "br0")
         self._flannel_route(node, peer, PEER_IP, "10.42.1.0")
         self._flannel_route(peer, node, NODE_IP, NODE_FLANNEL_IP)
+        self._build_ipv6()
+
+    def _build_ipv6(self) -> None:
+        """The same topology in IPv6 (no duplicate address detection: usable at once)."""
+        node, pod, peer, dnspod, upstream = (self.ns[r] for r in ROLES)
+        for netns in (node, peer):
+            netns.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        for netns, ifname, address in (
+            (node, "cni0", "fd42::1/64"),
+            (peer, "cni0", "fd42:0:0:1::1/64"),
+            (pod, "eth0", f"{POD_IP6}/64"),
+            (dnspod, "eth0", f"{DNS_POD_IP6}/64"),
+            (node, "eth0", f"{NODE_IP6}/64"),
+            (peer, "br0", f"{PEER_IP6}/64"),
+            (upstream, "eth0", f"{UPSTREAM_DNS6}/64"),
+            (node, "flannel.1", f"{NODE_FLANNEL_IP6}/128"),
+            (peer, "flannel.1", "fd42:0:0:1::ff/128"),
+        ):
+            netns.ip("-6", "addr", "add", address, "dev", ifname, "nodad")
+        pod.ip("-6", "route", "add", "default", "via", "fd42::1")
+        dnspod.ip("-6", "route", "add", "default", "via", "fd42:0:0:1::1")
+        upstream.ip("-6", "route", "add", NODE_POD_CIDR6, "via", NODE_IP6)
+        node.ip("-6", "route", "add", "default", "via", PEER_IP6)
+        for here, there, vtep, subnet in (
+            (node, peer, "fd42:0:0:1::ff", "fd42:0:0:1::/64"),
+            (peer, node, NODE_FLANNEL_IP6, NODE_POD_CIDR6),
+        ):
+            mac = self._mac(there, "flannel.1")
+            here.ip("-6", "route", "add", subnet, "via", vtep, "dev", "flannel.1", "onlink")
+            here.ip(
+                "-6", "neigh", "add", vtep, "lladdr", mac, "dev", "flannel.1", "nud", "permanent"
+            )
 
     @staticmethod
     def _flannel(netns: Netns, local: str, address: str, underlay: str) -> None:
@@ -383,15 +338,20 @@ class Lab:
         here.run(["bridge", "fdb", "append", mac, "dev", "flannel.1", "dst", there_ip])
 
     def _start_server(self, role: str, address: str) -> None:
-        ready = self.workdir / f"ready-{role}"
+        """A DNS server on ``address`` in ``role``'s namespace; it logs the queries it gets
+        (:meth:`_server_received` reads the log of the node's, the other namespaces count
+        in their own rules)."""
+        ready = self.workdir / f"ready-{address}"
         ready.unlink(missing_ok=True)
+        self._server_log(address).write_text("")
         process = subprocess.Popen(
             [
                 "ip", "netns", "exec", self.ns[role].name, sys.executable, str(SERVER_SCRIPT),
                 "--address", address, "--ready", str(ready),
+                "--log", str(self._server_log(address)),
             ]
         )  # fmt: skip
-        self.servers[role] = process
+        self.servers[address] = process
         deadline = time.monotonic() + 10
         while not ready.exists():
             if process.poll() is not None or time.monotonic() > deadline:
@@ -400,17 +360,40 @@ class Lab:
 
     # ---------------------------------------------------------------- rules
 
-    def reset(self) -> None:
-        """Empty every table of the node (nft, iptables-nft and legacy) and its conntrack."""
+    def reset(self, features: frozenset[str] = frozenset()) -> None:
+        """Empty every table of the node (nft, iptables-nft and legacy, IPv4 and IPv6) and its
+        conntrack; set the lab up for ``features`` (:data:`FEATURES`)."""
         self.node.run(["nft", "flush", "ruleset"])
-        legacy = self.node.run(["iptables-legacy-save"])
-        for table in re.findall(r"^\*(\S+)", legacy, re.M):
-            for argv in (["-F"], ["-X"]):
-                self.node.run(["iptables-legacy", "-w", "-t", table, *argv])
-            heads = legacy.split(f"*{table}")[1]
-            for chain in re.findall(r"^:(\S+) (?:ACCEPT|DROP)", heads, re.M):
-                self.node.run(["iptables-legacy", "-w", "-t", table, "-P", chain, "ACCEPT"])
+        for tool in ("iptables-legacy", "ip6tables-legacy"):
+            legacy = self.node.run([f"{tool}-save"])
+            for table in re.findall(r"^\*(\S+)", legacy, re.M):
+                for argv in (["-F"], ["-X"]):
+                    self.node.run([tool, "-w", "-t", table, *argv])
+                heads = legacy.split(f"*{table}")[1]
+                for chain in re.findall(r"^:(\S+) (?:ACCEPT|DROP)", heads, re.M):
+                    self.node.run([tool, "-w", "-t", table, "-P", chain, "ACCEPT"])
         self.node.run(["conntrack", "-F"])
+        self._node_cache("nodelocal" in features)
+        self.features = features
+
+    def _node_cache(self, wanted: bool) -> None:
+        """NodeLocal DNSCache on the node: its addresses on a link named ``nodelocaldns`` (a
+        bridge without ports: node-local-dns makes a dummy link, and this kernel may have no
+        dummy driver) and a DNS server on each."""
+        if wanted == ("nodelocal" in self.features):
+            return
+        if wanted:
+            self.node.ip("link", "add", "nodelocaldns", "type", "bridge")
+            for address in NODE_CACHE:
+                self.node.ip("addr", "add", f"{address}/32", "dev", "nodelocaldns")
+            self.node.ip("link", "set", "nodelocaldns", "up")
+            self.node.run(["sysctl", "-qw", "net.ipv4.tcp_synack_retries=0"])
+            for address in NODE_CACHE:
+                self._start_server("node", address)
+        else:
+            for address in NODE_CACHE:
+                stop(self.servers.pop(address))
+            self.node.ip("link", "del", "nodelocaldns")
 
     def dumps(self) -> dict[str, str]:
         """What the real tools print about the node's rules, by vector file suffix."""
@@ -418,16 +401,23 @@ class Lab:
             "iptables-save": self.node.run(["iptables-save", "-c"]),
             "ip6tables-save": self.node.run(["ip6tables-save", "-c"]),
             "iptables-legacy-save": self.node.run(["iptables-legacy-save", "-c"]),
+            "ip6tables-legacy-save": self.node.run(["ip6tables-legacy-save", "-c"]),
             "nft.json": self.node.run(["nft", "-j", "list", "ruleset"]),
         }
 
     def drop_counters(self) -> dict[str, int]:
+        """The drop counters of the node's rules; IPv6's only with the ``ipv6`` feature (other
+        IPv6 packets, neighbour discovery, never count into an IPv4 scenario's evidence)."""
         dumps = self.dumps()
-        return {
+        found = {
             **iptables_drop_counters(dumps["iptables-save"], "iptables-nft"),
             **iptables_drop_counters(dumps["iptables-legacy-save"], "iptables-legacy"),
-            **nft_drop_counters(json.loads(dumps["nft.json"]), iptables_tables(dumps)),
         }
+        if "ipv6" in self.features:
+            found.update(iptables_drop_counters(dumps["ip6tables-save"], "ip6tables-nft"))
+            found.update(iptables_drop_counters(dumps["ip6tables-legacy-save"], "ip6tables-legacy"))
+        found.update(nft_drop_counters(json.loads(dumps["nft.json"]), iptables_tables(dumps)))
+        return found
 
     # ---------------------------------------------------------------- packets
 
@@ -438,14 +428,20 @@ class Lab:
         # An unanswered SYN-ACK is not retried: its retries would reach the next flow.
         self.ns[role].run(["sysctl", "-qw", "net.ipv4.tcp_synack_retries=0"])
 
-    def _server_received(self, role: str, protocol: str) -> int:
-        listed = json.loads(self.ns[role].run(["nft", "-j", "list", "counters"]))
-        name = "dns_udp" if protocol == "udp" else "dns_syn"
+    def _server_log(self, address: str) -> Path:
+        return self.workdir / f"queries-{address}"
+
+    def _server_received(self, probe: Probe) -> int:
+        if probe.server == "node":  # the node's rules are the ones judged: no counters there
+            lines = self._server_log(probe.address).read_text().splitlines()
+            return sum(1 for line in lines if line.startswith(probe.protocol))
+        listed = json.loads(self.ns[probe.server].run(["nft", "-j", "list", "counters"]))
+        name = "dns_udp" if probe.protocol == "udp" else "dns_syn"
         for item in listed["nftables"]:
             counter = item.get("counter")
             if counter and counter["name"] == name:
                 return int(counter["packets"])
-        raise RuntimeError(f"no counter {name} in {role}")
+        raise RuntimeError(f"no counter {name} in {probe.server}")
 
     @contextmanager
     def _drops(self) -> Iterator[dict[str, int]]:
@@ -460,15 +456,14 @@ class Lab:
         if self.tracer:
             found.update(self.tracer.stops(mark))
 
-    def probe(self, flow: str) -> ProbeObservation:
-        source, server_role, address, protocol = FLOW_PROBES[flow]
-        received = self._server_received(server_role, protocol)
-        probe = DnsProbe(PROBE_NAME, self.probe_timeout, netns=self.ns[source].name)
+    def probe(self, query: Probe) -> ProbeObservation:
+        received = self._server_received(query)
+        probe = DnsProbe(PROBE_NAME, self.probe_timeout, netns=self.ns[query.source].name)
         with self._drops() as drops:
-            result = probe.probe(address, "udp" if protocol == "udp" else "tcp")
+            result = probe.probe(query.address, "udp" if query.protocol == "udp" else "tcp")
         return ProbeObservation(
             answered=result.ok,
-            reached_server=self._server_received(server_role, protocol) > received,
+            reached_server=self._server_received(query) > received,
             outcome=result.outcome if result.ok else f"{result.outcome} {result.error}",
             drops=drops,
         )
@@ -490,11 +485,48 @@ class Lab:
             {} if passed else drops,
         )
 
+    def probe_tunnel(self, kind: str) -> FlowObservation:
+        """An IP-in-IP or WireGuard packet from the peer node to the node's address (this
+        kernel may have neither driver: the packets are made and received by sockets). IP
+        protocol 4 reaches a raw IPPROTO_IPIP socket in the node, UDP 51820 a UDP socket,
+        only when the node's INPUT let it through."""
+        proto, kind_of, port = (
+            (socket.IPPROTO_UDP, socket.SOCK_DGRAM, WIREGUARD_PORT)
+            if kind == "wireguard"
+            else (socket.IPPROTO_IPIP, socket.SOCK_RAW, 0)
+        )
+        marker = secrets.token_bytes(8)
+        # IP-in-IP carries an IPv4 packet (here a header, pod to pod, and the marker).
+        inner = _ipv4_header(DNS_POD_IP, POD_IP, len(marker)) if kind == "ipip" else b""
+
+        def listen() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, kind_of, proto)
+            if kind == "wireguard":
+                sock.bind((NODE_IP, port))
+            sock.settimeout(0.3)
+            return sock
+
+        def send() -> None:
+            with socket.socket(socket.AF_INET, kind_of, proto) as sock:
+                sock.sendto(inner + marker, (NODE_IP, port))
+
+        with run_in_netns(self.node.name, listen) as listener, self._drops() as drops:
+            run_in_netns(self.ns["peer"].name, send)
+            passed = _received(listener, marker)
+        what = "raw IPPROTO_IPIP socket" if kind == "ipip" else f"UDP socket on {port}"
+        return FlowObservation(
+            "pass" if passed else "drop",
+            f"the node's {what} {'got' if passed else 'never got'} the peer's packet",
+            {} if passed else drops,
+        )
+
     def observe(self) -> dict[str, FlowObservation]:
-        """Every flow's kernel verdict under the node's current rules. A query flow passes
-        when the server got the query; ``dns-replies`` when the answers to the cluster DNS
-        queries that got through came back (``unobserved`` when none got through)."""
-        self.tracer = Tracer(self.node, iptables_tables(self.dumps()))
+        """Every flow's kernel verdict under the node's current rules (:func:`lab_flows` of
+        the lab's features). A query flow passes when the server got each of its queries;
+        ``dns-replies`` when the answers to the cluster DNS queries that got through came
+        back (``unobserved`` when none got through)."""
+        family = "inet" if "ipv6" in self.features else "ip"
+        self.tracer = Tracer(self.node, iptables_tables(self.dumps()), family)
         try:
             return self._observe()
         finally:
@@ -503,29 +535,67 @@ class Lab:
 
     def _observe(self) -> dict[str, FlowObservation]:
         observed: dict[str, FlowObservation] = {}
-        replies: list[str] = []
-        replies_dropped: dict[str, int] = {}
-        for flow in FLOW_PROBES:
-            seen = self.probe(flow)
+        replies: dict[str, list[str]] = {}
+        replies_dropped: dict[str, dict[str, int]] = {}
+        for flow, queries in flow_probes(self.features).items():
+            family, _, name = flow.rpartition(":")
+            family = family or "ipv4"
+            evidence, drops, passed = [], {}, True
+            for query in queries:
+                seen = self.probe(query)
+                passed = passed and seen.reached_server
+                evidence.append(
+                    f"{query.source} -> {query.address}: server "
+                    f"{'got' if seen.reached_server else 'never got'} the query; "
+                    f"{'answered' if seen.answered else seen.outcome}"
+                )
+                if not seen.reached_server:
+                    drops.update(seen.drops)
+                elif not name.startswith("dns-upstream"):
+                    answered = "answered" if seen.answered else "lost"
+                    replies.setdefault(family, []).append(f"{flow}:{answered}")
+                    if not seen.answered:
+                        _add(replies_dropped.setdefault(family, {}), seen.drops)
             observed[flow] = FlowObservation(
-                "pass" if seen.reached_server else "drop",
-                f"server {'got' if seen.reached_server else 'never got'} the query; "
-                f"{'answered' if seen.answered else seen.outcome}",
-                {} if seen.reached_server else seen.drops,
+                "pass" if passed else "drop", "; ".join(evidence), drops
             )
-            if seen.reached_server and not flow.startswith("dns-upstream"):
-                replies.append(f"{flow}:{'answered' if seen.answered else 'lost'}")
-                if not seen.answered:
-                    for key, packets in seen.drops.items():
-                        replies_dropped[key] = replies_dropped.get(key, 0) + packets
-        lost = [r for r in replies if r.endswith(":lost")]
-        observed["dns-replies"] = FlowObservation(
-            ("drop" if lost else "pass") if replies else "unobserved",
-            ", ".join(replies) or "no cluster DNS query reached the server",
-            replies_dropped,
-        )
+        for family in ("ipv4", "ipv6") if "ipv6" in self.features else ("ipv4",):
+            got = replies.get(family, [])
+            lost = [r for r in got if r.endswith(":lost")]
+            observed[flow_key("dns-replies", family)] = FlowObservation(
+                ("drop" if lost else "pass") if got else "unobserved",
+                ", ".join(got) or "no cluster DNS query reached the server",
+                replies_dropped.get(family, {}),
+            )
         observed["overlay-vxlan"] = self.probe_overlay()
-        return observed
+        for kind in ("ipip", "wireguard"):
+            if kind in self.features:
+                observed[f"overlay-{kind}"] = self.probe_tunnel(kind)
+        return {flow: observed[flow] for flow in lab_flows(self.features)}
+
+
+def _add(into: dict[str, int], more: dict[str, int]) -> None:
+    for key, packets in more.items():
+        into[key] = into.get(key, 0) + packets
+
+
+def _ipv4_header(source: str, destination: str, payload: int) -> bytes:
+    """A minimal IPv4 header (protocol 253, experimental; checksum left 0)."""
+    return struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + payload, 0, 0, 64, 253, 0,
+        socket.inet_aton(source), socket.inet_aton(destination),
+    )  # fmt: skip
+
+
+def _received(sock: socket.socket, marker: bytes) -> bool:
+    """Whether ``marker`` ends a datagram (or raw packet) ``sock`` gets before its timeout."""
+    while True:
+        try:
+            data = sock.recv(65535)
+        except TimeoutError:
+            return False
+        if data.endswith(marker):
+            return True
 
 
 def observations_json(observed: dict[str, FlowObservation]) -> str:

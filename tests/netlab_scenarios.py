@@ -107,14 +107,20 @@ def runnable_fix(owner: str | None, fix: str) -> str | None:
 def apply_fix(node: Netns, workdir: Path, command: str) -> None:
     """Runs a :func:`runnable_fix` command in the node's namespace, the way its tool runs
     there. firewalld, when it starts again, rebuilds the iptables tables it manages (with
-    the iptables backend: all of them): kube-proxy's rules are added again, as kube-proxy
-    would on its next sync."""
+    the iptables backend: all of them; IPv6's nat table with either backend): kube-proxy's
+    rules are added again, as kube-proxy would on its next sync."""
     if command.startswith("ufw "):
         run_ufw(node, workdir, command)
     elif command.startswith("firewall-cmd "):
+        kube_proxy = [
+            (save, step)
+            for save, step in (("iptables-save", KP_IPT), ("ip6tables-save", KP_IPT6))
+            if "KUBE-SERVICES" in node.run([save])
+        ]
         run_firewall_cmd(node, workdir, *command.split(" ; "))
-        if "KUBE-SERVICES" not in node.run(["iptables-save"]):
-            KP_IPT(node, workdir)
+        for save, step in kube_proxy:
+            if "KUBE-SERVICES" not in node.run([save]):
+                step(node, workdir)
     else:
         node.run(["sh", "-c", command])
 
@@ -230,10 +236,16 @@ class Scenario:
     steps: tuple[Step, ...]
     tools: tuple[str, ...] = ()
     """Programs the scenario needs beyond iproute2, iptables and nft."""
+    features: frozenset[str] = frozenset()
+    """What the lab adds to its IPv4 flows (netlab.FEATURES): ipv6, nodelocal, ipip, wireguard."""
 
 
 KP_IPT = restore("lab_kube_proxy.rules")
 KP_NFT = nft_file("lab_kube_proxy.nft")
+KP_IPT6 = restore("lab_kube_proxy6.rules", "ip6tables-restore")
+NODELOCAL = restore("lab_nodelocal.rules")
+IPV6 = frozenset({"ipv6"})
+TUNNELS = frozenset({"ipip", "wireguard"})
 UFW_TOOLS = ("ufw", "unshare")
 FIREWALLD_TOOLS = ("firewalld", "firewall-cmd", "dbus-daemon", "unshare")
 
@@ -351,6 +363,96 @@ SCENARIOS["lab_fault_legacy"] = Scenario(
 )
 SCENARIOS["lab_fault_native"] = Scenario(
     "lab_fault_native", "fault_native.nft on kube-proxy's", (KP_IPT, nft_file("fault_native.nft"))
+)
+
+
+SCENARIOS.update(
+    {
+        s.name: s
+        for s in (
+            Scenario(
+                "lab_ipv6_kube_proxy",
+                "kube-proxy iptables mode, IPv4 and IPv6 instances (dual stack)",
+                (KP_IPT, KP_IPT6),
+                features=IPV6,
+            ),
+            Scenario(
+                "lab_ipv6_dns_drop_nft",
+                "ip6tables-nft drops forwarded UDP DNS and the host's TCP DNS",
+                (KP_IPT, KP_IPT6, restore("lab_ip6_dns_drop.rules6", "ip6tables-restore")),
+                features=IPV6,
+            ),
+            Scenario(
+                "lab_ipv6_dns_drop_legacy",
+                "ip6tables-legacy drops forwarded UDP DNS and the host's TCP DNS",
+                (
+                    KP_IPT,
+                    KP_IPT6,
+                    restore("lab_ip6_dns_drop.rules6", "ip6tables-legacy-restore"),
+                ),
+                ("ip6tables-legacy-restore",),
+                features=IPV6,
+            ),
+            Scenario(
+                "lab_ipv6_ufw_default",
+                "ufw enabled with its defaults (IPV6=yes), dual stack",
+                (ufw(), KP_IPT, KP_IPT6),
+                UFW_TOOLS,
+                features=IPV6,
+            ),
+            Scenario(
+                "lab_ipv6_inet_dns",
+                "a native nft inet table drops IPv6 DNS (forwarded UDP, the host's TCP)",
+                (KP_IPT, KP_IPT6, nft_file("lab_inet_ipv6_dns.nft")),
+                features=IPV6,
+            ),
+            Scenario(
+                "lab_ipv6_firewalld_nft",
+                "firewalld, nftables backend, public zone default, dual stack",
+                (firewalld("nftables"), KP_IPT, KP_IPT6),
+                FIREWALLD_TOOLS,
+                features=IPV6,
+            ),
+            Scenario(
+                "lab_nodelocal",
+                "NodeLocal DNSCache on 169.254.20.10 and the kube-dns IP, kube-proxy iptables",
+                (KP_IPT, NODELOCAL),
+                features=frozenset({"nodelocal"}),
+            ),
+            Scenario(
+                "lab_nodelocal_established_only",
+                "NodeLocal DNSCache under an input policy drop that accepts only ESTABLISHED",
+                (KP_IPT, NODELOCAL, nft_file("lab_established_only.nft")),
+                features=frozenset({"nodelocal"}),
+            ),
+            Scenario(
+                "lab_tunnels_firewalld",
+                "IP-in-IP and WireGuard packets, firewalld's public zone (nftables backend)",
+                (firewalld("nftables"), KP_IPT),
+                FIREWALLD_TOOLS,
+                features=TUNNELS,
+            ),
+            Scenario(
+                "lab_tunnels_firewalld_allowed",
+                "IP-in-IP and WireGuard packets, firewalld allowing protocol 4 and 51820/udp",
+                (
+                    firewalld(
+                        "nftables", "--add-protocol 4", "--add-port 51820/udp", *FIREWALLD_FIX
+                    ),
+                    KP_IPT,
+                ),
+                FIREWALLD_TOOLS,
+                features=TUNNELS,
+            ),
+            Scenario(
+                "lab_tunnels_ufw_default",
+                "IP-in-IP and WireGuard packets, ufw's default deny incoming",
+                (ufw(), KP_IPT),
+                UFW_TOOLS,
+                features=TUNNELS,
+            ),
+        )
+    }
 )
 
 

@@ -214,7 +214,8 @@ def node_netns() -> Iterator[str]:
             "link add cni0 type bridge",
             "addr add 10.42.0.1/24 dev cni0",
             "link set cni0 up",
-            "link add flannel.1 type vxlan id 1 dstport 8472 dev eth0",
+            "link add flannel.1 type vxlan id 1 local 192.168.5.10 dstport 8472 dev eth0",
+            "link add vxlan-v6 type vxlan id 2 local fd00:5::10 dstport 4789 dev eth0",
             "link set flannel.1 up",
             "route add 10.42.1.0/24 via 10.42.1.0 dev flannel.1 onlink",
             "neigh add 10.42.1.0 lladdr 0a:00:00:00:00:01 dev flannel.1 nud permanent",
@@ -244,9 +245,11 @@ def test_facts_from_real_netlink(node_netns: str) -> None:
     assert facts.cluster_cidrs == ("10.42.1.0/24",)
     assert facts.pod_interfaces == ("cni0",)
     assert facts.uplink == "eth0" and facts.node_addresses == ("192.168.5.10",)
-    assert facts.overlay == (OverlayLink("flannel.1", "vxlan", 8472),)
+    assert facts.overlay == (
+        OverlayLink("flannel.1", "vxlan", 8472, "ipv4"),
+        OverlayLink("vxlan-v6", "vxlan", 4789, "ipv6"),
+    )
     assert facts.local_dns_cache == ("169.254.20.10",)
-    assert facts.peer_nodes == ("192.168.5.20",)
     assert facts.peer_nodes == ("192.168.5.20",)
 
 

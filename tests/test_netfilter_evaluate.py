@@ -620,6 +620,58 @@ def test_overlay_flows_follow_the_links() -> None:
     assert found["overlay-wireguard"].verdict == "pass"
 
 
+def test_ipip_is_protocol_4_not_the_protocol_named_ipip() -> None:
+    """iptables and nft name protocol 4 "ipencap" and 94 "ipip" (/etc/protocols): an accept
+    of "ipip" lets no IP-in-IP packet in (the netns lab's kernel showed it); firewalld's fix
+    names the protocol by number."""
+    flows = [f for f in dns_flows(facts(overlay=(OverlayLink("tunl0", "ipip"),)))]
+    for accepted, verdict in (("ipip", "drop"), ("ipencap", "pass"), ("4", "pass")):
+        rules = filter_table(f"-A INPUT -p {accepted} -j ACCEPT", policies={"INPUT": "DROP"})
+        found = {v.flow.name: v for v in evaluate([parse_iptables_save(rules)], flows)}
+        assert found["overlay-ipip"].verdict == verdict, accepted
+    firewalld = (VECTORS / "lab_tunnels_firewalld.nft.json").read_text()
+    found = {v.flow.name: v for v in evaluate([parse_nft_json(firewalld)], flows)}
+    stop = found["overlay-ipip"].stopped_by
+    assert stop is not None and "--add-protocol=4`" in stop.fix
+
+
+def test_overlay_packets_travel_in_their_underlay_family() -> None:
+    """Dual stack over an IPv4 vxlan link: no IPv6 overlay-vxlan flow, and the IPv6 answers
+    from another node arrive inside IPv4 UDP 8472, which IPv4's INPUT judges."""
+    dual = facts(
+        cluster_dns=("10.43.0.10", "fd43::a"),
+        pod_cidrs=("10.42.0.0/24", "fd42::/64"),
+        cluster_cidrs=("10.42.0.0/16", "fd42::/56"),
+        node_addresses=("192.168.1.10", "fd99::1"),
+        overlay=(OverlayLink("flannel.1", "vxlan", 8472, "ipv4"),),
+        dns_endpoints=("10.42.1.2", "fd42:0:0:1::2"),
+    )
+    flows = dns_flows(dual)
+    assert ("overlay-vxlan", "ipv6") not in {(f.name, f.family) for f in flows}
+    unknown = replace(dual, overlay=(OverlayLink("flannel.1", "vxlan", 8472),))
+    assert ("overlay-vxlan", "ipv6") in {(f.name, f.family) for f in dns_flows(unknown)}
+    rules = filter_table(
+        "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        policies={"INPUT": "DROP"},
+    )
+    dnat = "-d fd43::a/128 -j DNAT --to-destination [fd42:0:0:1::2]:53"
+    service = table("nat", ["PREROUTING", "OUTPUT"], f"-A PREROUTING {dnat}", f"-A OUTPUT {dnat}")
+    rulesets = [parse_iptables_save(rules), parse_iptables_save(service, family="ipv6")]
+    found = {(v.flow.name, v.flow.family): v for v in evaluate(rulesets, flows)}
+    replies = found[("dns-replies", "ipv6")]
+    assert replies.verdict == "drop" and replies.stopped_by is not None
+    assert (replies.stopped_by.family, replies.stopped_by.chain) == ("ipv4", "INPUT")
+
+
+def test_ipv6_extension_header_matches_never_match_dns_packets() -> None:
+    """ufw6 drops type 0 routing headers: a DNS packet has none."""
+    dual = facts(cluster_dns=("fd43::a",), node_addresses=("fd99::1",))
+    rules = filter_table("-A OUTPUT -m rt --rt-type 0 -j DROP", "-A OUTPUT -m frag -j DROP")
+    found = evaluate([parse_iptables_save(rules, family="ipv6")], dns_flows(dual))
+    host = {v.flow.name: v.verdict for v in found}
+    assert host["host-dns-udp"] == host["host-dns-tcp"] == "pass"
+
+
 def test_routes_from_facts() -> None:
     routes = node_routes(facts(local_dns_cache=("169.254.20.10",)), "ipv4")
     local = {r.network for r in routes if r.local}

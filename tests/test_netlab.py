@@ -27,19 +27,35 @@ from typing import Any
 
 import pytest
 import realkernel
-from netlab import FLOWS, Lab, iptables_drop_counters, lab, trace_stops
+from netlab import (
+    NODE_CACHE,
+    Lab,
+    flow_key,
+    iptables_drop_counters,
+    lab,
+    lab_flows,
+    trace_stops,
+)
 from netlab_scenarios import SCENARIOS, apply_fix, load, missing_tools, runnable_fix
 
 VECTORS = Path(__file__).parent / "vectors" / "firewall"
 DUMPS = ("iptables-save", "ip6tables-save", "iptables-legacy-save", "nft.json")
+#: Recorded since the lab has IPv6 scenarios (before, ip6tables-legacy was never loaded).
+LATER_DUMPS = ("ip6tables-legacy-save",)
 
 POD = ("pod-dns-udp", "pod-dns-tcp")
 HOST = ("host-dns-udp", "host-dns-tcp")
 UPSTREAM = ("dns-upstream-udp", "dns-upstream-tcp")
 REPLIES = ("dns-replies",)
 OVERLAY = ("overlay-vxlan",)
+TUNNELS = ("overlay-ipip", "overlay-wireguard")
 
-#: scenario -> the flows the kernel stops (every other flow of ``FLOWS`` passes).
+
+def v6(*flows: str) -> tuple[str, ...]:
+    return tuple(flow_key(f, "ipv6") for f in flows)
+
+
+#: scenario -> the flows the kernel stops (every other flow of ``netlab.lab_flows`` passes).
 KERNEL_DROPS: dict[str, tuple[str, ...]] = {
     "lab_kube_proxy_iptables": (),
     "lab_kube_proxy_nft": (),
@@ -82,6 +98,31 @@ KERNEL_DROPS: dict[str, tuple[str, ...]] = {
     "lab_fault_ufw": HOST,
     "lab_fault_legacy": (),
     "lab_fault_native": (),
+    # Dual stack: the pods' IPv6 rides the IPv4 vxlan link (its answers too).
+    "lab_ipv6_kube_proxy": (),
+    # Forwarded UDP and the host's TCP dropped in IPv6 only, by either backend.
+    "lab_ipv6_dns_drop_nft": v6("pod-dns-udp", "dns-upstream-udp", "host-dns-tcp"),
+    "lab_ipv6_dns_drop_legacy": v6("pod-dns-udp", "dns-upstream-udp", "host-dns-tcp"),
+    # ufw's IPv6 defaults are its IPv4 ones: FORWARD policy DROP; the IPv6 answers from the
+    # other node come back inside vxlan, which IPv4's INPUT policy DROP takes.
+    "lab_ipv6_ufw_default": (
+        *POD,
+        *UPSTREAM,
+        *REPLIES,
+        *OVERLAY,
+        *v6(*POD, *UPSTREAM, *REPLIES),
+    ),
+    "lab_ipv6_inet_dns": v6("pod-dns-udp", "dns-upstream-udp", "host-dns-tcp"),
+    "lab_ipv6_firewalld_nft": (*UPSTREAM, *REPLIES, *OVERLAY, *v6(*UPSTREAM, *REPLIES)),
+    # NodeLocal DNSCache: pods and host ask the node; the queries are untracked (NOTRACK).
+    "lab_nodelocal": (),
+    # Untracked is not ESTABLISHED: the pods' queries meet the input policy; the host's come
+    # in on lo, which the firewall accepts.
+    "lab_nodelocal_established_only": (*POD, *OVERLAY),
+    # firewalld's public zone rejects protocol 4 and UDP 51820 as it does UDP 8472.
+    "lab_tunnels_firewalld": (*UPSTREAM, *REPLIES, *OVERLAY, *TUNNELS),
+    "lab_tunnels_firewalld_allowed": (),
+    "lab_tunnels_ufw_default": (*POD, *UPSTREAM, *REPLIES, *OVERLAY, *TUNNELS),
 }
 
 #: (scenario, flow) -> why the evaluator cannot decide it from the dumps ("may-drop" there
@@ -98,9 +139,12 @@ KNOWN_MISMATCHES: dict[tuple[str, str], str] = {}
 
 def kernel_verdicts(scenario: str) -> dict[str, str]:
     drops = KERNEL_DROPS[scenario]
-    verdicts = {flow: "drop" if flow in drops else "pass" for flow in FLOWS}
-    if all(flow in drops for flow in (*POD, *HOST)):
-        verdicts["dns-replies"] = "unobserved"  # no query got through to be answered
+    features = SCENARIOS[scenario].features
+    verdicts = {flow: "drop" if flow in drops else "pass" for flow in lab_flows(features)}
+    for family in ("ipv4", "ipv6") if "ipv6" in features else ("ipv4",):
+        queries = [flow_key(f, family) for f in (*POD, *HOST)]
+        if all(flow in drops for flow in queries):  # no query got through to be answered
+            verdicts[flow_key("dns-replies", family)] = "unobserved"
     return verdicts
 
 
@@ -112,7 +156,11 @@ def recorded(scenario: str) -> dict[str, dict[str, Any]]:
 
 
 def recorded_dumps(scenario: str) -> dict[str, str]:
-    return {suffix: (VECTORS / f"{scenario}.{suffix}").read_text() for suffix in DUMPS}
+    dumps = {suffix: (VECTORS / f"{scenario}.{suffix}").read_text() for suffix in DUMPS}
+    for suffix in LATER_DUMPS:
+        path = VECTORS / f"{scenario}.{suffix}"
+        dumps[suffix] = path.read_text() if path.is_file() else ""
+    return dumps
 
 
 # ------------------------------------------------------------ recorded observations
@@ -130,7 +178,7 @@ def test_recorded_kernel_verdicts(scenario: str) -> None:
     observed = recorded(scenario)
     assert {flow: o["verdict"] for flow, o in observed.items()} == kernel_verdicts(scenario)
     for flow in KERNEL_DROPS[scenario]:
-        if flow == "dns-replies":
+        if flow.endswith("dns-replies"):
             assert ":lost" in observed[flow]["evidence"]
         else:
             assert (
@@ -186,21 +234,34 @@ else:
     _EVALUATOR_MISSING = None
 
 
-def lab_facts() -> Any:
-    """What the lab's node shows: NodeFacts as the collector would build them."""
-    facts = _flows_module.NodeFacts
+def lab_facts(features: frozenset[str] = frozenset()) -> Any:
+    """What the lab's node shows: NodeFacts as the collector would build them. The IP-in-IP
+    and WireGuard links stand for the ones this kernel cannot make (their packets are sent
+    and received by sockets)."""
     link = _flows_module.OverlayLink
-    return facts(
-        cluster_dns=("10.43.0.10",),
-        pod_cidrs=("10.42.0.0/24",),
-        cluster_cidrs=("10.42.0.0/16",),
-        node_addresses=("10.99.0.1", "10.42.0.0", "10.42.0.1", "172.17.0.1"),
+    overlay = [link("flannel.1", "vxlan", 8472, "ipv4")]
+    if "ipip" in features:
+        overlay.append(link("tunl0", "ipip"))
+    if "wireguard" in features:
+        overlay.append(link("wg0", "wireguard", 51820, "ipv4"))
+
+    def both(ipv4: tuple[str, ...], ipv6: tuple[str, ...]) -> tuple[str, ...]:
+        return (*ipv4, *ipv6) if "ipv6" in features else ipv4
+
+    return _flows_module.NodeFacts(
+        cluster_dns=both(("10.43.0.10",), ("fd43::a",)),
+        pod_cidrs=both(("10.42.0.0/24",), ("fd42::/64",)),
+        cluster_cidrs=both(("10.42.0.0/16",), ("fd42::/56",)),
+        node_addresses=both(
+            ("10.99.0.1", "10.42.0.0", "10.42.0.1", "172.17.0.1"), ("fd99::1", "fd42::1")
+        ),
         pod_interfaces=("cni0",),
         uplink="eth0",
-        overlay=(link("flannel.1", "vxlan", 8472),),
-        upstream_dns=("10.99.0.3",),
-        dns_endpoints=("10.42.1.2",),
-        peer_nodes=("10.99.0.2",),
+        overlay=tuple(overlay),
+        upstream_dns=both(("10.99.0.3",), ("fd99::3",)),
+        local_dns_cache=NODE_CACHE if "nodelocal" in features else (),
+        dns_endpoints=both(("10.42.1.2",), ("fd42:0:0:1::2",)),
+        peer_nodes=both(("10.99.0.2",), ("fd99::2",)),
     )
 
 
@@ -221,20 +282,26 @@ def rulesets_from_dumps(dumps: dict[str, str]) -> list[Any]:
     covered = {
         (t.family, t.name) for r in iptables for t in r.tables if t.backend == "iptables-nft"
     }
+    iptables.append(
+        parse_iptables_save(
+            dumps.get("ip6tables-legacy-save", ""), backend="iptables-legacy", family="ipv6"
+        )
+    )
     nft = parse_nft_json(dumps["nft.json"])
     native = [t for t in nft.tables if (t.family, t.name) not in covered]
     return [*iptables, Ruleset(backend="nft", tables=native, warnings=nft.warnings)]
 
 
-def evaluator_verdicts(dumps: dict[str, str]) -> dict[str, Any]:
+def evaluator_verdicts(dumps: dict[str, str], scenario: str) -> dict[str, Any]:
+    """The evaluator's verdict of each flow, by :func:`netlab.flow_key`."""
     if _EVALUATOR_MISSING:
         pytest.skip(_EVALUATOR_MISSING)
-    flows = _flows_module.dns_flows(lab_facts())
+    flows = _flows_module.dns_flows(lab_facts(SCENARIOS[scenario].features))
     try:
         verdicts = _evaluate_module.evaluate(rulesets_from_dumps(dumps), flows)
     except NotImplementedError:
         pytest.skip("collectors.netfilter.evaluate.evaluate is not implemented yet")
-    return {v.flow.name: v for v in verdicts if v.flow.family == "ipv4"}
+    return {flow_key(v.flow.name, v.flow.family): v for v in verdicts}
 
 
 def describe(verdict: Any) -> str:
@@ -260,7 +327,8 @@ def stop_key(stop: Any) -> str:
         where = "policy drop" if stop.is_policy else f"handle {stop.handle}"
         return f"nft {family} {stop.table} {stop.chain} {where}"
     rule = "policy DROP" if stop.is_policy else stop.rule.removeprefix(f"-A {stop.chain} ")
-    return f"{stop.backend} {stop.table} {stop.chain} {rule}"
+    backend = stop.backend.replace("iptables", "ip6tables", stop.family == "ipv6")
+    return f"{backend} {stop.table} {stop.chain} {rule}"
 
 
 def disagreements(
@@ -268,9 +336,13 @@ def disagreements(
 ) -> dict[str, str]:
     """flow -> what the kernel did and what the evaluator said, where they disagree: on the
     verdict, or on the rule or policy that stopped a dropped flow."""
-    found = evaluator_verdicts(dumps)
-    wrong = {}
-    for flow in FLOWS:
+    found = evaluator_verdicts(dumps, scenario)
+    wrong = {
+        flow: f"evaluator has {describe(verdict)}, a flow the lab's node does not have"
+        for flow, verdict in found.items()
+        if flow not in kernel and verdict.verdict != "unknown"
+    }
+    for flow in kernel:
         verdict = found.get(flow)
         said = verdict.verdict if verdict else "missing"
         did = kernel[flow]["verdict"]
@@ -336,7 +408,7 @@ class LiveLab:
         return result
 
     def _observe(self, scenario: str, fixes: Sequence[str]) -> LiveRun:
-        self.made.reset()
+        self.made.reset(SCENARIOS[scenario].features)
         load(SCENARIOS[scenario], self.made.node, self.workdir)
         for command in fixes:
             apply_fix(self.made.node, self.workdir, command)
@@ -395,6 +467,14 @@ FIXABLE = (
     "lab_fault_negated_dst",
     "lab_fault_proto_number",
     "lab_fault_negations",
+    "lab_ipv6_dns_drop_nft",
+    "lab_ipv6_dns_drop_legacy",
+    "lab_ipv6_ufw_default",
+    "lab_ipv6_inet_dns",
+    "lab_ipv6_firewalld_nft",
+    "lab_nodelocal_established_only",
+    "lab_tunnels_firewalld",
+    "lab_tunnels_ufw_default",
 )
 
 
@@ -409,9 +489,9 @@ def _position_last(command: str) -> tuple[int, str]:
 def test_proposed_fixes_remove_the_stops(live_lab: LiveLab, scenario: str) -> None:
     """The fix each finding proposes, run in the lab: the kernel no longer stops the flow
     at that rule or policy, and the evaluator still agrees with the kernel."""
-    found = evaluator_verdicts(live_lab.run(scenario).dumps)
+    found = evaluator_verdicts(live_lab.run(scenario).dumps, scenario)
     removes: dict[str, set[tuple[str, str]]] = {}
-    for flow in FLOWS:
+    for flow in lab_flows(SCENARIOS[scenario].features):
         verdict = found.get(flow)
         stopped = verdict and verdict.verdict in ("drop", "may-drop")
         stop = verdict.stopped_by if verdict and stopped else None

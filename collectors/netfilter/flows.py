@@ -48,11 +48,17 @@ FLOW_NAMES = (
 class OverlayLink:
     """An overlay link of the node: ``kind`` is vxlan, ipip or wireguard; ``port`` the UDP
     port its packets arrive on (vxlan ``dstport``, wireguard ``listen-port``), ``None`` for
-    ipip."""
+    ipip; ``family`` the underlay's address family its packets travel in (a vxlan link's
+    local or group address; ipip is IPv4), ``None`` when the link does not say."""
 
     name: str
     kind: Literal["vxlan", "ipip", "wireguard"]
     port: int | None = None
+    family: Family | None = None
+
+    @property
+    def underlay(self) -> Family | None:
+        return "ipv4" if self.kind == "ipip" else self.family
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +168,12 @@ def dns_flows(facts: NodeFacts) -> list[Flow]:
 
 
 def _family_flows(facts: NodeFacts, family: Family) -> list[Flow]:
-    routes = node_routes(facts, family)
     tunnels = node_tunnels(facts)
+    routes = node_routes(facts, family)
+    # The overlay's own packets may travel in the other family: route them too.
+    for other in dict.fromkeys(_family_of(t.local) for t in tunnels if t.local):
+        if other != family:
+            routes += node_routes(facts, other)
     pod = _pod_queries(facts, family)
     host = _host_queries(facts, family)
     flows = [
@@ -197,19 +207,25 @@ def _flow(
 
 
 def node_tunnels(facts: NodeFacts) -> tuple[Tunnel, ...]:
-    """The overlay links' encapsulation between this node's address and a peer's (the
-    underlay's family: the node's first address)."""
+    """The overlay links' encapsulation between this node's address and a peer's, in the
+    link's underlay family (unknown: the family of the node's first address)."""
     if not facts.node_addresses or facts.uplink is None:
         return ()
-    local = facts.node_addresses[0]
-    family = "ipv4" if ipaddress.ip_address(local).version == 4 else "ipv6"
-    remote = next(iter(_of(facts.peer_nodes, family)), PEER_PLACEHOLDER[family])
     tunnels = []
     for link in facts.overlay:
+        family = link.underlay or _family_of(facts.node_addresses[0])
+        local = next(iter(_of(facts.node_addresses, family)), None)
+        if local is None:
+            continue
+        remote = next(iter(_of(facts.peer_nodes, family)), PEER_PLACEHOLDER[family])
         proto: str | int = 4 if link.kind == "ipip" else "udp"
         port = None if link.kind == "ipip" else link.port or DEFAULT_PORTS[link.kind]
         tunnels.append(Tunnel(link.name, proto, port, local, remote, facts.uplink))
     return tuple(tunnels)
+
+
+def _family_of(address: str) -> Family:
+    return "ipv4" if ipaddress.ip_address(address).version == 4 else "ipv6"
 
 
 def _only(packets: tuple[Packet, ...] | str, proto: str) -> tuple[Packet, ...] | str:
@@ -289,7 +305,8 @@ def _overlay_flows(facts: NodeFacts, family: Family, routes: tuple[Route, ...]) 
         ("ipip", "overlay-ipip"),
         ("wireguard", "overlay-wireguard"),
     ):
-        links = [o for o in facts.overlay if o.kind == kind]
+        # A link whose packets travel in the other family has no flow in this one.
+        links = [o for o in facts.overlay if o.kind == kind and o.underlay in (None, family)]
         if not links:
             continue
         if node is None or facts.uplink is None:

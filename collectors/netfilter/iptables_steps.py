@@ -63,6 +63,8 @@ INERT_TARGETS = frozenset(
 #: Targets that end the base chain like ACCEPT (after changing addresses we do not follow).
 NAT_ACCEPT_TARGETS = frozenset({"SNAT", "MASQUERADE", "NETMAP", "CLUSTERIP"})
 CT_STATES = frozenset({"new", "established", "related", "invalid", "untracked", "snat", "dnat"})
+#: IPv6 extension header matches: a packet without that header never matches.
+EXTENSION_HEADER_MATCHES = frozenset({"rt", "frag", "hbh", "dst"})
 #: Matches that only load a module, or only say something about the rule itself.
 QUIET_MATCHES = frozenset({"comment", "udp", "tcp", "multiport", "sctp"})
 
@@ -122,6 +124,10 @@ def compile_iptables(text: str, ipsets: Mapping[str, IpSet] | None = None) -> Co
             if rule.module == "rpfilter":
                 # The flows' sources are routed back through the interface they arrive on.
                 rule.tests.append(Test("-m rpfilter", lambda _s: True))
+            elif rule.module in EXTENSION_HEADER_MATCHES:
+                # The flows' packets carry no IPv6 extension header (ufw6 drops type 0
+                # routing headers: `-m rt --rt-type 0 -j DROP`).
+                rule.tests.append(Test(f"-m {rule.module}", lambda _s: False))
             elif rule.module not in QUIET_MATCHES and rule.module not in (*_MODULES, "set"):
                 rule.tests.append(undecided(f"-m {rule.module}"))
         elif token == "--invert" and rule.module == "rpfilter":
@@ -423,6 +429,7 @@ _MODULES: dict[str, object] = {
     "icmp": "",
     "icmp6": "",
     "rpfilter": "",
+    **dict.fromkeys(EXTENSION_HEADER_MATCHES),
 }
 
 

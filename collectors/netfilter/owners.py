@@ -216,7 +216,8 @@ def _firewalld_fix(where: Hook) -> str:
             f"`firewall-cmd --permanent --zone={zone} --add-port={where.dport}/{where.l4}`, "
             "then `firewall-cmd --reload`"
         )
-    protocol = "ipip" if where.l4 == "4" else where.l4
+    # By number: firewalld's "ipip" is protocol 94, IP-in-IP's name differs by distribution.
+    protocol = where.l4
     return (
         f"`firewall-cmd --permanent --zone={zone} --add-protocol={protocol}`, then "
         "`firewall-cmd --reload`"

@@ -16,13 +16,15 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 PROTO_NUMBERS = {
     "icmp": 1,
     "igmp": 2,
-    "ipip": 4,
+    # IP-in-IP (what Calico's tunl0 sends) is protocol 4, "ipencap" in /etc/protocols, and
+    # "ipv4" in IANA's list; "ipip" is protocol 94 to iptables and nft alike.
     "ipencap": 4,
     "ipv4": 4,
     "4": 4,
     "tcp": 6,
     "udp": 17,
     "ipv6": 41,
+    "ipip": 94,
     "gre": 47,
     "esp": 50,
     "ah": 51,

@@ -6,9 +6,9 @@ of every flow, and save what the kernel did and what the real tools print:
 
 writes ``<scenario>.observed.json`` (per flow: the kernel's verdict, the evidence, the
 drop/reject counters that rose) and ``<scenario>.iptables-save`` (``iptables-save -c``),
-``.ip6tables-save``, ``.iptables-legacy-save``, ``.nft.json`` (``nft -j list ruleset``),
-taken after the packets, next to this file. Recorded with Debian 12's iptables 1.8.9,
-nftables 1.0.6, ufw 0.36.2, firewalld 1.3.3.
+``.ip6tables-save``, ``.iptables-legacy-save``, ``.ip6tables-legacy-save``, ``.nft.json``
+(``nft -j list ruleset``), taken after the packets, next to this file. Recorded with Debian
+12's iptables 1.8.9, nftables 1.0.6, ufw 0.36.2, firewalld 1.3.3.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> None:
     names = sys.argv[1:] or list(SCENARIOS)
     with tempfile.TemporaryDirectory(prefix="nodediag-lab-") as work, lab(Path(work)) as made:
         for name in names:
-            made.reset()
+            made.reset(SCENARIOS[name].features)
             load(SCENARIOS[name], made.node, Path(work))
             observed = observations_json(made.observe())
             for suffix, text in made.dumps().items():
