@@ -125,7 +125,12 @@ def facts_from(
             a.address for a in addresses if a.global_scope and _name(by_index, a.index) == uplink
         ]
         node_addresses = [*dict.fromkeys([*on_uplink, *node_addresses])]
-    cache = [a.address for a in addresses if _name(by_index, a.index) == "nodelocaldns"]
+    # Not the link's IPv6 link-local address: nothing asks the cache there.
+    cache = [
+        a.address
+        for a in addresses
+        if a.global_scope and _name(by_index, a.index) == "nodelocaldns"
+    ]
     return NodeFacts(
         cluster_dns=tuple(cluster_dns),
         pod_cidrs=tuple(dict.fromkeys(pod_cidrs)),

@@ -19,13 +19,14 @@ if TYPE_CHECKING:
 
 
 def stop(process: subprocess.Popen[Any]) -> None:
-    """SIGTERM, and SIGKILL when it has not ended 10 s later."""
+    """SIGTERM, and SIGKILL when it has not ended 10 s later. On a busy machine a killed
+    firewalld was once seen to take longer than 10 s to end (in the kernel still)."""
     process.terminate()
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         process.kill()
-        process.wait(timeout=10)
+        process.wait(timeout=60)
 
 
 _IPT_POLICY = re.compile(r"^:(\S+) (ACCEPT|DROP) \[(\d+):\d+\]")

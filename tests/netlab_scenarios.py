@@ -451,6 +451,25 @@ SCENARIOS.update(
                 UFW_TOOLS,
                 features=TUNNELS,
             ),
+            # Kernel-checked twins of the clean_rke2 and clean_kubeadm vectors' rule sets.
+            Scenario(
+                "lab_clean_rke2",
+                "rke2_canal_nodelocal.rules (RKE2: kube-proxy, Canal, NodeLocal DNSCache)",
+                (restore("rke2_canal_nodelocal.rules"),),
+                features=frozenset({"nodelocal"}),
+            ),
+            Scenario(
+                "lab_clean_kubeadm",
+                "kubeadm_calico.rules and .rules6 (kubeadm, Calico, dual stack) under the lab's "
+                "kube-proxy rules (they replace its KUBE-* chains: its Services are not the lab's)",
+                (
+                    restore("kubeadm_calico.rules"),
+                    restore("kubeadm_calico.rules6", "ip6tables-restore"),
+                    KP_IPT,
+                    KP_IPT6,
+                ),
+                features=IPV6,
+            ),
         )
     }
 )

@@ -145,6 +145,7 @@ def test_facts_from_calico_routes_and_files() -> None:
         Address(2, "192.168.9.4"),
         Address(2, "fe80::1", global_scope=False),
         Address(5, "169.254.20.10"),
+        Address(5, "fe80::2", global_scope=False),
         Address(4, "10.244.7.0"),
     ]
     routes = [

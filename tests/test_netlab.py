@@ -123,6 +123,9 @@ KERNEL_DROPS: dict[str, tuple[str, ...]] = {
     "lab_tunnels_firewalld": (*UPSTREAM, *REPLIES, *OVERLAY, *TUNNELS),
     "lab_tunnels_firewalld_allowed": (),
     "lab_tunnels_ufw_default": (*POD, *UPSTREAM, *REPLIES, *OVERLAY, *TUNNELS),
+    # The clean vectors' rule sets let every flow through, as their vectors say.
+    "lab_clean_rke2": (),
+    "lab_clean_kubeadm": (),
 }
 
 #: (scenario, flow) -> why the evaluator cannot decide it from the dumps ("may-drop" there
@@ -292,11 +295,16 @@ def rulesets_from_dumps(dumps: dict[str, str]) -> list[Any]:
     return [*iptables, Ruleset(backend="nft", tables=native, warnings=nft.warnings)]
 
 
-def evaluator_verdicts(dumps: dict[str, str], scenario: str) -> dict[str, Any]:
-    """The evaluator's verdict of each flow, by :func:`netlab.flow_key`."""
+def evaluator_verdicts(
+    dumps: dict[str, str], scenario: str, facts: Any | None = None
+) -> dict[str, Any]:
+    """The evaluator's verdict of each flow, by :func:`netlab.flow_key`, for ``facts`` (by
+    default :func:`lab_facts`)."""
     if _EVALUATOR_MISSING:
         pytest.skip(_EVALUATOR_MISSING)
-    flows = _flows_module.dns_flows(lab_facts(SCENARIOS[scenario].features))
+    if facts is None:
+        facts = lab_facts(SCENARIOS[scenario].features)
+    flows = _flows_module.dns_flows(facts)
     try:
         verdicts = _evaluate_module.evaluate(rulesets_from_dumps(dumps), flows)
     except NotImplementedError:
@@ -332,11 +340,14 @@ def stop_key(stop: Any) -> str:
 
 
 def disagreements(
-    scenario: str, dumps: dict[str, str], kernel: dict[str, dict[str, Any]]
+    scenario: str,
+    dumps: dict[str, str],
+    kernel: dict[str, dict[str, Any]],
+    facts: Any | None = None,
 ) -> dict[str, str]:
     """flow -> what the kernel did and what the evaluator said, where they disagree: on the
     verdict, or on the rule or policy that stopped a dropped flow."""
-    found = evaluator_verdicts(dumps, scenario)
+    found = evaluator_verdicts(dumps, scenario, facts)
     wrong = {
         flow: f"evaluator has {describe(verdict)}, a flow the lab's node does not have"
         for flow, verdict in found.items()
@@ -508,4 +519,40 @@ def test_proposed_fixes_remove_the_stops(live_lab: LiveLab, scenario: str) -> No
             # the kernel names it, and the evaluator must agree on it (below).
             assert after["verdict"] == "pass" or after["drops"], (command, flow)
     still = disagreements(scenario, fixed.dumps, fixed.observed)
+    assert sorted(still) == known_mismatches(scenario), still
+
+
+#: Scenarios whose flows all run over links the lab has (IP-in-IP and WireGuard are sockets).
+REAL_LINKS = [s for s in SCENARIOS if not SCENARIOS[s].features & {"ipip", "wireguard"}]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("scenario", REAL_LINKS)
+def test_facts_read_from_the_node_give_the_kernels_verdicts(
+    live_lab: LiveLab, scenario: str
+) -> None:
+    """The NodeFacts the collector reads in the lab's node namespace (netlink, flannel's
+    subnet.env, the resolver file), not the lab's own, lead to the kernel's verdicts."""
+    from collectors.dns_probe import run_in_netns
+    from collectors.node_facts import read_netlink, read_node_facts
+
+    live = live_lab.run(scenario)
+    features = SCENARIOS[scenario].features
+    live_lab.made.reset(features)  # the scenario's links (its rules are in the dumps)
+    root = live_lab.workdir / "host"
+    (root / "run/flannel").mkdir(parents=True, exist_ok=True)
+    (root / "run/flannel/subnet.env").write_text(
+        "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.0.1/24\n"
+    )
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc/resolv.conf").write_text("nameserver 10.99.0.3\nnameserver fd99::3\n")
+    cluster_dns = ["10.43.0.10", "fd43::a"] if "ipv6" in features else ["10.43.0.10"]
+    facts, problems = read_node_facts(
+        root, cluster_dns, netlink=lambda: run_in_netns(live_lab.made.node.name, read_netlink)
+    )
+    assert problems == []
+    assert facts.overlay == (_flows_module.OverlayLink("flannel.1", "vxlan", 8472, "ipv4"),)
+    cache = set(NODE_CACHE) if "nodelocal" in features else set()
+    assert set(facts.local_dns_cache) == cache
+    still = disagreements(scenario, live.dumps, live.observed, facts)
     assert sorted(still) == known_mismatches(scenario), still
