@@ -11,7 +11,15 @@ Namespaces (``nodediag-lab-<random>-<role>``), every address private to them::
                                                                 the cluster DNS endpoint)
 
 The underlay (10.99.0.0/24) is a bridge in the peer's namespace; the upstream nameserver
-sits on it, reached by the node through eth0 as well.
+sits on it, reached by the node through eth0 as well. IPv6 is on the same links (pods
+fd42::/64 and fd42:0:0:1::/64 over the IPv4 vxlan link, the underlay fd99::/64, the cluster
+DNS fd43::a, the DNS pod fd42:0:0:1::2, the upstream fd99::3).
+
+A scenario may ask for more than the IPv4 flows (``FEATURES``): ``ipv6`` (the same flows in
+IPv6), ``nodelocal`` (NodeLocal DNSCache's addresses on the node, a DNS server on each: the
+pods and the host ask it, it asks the upstream), ``ipip`` and ``wireguard`` (the peer sends
+IP protocol 4 and UDP 51820 packets to the node's address from sockets: this kernel may have
+neither driver; what reaches the node's sockets passed its INPUT).
 
 The node's rules are the ones judged: the scenarios load kube-proxy-shaped rules for the
 cluster DNS Service 10.43.0.10 (DNAT to 10.42.1.2 behind the peer) and a firewall made by a

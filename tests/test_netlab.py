@@ -21,7 +21,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -295,16 +295,11 @@ def rulesets_from_dumps(dumps: dict[str, str]) -> list[Any]:
     return [*iptables, Ruleset(backend="nft", tables=native, warnings=nft.warnings)]
 
 
-def evaluator_verdicts(
-    dumps: dict[str, str], scenario: str, facts: Any | None = None
-) -> dict[str, Any]:
-    """The evaluator's verdict of each flow, by :func:`netlab.flow_key`, for ``facts`` (by
-    default :func:`lab_facts`)."""
+def evaluator_verdicts(dumps: dict[str, str], scenario: str) -> dict[str, Any]:
+    """The evaluator's verdict of each flow, by :func:`netlab.flow_key`."""
     if _EVALUATOR_MISSING:
         pytest.skip(_EVALUATOR_MISSING)
-    if facts is None:
-        facts = lab_facts(SCENARIOS[scenario].features)
-    flows = _flows_module.dns_flows(facts)
+    flows = _flows_module.dns_flows(lab_facts(SCENARIOS[scenario].features))
     try:
         verdicts = _evaluate_module.evaluate(rulesets_from_dumps(dumps), flows)
     except NotImplementedError:
@@ -340,14 +335,17 @@ def stop_key(stop: Any) -> str:
 
 
 def disagreements(
-    scenario: str,
-    dumps: dict[str, str],
-    kernel: dict[str, dict[str, Any]],
-    facts: Any | None = None,
+    scenario: str, dumps: dict[str, str], kernel: dict[str, dict[str, Any]]
 ) -> dict[str, str]:
     """flow -> what the kernel did and what the evaluator said, where they disagree: on the
     verdict, or on the rule or policy that stopped a dropped flow."""
-    found = evaluator_verdicts(dumps, scenario, facts)
+    return compare(scenario, evaluator_verdicts(dumps, scenario), kernel)
+
+
+def compare(
+    scenario: str, found: dict[str, Any], kernel: dict[str, dict[str, Any]]
+) -> dict[str, str]:
+    """:func:`disagreements` for the verdicts ``found`` (by :func:`netlab.flow_key`)."""
     wrong = {
         flow: f"evaluator has {describe(verdict)}, a flow the lab's node does not have"
         for flow, verdict in found.items()
@@ -383,9 +381,20 @@ LAB_TOOLS = ("ip", "nft", "iptables-restore", "iptables-save", "iptables-legacy-
 
 
 @dataclass
+class Collected:
+    """What the firewall collector made of the node, run there with the facts it reads."""
+
+    facts: Any
+    verdicts: dict[str, Any]
+    sources: dict[str, str]
+    flow_ok: dict[str, float | None]
+
+
+@dataclass
 class LiveRun:
     observed: dict[str, dict[str, Any]]
     dumps: dict[str, str]
+    collected: Collected
 
     @property
     def verdicts(self) -> dict[str, str]:
@@ -424,7 +433,63 @@ class LiveLab:
         for command in fixes:
             apply_fix(self.made.node, self.workdir, command)
         observed = {flow: asdict(o) for flow, o in self.made.observe().items()}
-        return LiveRun(observed, self.made.dumps())
+        return LiveRun(observed, self.made.dumps(), self._collect(scenario))
+
+    def _collect(self, scenario: str) -> Collected:
+        """The firewall collector, as the agent runs it, reading the node's rules with the
+        real tools in its namespace and its facts from netlink, flannel's subnet.env and the
+        resolver file; IP-in-IP and WireGuard links stand in for the ones this kernel cannot
+        make."""
+        from prometheus_client import CollectorRegistry
+
+        from collectors.firewall_collector import FirewallCollector
+
+        features = SCENARIOS[scenario].features
+        facts = node_facts(self.made.node, self.workdir, features)
+        stand_ins = lab_facts(features).overlay[1:]
+        facts = replace(facts, overlay=(*facts.overlay, *stand_ins))
+        registry = CollectorRegistry()
+        collector = FirewallCollector(
+            "lab-node",
+            lambda: facts.cluster_dns,
+            registry,
+            runner=self.made.node.runner,
+            facts=lambda: facts,
+        )
+        collector.collect()
+        flow_ok = {
+            flow_key(v.flow.name, v.flow.family): registry.get_sample_value(
+                "nodediag_dns_flow_ok", {"flow": v.flow.name, "family": v.flow.family}
+            )
+            for v in collector.last_verdicts
+        }
+        return Collected(
+            facts,
+            {flow_key(v.flow.name, v.flow.family): v for v in collector.last_verdicts},
+            {r.source: r.status for r in collector.sources.results()},
+            flow_ok,
+        )
+
+
+def node_facts(node: Any, workdir: Path, features: frozenset[str]) -> Any:
+    """The node's facts as the collector reads them in the lab's node namespace, with the
+    files a flannel node has (subnet.env, the resolver file kubelet gives pods)."""
+    from collectors.dns_probe import run_in_netns
+    from collectors.node_facts import read_netlink, read_node_facts
+
+    root = workdir / "host"
+    (root / "run/flannel").mkdir(parents=True, exist_ok=True)
+    (root / "run/flannel/subnet.env").write_text(
+        "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.0.1/24\n"
+    )
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc/resolv.conf").write_text("nameserver 10.99.0.3\nnameserver fd99::3\n")
+    cluster_dns = ["10.43.0.10", "fd43::a"] if "ipv6" in features else ["10.43.0.10"]
+    facts, problems = read_node_facts(
+        root, cluster_dns, netlink=lambda: run_in_netns(node.name, read_netlink)
+    )
+    assert problems == []
+    return facts
 
 
 @pytest.fixture(scope="module")
@@ -522,37 +587,26 @@ def test_proposed_fixes_remove_the_stops(live_lab: LiveLab, scenario: str) -> No
     assert sorted(still) == known_mismatches(scenario), still
 
 
-#: Scenarios whose flows all run over links the lab has (IP-in-IP and WireGuard are sockets).
-REAL_LINKS = [s for s in SCENARIOS if not SCENARIOS[s].features & {"ipip", "wireguard"}]
-
-
 @pytest.mark.root
-@pytest.mark.parametrize("scenario", REAL_LINKS)
-def test_facts_read_from_the_node_give_the_kernels_verdicts(
-    live_lab: LiveLab, scenario: str
-) -> None:
-    """The NodeFacts the collector reads in the lab's node namespace (netlink, flannel's
-    subnet.env, the resolver file), not the lab's own, lead to the kernel's verdicts."""
-    from collectors.dns_probe import run_in_netns
-    from collectors.node_facts import read_netlink, read_node_facts
-
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_collector_in_the_node_agrees_with_the_kernel(live_lab: LiveLab, scenario: str) -> None:
+    """The firewall collector run in the lab's node (the real tools read the rules, netlink
+    and files give the facts): its verdicts are the kernel's; every source it reads is read,
+    IPv6's too; nodediag_dns_flow_ok says each flow and family as the packets did."""
     live = live_lab.run(scenario)
+    collected = live.collected
     features = SCENARIOS[scenario].features
-    live_lab.made.reset(features)  # the scenario's links (its rules are in the dumps)
-    root = live_lab.workdir / "host"
-    (root / "run/flannel").mkdir(parents=True, exist_ok=True)
-    (root / "run/flannel/subnet.env").write_text(
-        "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.0.1/24\n"
-    )
-    (root / "etc").mkdir(exist_ok=True)
-    (root / "etc/resolv.conf").write_text("nameserver 10.99.0.3\nnameserver fd99::3\n")
-    cluster_dns = ["10.43.0.10", "fd43::a"] if "ipv6" in features else ["10.43.0.10"]
-    facts, problems = read_node_facts(
-        root, cluster_dns, netlink=lambda: run_in_netns(live_lab.made.node.name, read_netlink)
-    )
-    assert problems == []
-    assert facts.overlay == (_flows_module.OverlayLink("flannel.1", "vxlan", 8472, "ipv4"),)
+    flannel = _flows_module.OverlayLink("flannel.1", "vxlan", 8472, "ipv4")
+    assert collected.facts.overlay[0] == flannel
     cache = set(NODE_CACHE) if "nodelocal" in features else set()
-    assert set(facts.local_dns_cache) == cache
-    still = disagreements(scenario, live.dumps, live.observed, facts)
+    assert set(collected.facts.local_dns_cache) == cache
+    assert set(collected.sources.values()) <= {"ok", "skipped"}, collected.sources
+    assert collected.sources["ip6tables-legacy-save"] == "ok"
+    still = compare(scenario, collected.verdicts, live.observed)
     assert sorted(still) == known_mismatches(scenario), still
+    gauges = {
+        flow: 1.0 if o["verdict"] == "pass" else 0.0
+        for flow, o in live.observed.items()
+        if o["verdict"] != "unobserved"
+    }
+    assert {flow: collected.flow_ok.get(flow) for flow in gauges} == gauges
