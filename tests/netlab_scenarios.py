@@ -243,6 +243,7 @@ class Scenario:
 KP_IPT = restore("lab_kube_proxy.rules")
 KP_NFT = nft_file("lab_kube_proxy.nft")
 KP_IPT6 = restore("lab_kube_proxy6.rules", "ip6tables-restore")
+KP_NFT6 = nft_file("lab_kube_proxy6.nft")
 NODELOCAL = restore("lab_nodelocal.rules")
 IPV6 = frozenset({"ipv6"})
 TUNNELS = frozenset({"ipip", "wireguard"})
@@ -374,6 +375,18 @@ SCENARIOS.update(
                 "lab_ipv6_kube_proxy",
                 "kube-proxy iptables mode, IPv4 and IPv6 instances (dual stack)",
                 (KP_IPT, KP_IPT6),
+                features=IPV6,
+            ),
+            Scenario(
+                "lab_ipv6_kube_proxy_nft",
+                "kube-proxy nftables mode, tables ip and ip6 kube-proxy (dual stack)",
+                (KP_NFT, KP_NFT6),
+                features=IPV6,
+            ),
+            Scenario(
+                "lab_ipv6_kube_proxy_nft_no_endpoints",
+                "kube-proxy nftables mode, the IPv6 DNS Service without endpoints",
+                (KP_NFT, KP_NFT6, nft_file("lab_kube_proxy6_no_endpoints.nft")),
                 features=IPV6,
             ),
             Scenario(

@@ -95,6 +95,11 @@ def test_nftables_mode_no_endpoints_is_dns_no_endpoints_reject() -> None:
     findings = found.collect()
     assert {f.reason for f in findings} == {"DNSNoEndpointsReject"}
     assert findings[0].severity == "info" and findings[0].details["chain"] == "reject-chain"
+    # One finding for kube-proxy's reject, naming every flow it stops.
+    assert len(findings) == 1
+    assert findings[0].details["flows"] == [
+        f"{flow}/ipv4" for flow in ("pod-dns-udp", "pod-dns-tcp", "host-dns-udp", "host-dns-tcp")
+    ]
     assert flow_ok(registry, "pod-dns-udp") == 0
 
 

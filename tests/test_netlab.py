@@ -100,6 +100,9 @@ KERNEL_DROPS: dict[str, tuple[str, ...]] = {
     "lab_fault_native": (),
     # Dual stack: the pods' IPv6 rides the IPv4 vxlan link (its answers too).
     "lab_ipv6_kube_proxy": (),
+    "lab_ipv6_kube_proxy_nft": (),
+    # kube-proxy's reject for the IPv6 Service without endpoints; IPv4's still has one.
+    "lab_ipv6_kube_proxy_nft_no_endpoints": v6(*POD, *HOST),
     # Forwarded UDP and the host's TCP dropped in IPv6 only, by either backend.
     "lab_ipv6_dns_drop_nft": v6("pod-dns-udp", "dns-upstream-udp", "host-dns-tcp"),
     "lab_ipv6_dns_drop_legacy": v6("pod-dns-udp", "dns-upstream-udp", "host-dns-tcp"),
@@ -388,6 +391,8 @@ class Collected:
     verdicts: dict[str, Any]
     sources: dict[str, str]
     flow_ok: dict[str, float | None]
+    reported: dict[str, set[str]]
+    """flow (by :func:`netlab.flow_key`) -> the reasons of the findings that name it."""
 
 
 @dataclass
@@ -456,7 +461,7 @@ class LiveLab:
             runner=self.made.node.runner,
             facts=lambda: facts,
         )
-        collector.collect()
+        findings = collector.collect()
         flow_ok = {
             flow_key(v.flow.name, v.flow.family): registry.get_sample_value(
                 "nodediag_dns_flow_ok", {"flow": v.flow.name, "family": v.flow.family}
@@ -468,7 +473,21 @@ class LiveLab:
             {flow_key(v.flow.name, v.flow.family): v for v in collector.last_verdicts},
             {r.source: r.status for r in collector.sources.results()},
             flow_ok,
+            reported_flows(findings),
         )
+
+
+def reported_flows(findings: Sequence[Any]) -> dict[str, set[str]]:
+    """flow key -> reasons of the findings naming it: ``DNSFlowBlocked`` its flow, the rule
+    findings (``DNSDropRule``, ``DNSNoEndpointsReject``) the flows in ``details.flows``."""
+    reported: dict[str, set[str]] = {}
+    for finding in findings:
+        details = finding.details
+        named = [f"{details['flow']}/{details['family']}"] if "flow" in details else []
+        for label in [*named, *details.get("flows", [])]:
+            name, family = label.rsplit("/", 1)
+            reported.setdefault(flow_key(name, family), set()).add(finding.reason)
+    return reported
 
 
 def node_facts(node: Any, workdir: Path, features: frozenset[str]) -> Any:
@@ -610,3 +629,5 @@ def test_collector_in_the_node_agrees_with_the_kernel(live_lab: LiveLab, scenari
         if o["verdict"] != "unobserved"
     }
     assert {flow: collected.flow_ok.get(flow) for flow in gauges} == gauges
+    dropped = {flow for flow, o in live.observed.items() if o["verdict"] == "drop"}
+    assert set(collected.reported) == dropped, collected.reported

@@ -52,7 +52,7 @@ def flow_findings(
     named = {_rule_key(h.backend, h.family, h.table, h.chain, h.position): h for h in hits}
     stopped_by_named: dict[tuple[Any, ...], list[str]] = {}
     findings: list[Finding] = []
-    no_endpoints_seen: set[tuple[Any, ...]] = set()
+    no_endpoints: dict[tuple[Any, ...], Finding] = {}
     for verdict in verdicts:
         stop = verdict.stopped_by
         if verdict.verdict not in ("drop", "may-drop") or stop is None:
@@ -63,9 +63,11 @@ def flow_findings(
             stopped_by_named.setdefault(key, []).append(label)
             continue
         if stop.no_endpoints:
-            if key not in no_endpoints_seen:
-                no_endpoints_seen.add(key)
-                findings.append(_no_endpoints(stop, verdict, node))
+            if key in no_endpoints:  # one finding per rule, naming every flow it stops
+                no_endpoints[key].details["flows"].append(label)
+            else:
+                no_endpoints[key] = _no_endpoints(stop, verdict, node)
+                findings.append(no_endpoints[key])
             continue
         findings.append(_blocked(verdict, stop, node))
     return findings, stopped_by_named
