@@ -367,35 +367,38 @@ SCENARIOS["lab_fault_native"] = Scenario(
 )
 
 
+def dual_stack(
+    name: str, description: str, steps: tuple[Step, ...], tools: tuple[str, ...] = ()
+) -> Scenario:
+    """A scenario with the lab's IPv6 flows too (kube-proxy's IPv6 rules among its steps)."""
+    return Scenario(name, description, steps, tools, features=IPV6)
+
+
 SCENARIOS.update(
     {
         s.name: s
         for s in (
-            Scenario(
+            dual_stack(
                 "lab_ipv6_kube_proxy",
                 "kube-proxy iptables mode, IPv4 and IPv6 instances (dual stack)",
                 (KP_IPT, KP_IPT6),
-                features=IPV6,
             ),
-            Scenario(
+            dual_stack(
                 "lab_ipv6_kube_proxy_nft",
                 "kube-proxy nftables mode, tables ip and ip6 kube-proxy (dual stack)",
                 (KP_NFT, KP_NFT6),
-                features=IPV6,
             ),
-            Scenario(
+            dual_stack(
                 "lab_ipv6_kube_proxy_nft_no_endpoints",
                 "kube-proxy nftables mode, the IPv6 DNS Service without endpoints",
                 (KP_NFT, KP_NFT6, nft_file("lab_kube_proxy6_no_endpoints.nft")),
-                features=IPV6,
             ),
-            Scenario(
+            dual_stack(
                 "lab_ipv6_dns_drop_nft",
                 "ip6tables-nft drops forwarded UDP DNS and the host's TCP DNS",
                 (KP_IPT, KP_IPT6, restore("lab_ip6_dns_drop.rules6", "ip6tables-restore")),
-                features=IPV6,
             ),
-            Scenario(
+            dual_stack(
                 "lab_ipv6_dns_drop_legacy",
                 "ip6tables-legacy drops forwarded UDP DNS and the host's TCP DNS",
                 (
@@ -404,27 +407,23 @@ SCENARIOS.update(
                     restore("lab_ip6_dns_drop.rules6", "ip6tables-legacy-restore"),
                 ),
                 ("ip6tables-legacy-restore",),
-                features=IPV6,
             ),
-            Scenario(
+            dual_stack(
                 "lab_ipv6_ufw_default",
                 "ufw enabled with its defaults (IPV6=yes), dual stack",
                 (ufw(), KP_IPT, KP_IPT6),
                 UFW_TOOLS,
-                features=IPV6,
             ),
-            Scenario(
+            dual_stack(
                 "lab_ipv6_inet_dns",
                 "a native nft inet table drops IPv6 DNS (forwarded UDP, the host's TCP)",
                 (KP_IPT, KP_IPT6, nft_file("lab_inet_ipv6_dns.nft")),
-                features=IPV6,
             ),
-            Scenario(
+            dual_stack(
                 "lab_ipv6_firewalld_nft",
                 "firewalld, nftables backend, public zone default, dual stack",
                 (firewalld("nftables"), KP_IPT, KP_IPT6),
                 FIREWALLD_TOOLS,
-                features=IPV6,
             ),
             Scenario(
                 "lab_nodelocal",
@@ -471,7 +470,7 @@ SCENARIOS.update(
                 (restore("rke2_canal_nodelocal.rules"),),
                 features=frozenset({"nodelocal"}),
             ),
-            Scenario(
+            dual_stack(
                 "lab_clean_kubeadm",
                 "kubeadm_calico.rules and .rules6 (kubeadm, Calico, dual stack) under the lab's "
                 "kube-proxy rules (they replace its KUBE-* chains: its Services are not the lab's)",
@@ -481,7 +480,6 @@ SCENARIOS.update(
                     KP_IPT,
                     KP_IPT6,
                 ),
-                features=IPV6,
             ),
         )
     }
