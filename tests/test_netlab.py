@@ -448,6 +448,7 @@ class LiveLab:
         from prometheus_client import CollectorRegistry
 
         from collectors.firewall_collector import FirewallCollector
+        from collectors.netfilter.nft_socket import NftNetlink
 
         features = SCENARIOS[scenario].features
         facts = node_facts(self.made.node, self.workdir, features)
@@ -460,6 +461,7 @@ class LiveLab:
             registry,
             runner=self.made.node.runner,
             facts=lambda: facts,
+            nft_netlink=lambda: NftNetlink(self.made.node.name),
         )
         findings = collector.collect()
         flow_ok = {
