@@ -15,11 +15,13 @@ sits on it, reached by the node through eth0 as well. IPv6 is on the same links 
 fd42::/64 and fd42:0:0:1::/64 over the IPv4 vxlan link, the underlay fd99::/64, the cluster
 DNS fd43::a, the DNS pod fd42:0:0:1::2, the upstream fd99::3).
 
-A scenario may ask for more than the IPv4 flows (``FEATURES``): ``ipv6`` (the same flows in
-IPv6), ``nodelocal`` (NodeLocal DNSCache's addresses on the node, a DNS server on each: the
-pods and the host ask it, it asks the upstream), ``ipip`` and ``wireguard`` (the peer sends
-IP protocol 4 and UDP 51820 packets to the node's address from sockets: this kernel may have
-neither driver; what reaches the node's sockets passed its INPUT).
+A scenario may ask for more than the IPv4 flows (``netlab_topology.FEATURES``): ``ipv6`` (the
+same flows in IPv6; with ``vxlan6`` the pods' IPv6 rides a vxlan link of its own with an IPv6
+underlay, Calico's ``vxlan-v6.calico``, UDP 4789), ``nodelocal`` (NodeLocal DNSCache's
+addresses on the node, a DNS server on each: the pods and the host ask it, it asks the
+upstream), ``ipip`` and ``wireguard`` (the peer sends IP protocol 4 and UDP 51820 packets to
+the node's address from sockets: this kernel may have neither driver; what reaches the node's
+sockets passed its INPUT).
 
 The node's rules are the ones judged: the scenarios load kube-proxy-shaped rules for the
 cluster DNS Service 10.43.0.10 (DNAT to 10.42.1.2 behind the peer) and a firewall made by a
@@ -44,7 +46,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import test_firewall_netns
 from netlab_evidence import (
     Tracer,
     iptables_drop_counters,
@@ -54,40 +55,32 @@ from netlab_evidence import (
     stop,
     trace_stops,
 )
+from netlab_topology import (
+    CLUSTER_DNS,
+    CLUSTER_DNS6,
+    DNS_POD_IP,
+    DNS_POD_IP6,
+    NODE_CACHE,
+    NODE_IP,
+    POD_IP,
+    POD_IP6,
+    PROBE_NAME,
+    ROLES,
+    UPSTREAM_DNS,
+    UPSTREAM_DNS6,
+    VXLAN6,
+    WIREGUARD_PORT,
+    Netns,
+    build,
+    set_vxlan6,
+)
 
 from collectors.dns_probe import DnsProbe, run_in_netns
 
-__all__ = ["iptables_drop_counters", "stop", "trace_stops"]  # the lab's readers, re-exported
+# Re-exported: the lab's readers and names.
+__all__ = ["NODE_CACHE", "Netns", "iptables_drop_counters", "stop", "trace_stops"]
 
 SERVER_SCRIPT = Path(__file__).parent / "dns_test_server.py"
-CLUSTER_DNS = "10.43.0.10"
-POD_CIDR = "10.42.0.0/16"
-NODE_POD_CIDR = "10.42.0.0/24"
-POD_IP = "10.42.0.2"
-NODE_IP = "10.99.0.1"
-NODE_FLANNEL_IP = "10.42.0.0"
-PEER_IP = "10.99.0.2"
-DNS_POD_IP = "10.42.1.2"
-UPSTREAM_DNS = "10.99.0.3"
-# IPv6, beside IPv4 on the same links (the pods' IPv6 rides the IPv4 vxlan link too).
-CLUSTER_DNS6 = "fd43::a"
-POD_CIDR6 = "fd42::/56"
-NODE_POD_CIDR6 = "fd42::/64"
-POD_IP6 = "fd42::2"
-NODE_IP6 = "fd99::1"
-NODE_FLANNEL_IP6 = "fd42::ff"
-PEER_IP6 = "fd99::2"
-DNS_POD_IP6 = "fd42:0:0:1::2"
-UPSTREAM_DNS6 = "fd99::3"
-#: NodeLocal DNSCache's address, and the kube-dns IP it binds too (iptables mode).
-NODE_CACHE = ("169.254.20.10", CLUSTER_DNS)
-VXLAN_PORT = 8472
-WIREGUARD_PORT = 51820
-PROBE_NAME = "kubernetes.default.svc.cluster.local"
-ROLES = ("node", "pod", "peer", "dnspod", "upstream")
-#: Lab features a scenario may ask for beyond the IPv4 flows: IPv6 flows, NodeLocal DNSCache
-#: on the node, IP-in-IP and WireGuard overlay packets.
-FEATURES = frozenset({"ipv6", "nodelocal", "ipip", "wireguard"})
 _SERVER_COUNTERS = """
 table inet nodediag_lab {
     counter dns_udp {}
@@ -152,22 +145,10 @@ def flow_probes(features: frozenset[str] = frozenset()) -> dict[str, tuple[Probe
 def lab_flows(features: frozenset[str] = frozenset()) -> tuple[str, ...]:
     """Every flow (by :func:`flow_key`) the lab observes for these features."""
     overlays = tuple(f"overlay-{k}" for k in ("ipip", "wireguard") if k in features)
-    v6 = ("ipv6:" + f for f in (*FLOW_PROBES, "dns-replies")) if "ipv6" in features else ()
-    return (*FLOWS, *overlays, *v6)
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-class Netns(test_firewall_netns.Netns):
-    """A namespace of the lab, by name (``run`` a command in it, ``ip -n`` it)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def ip(self, *args: str) -> None:
-        ip("-n", self.name, *args)
+    v6 = [*FLOW_PROBES, "dns-replies"] if "ipv6" in features else []
+    if "vxlan6" in features:
+        v6.append("overlay-vxlan")
+    return (*FLOWS, *overlays, *(flow_key(f, "ipv6") for f in v6))
 
 
 @dataclass
@@ -207,7 +188,7 @@ class Lab:
         self.features: frozenset[str] = frozenset()
 
     def start(self) -> None:
-        self._build()
+        build(self.ns)
         for role, address, address6 in (
             ("dnspod", DNS_POD_IP, DNS_POD_IP6),
             ("upstream", UPSTREAM_DNS, UPSTREAM_DNS6),
@@ -237,114 +218,6 @@ class Lab:
     def node(self) -> Netns:
         return self.ns["node"]
 
-    # ---------------------------------------------------------------- topology
-
-    def _veth(self, a: str, a_if: str, b: str, b_if: str) -> None:
-        ip(
-            "link", "add", a_if, "netns", self.ns[a].name, "type", "veth",
-            "peer", "name", b_if, "netns", self.ns[b].name,
-        )  # fmt: skip
-
-    def _build(self) -> None:
-        for netns in self.ns.values():
-            ip("netns", "add", netns.name)
-            for scope in ("all", "default"):  # IPv6 addresses usable at once (links too)
-                netns.run(["sysctl", "-qw", f"net.ipv6.conf.{scope}.accept_dad=0"])
-            netns.ip("link", "set", "lo", "up")
-        node, pod, peer, dnspod, upstream = (self.ns[r] for r in ROLES)
-        self._veth("node", "vpod", "pod", "eth0")
-        self._veth("node", "eth0", "peer", "vnode")
-        self._veth("upstream", "eth0", "peer", "vup")
-        self._veth("peer", "vdns", "dnspod", "eth0")
-        peer.ip("link", "add", "br0", "type", "bridge")
-        for port in ("vnode", "vup"):
-            peer.ip("link", "set", port, "master", "br0")
-            peer.ip("link", "set", port, "up")
-        peer.ip("addr", "add", f"{PEER_IP}/24", "dev", "br0")
-        peer.ip("link", "set", "br0", "up")
-        for bridged, port, gateway in ((node, "vpod", "10.42.0.1"), (peer, "vdns", "10.42.1.1")):
-            bridged.ip("link", "add", "cni0", "type", "bridge")
-            bridged.ip("addr", "add", f"{gateway}/24", "dev", "cni0")
-            bridged.ip("link", "set", port, "master", "cni0")
-            for ifname in ("cni0", port):
-                bridged.ip("link", "set", ifname, "up")
-            bridged.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        # A Docker-shaped bridge on the node: Docker's rules name it.
-        node.ip("link", "add", "docker0", "type", "bridge")
-        node.ip("addr", "add", "172.17.0.1/16", "dev", "docker0")
-        for leaf, address, gateway in (
-            (pod, POD_IP, "10.42.0.1"),
-            (dnspod, DNS_POD_IP, "10.42.1.1"),
-        ):
-            leaf.ip("addr", "add", f"{address}/24", "dev", "eth0")
-            leaf.ip("link", "set", "eth0", "up")
-            leaf.ip("route", "add", "default", "via", gateway)
-        upstream.ip("addr", "add", f"{UPSTREAM_DNS}/24", "dev", "eth0")
-        upstream.ip("link", "set", "eth0", "up")
-        upstream.ip("route", "add", NODE_POD_CIDR, "via", NODE_IP)
-        node.ip("addr", "add", f"{NODE_IP}/24", "dev", "eth0")
-        node.ip("link", "set", "eth0", "up")
-        # The Service range leaves by the default route, as on a node.
-        node.ip("route", "add", "default", "via", PEER_IP)
-        self._flannel(node, NODE_IP, NODE_FLANNEL_IP, "eth0")
-        self._flannel(peer, PEER_IP, "10.42.1.0", "br0")
-        self._flannel_route(node, peer, PEER_IP, "10.42.1.0")
-        self._flannel_route(peer, node, NODE_IP, NODE_FLANNEL_IP)
-        self._build_ipv6()
-
-    def _build_ipv6(self) -> None:
-        """The same topology in IPv6 (no duplicate address detection: usable at once)."""
-        node, pod, peer, dnspod, upstream = (self.ns[r] for r in ROLES)
-        for netns in (node, peer):
-            netns.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
-        for netns, ifname, address in (
-            (node, "cni0", "fd42::1/64"),
-            (peer, "cni0", "fd42:0:0:1::1/64"),
-            (pod, "eth0", f"{POD_IP6}/64"),
-            (dnspod, "eth0", f"{DNS_POD_IP6}/64"),
-            (node, "eth0", f"{NODE_IP6}/64"),
-            (peer, "br0", f"{PEER_IP6}/64"),
-            (upstream, "eth0", f"{UPSTREAM_DNS6}/64"),
-            (node, "flannel.1", f"{NODE_FLANNEL_IP6}/128"),
-            (peer, "flannel.1", "fd42:0:0:1::ff/128"),
-        ):
-            netns.ip("-6", "addr", "add", address, "dev", ifname, "nodad")
-        pod.ip("-6", "route", "add", "default", "via", "fd42::1")
-        dnspod.ip("-6", "route", "add", "default", "via", "fd42:0:0:1::1")
-        upstream.ip("-6", "route", "add", NODE_POD_CIDR6, "via", NODE_IP6)
-        node.ip("-6", "route", "add", "default", "via", PEER_IP6)
-        for here, there, vtep, subnet in (
-            (node, peer, "fd42:0:0:1::ff", "fd42:0:0:1::/64"),
-            (peer, node, NODE_FLANNEL_IP6, NODE_POD_CIDR6),
-        ):
-            mac = self._mac(there, "flannel.1")
-            here.ip("-6", "route", "add", subnet, "via", vtep, "dev", "flannel.1", "onlink")
-            here.ip(
-                "-6", "neigh", "add", vtep, "lladdr", mac, "dev", "flannel.1", "nud", "permanent"
-            )
-
-    @staticmethod
-    def _flannel(netns: Netns, local: str, address: str, underlay: str) -> None:
-        netns.ip(
-            "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", local,
-            "dev", underlay, "dstport", str(VXLAN_PORT), "nolearning",
-        )  # fmt: skip
-        netns.ip("addr", "add", f"{address}/32", "dev", "flannel.1")
-        netns.ip("link", "set", "flannel.1", "up")
-
-    @staticmethod
-    def _mac(netns: Netns, ifname: str) -> str:
-        info = json.loads(netns.run(["ip", "-j", "link", "show", ifname]))
-        return str(info[0]["address"])
-
-    def _flannel_route(self, here: Netns, there: Netns, there_ip: str, there_vtep: str) -> None:
-        """flannel's per-peer state: route, neighbour and FDB entry of the remote VTEP."""
-        subnet = there_vtep.rsplit(".", 1)[0] + ".0/24"
-        mac = self._mac(there, "flannel.1")
-        here.ip("route", "add", subnet, "via", there_vtep, "dev", "flannel.1", "onlink")
-        here.ip("neigh", "add", there_vtep, "lladdr", mac, "dev", "flannel.1", "nud", "permanent")
-        here.run(["bridge", "fdb", "append", mac, "dev", "flannel.1", "dst", there_ip])
-
     def _start_server(self, role: str, address: str) -> None:
         """A DNS server on ``address`` in ``role``'s namespace; it logs the queries it gets
         (:meth:`_server_received` reads the log of the node's, the other namespaces count
@@ -370,7 +243,7 @@ class Lab:
 
     def reset(self, features: frozenset[str] = frozenset()) -> None:
         """Empty every table of the node (nft, iptables-nft and legacy, IPv4 and IPv6) and its
-        conntrack; set the lab up for ``features`` (:data:`FEATURES`)."""
+        conntrack; set the lab up for ``features`` (``netlab_topology.FEATURES``)."""
         self.node.run(["nft", "flush", "ruleset"])
         for tool in ("iptables-legacy", "ip6tables-legacy"):
             legacy = self.node.run([f"{tool}-save"])
@@ -382,7 +255,12 @@ class Lab:
                     self.node.run([tool, "-w", "-t", table, "-P", chain, "ACCEPT"])
         self.node.run(["conntrack", "-F"])
         self._node_cache("nodelocal" in features)
+        self._vxlan6("vxlan6" in features)
         self.features = features
+
+    def _vxlan6(self, wanted: bool) -> None:
+        if wanted != ("vxlan6" in self.features):
+            set_vxlan6(self.ns, wanted)
 
     def _node_cache(self, wanted: bool) -> None:
         """NodeLocal DNSCache on the node: its addresses on a link named ``nodelocaldns`` (a
@@ -476,20 +354,20 @@ class Lab:
             drops=drops,
         )
 
-    def _flannel_rx(self) -> int:
-        stats = json.loads(self.node.run(["ip", "-j", "-s", "link", "show", "flannel.1"]))
+    def _rx(self, ifname: str) -> int:
+        stats = json.loads(self.node.run(["ip", "-j", "-s", "link", "show", ifname]))
         return int(stats[0]["stats64"]["rx"]["packets"])
 
-    def probe_overlay(self) -> FlowObservation:
-        """A new flow from the peer's side over the vxlan link: the DNS pod queries the pod.
-        The outer UDP 8472 packet passed the node's INPUT when flannel.1 received it."""
-        received = self._flannel_rx()
+    def probe_overlay(self, ifname: str = "flannel.1", pod: str = POD_IP) -> FlowObservation:
+        """A new flow from the peer's side over a vxlan link: the DNS pod queries the pod.
+        The outer UDP packet passed the node's INPUT when the link received it."""
+        received = self._rx(ifname)
         with self._drops() as drops:
-            DnsProbe(PROBE_NAME, 0.3, netns=self.ns["dnspod"].name).probe(POD_IP, "udp")
-        passed = self._flannel_rx() > received
+            DnsProbe(PROBE_NAME, 0.3, netns=self.ns["dnspod"].name).probe(pod, "udp")
+        passed = self._rx(ifname) > received
         return FlowObservation(
             "pass" if passed else "drop",
-            f"node flannel.1 rx {'rose' if passed else 'did not rise'}",
+            f"node {ifname} rx {'rose' if passed else 'did not rise'}",
             {} if passed else drops,
         )
 
@@ -576,6 +454,8 @@ class Lab:
                 replies_dropped.get(family, {}),
             )
         observed["overlay-vxlan"] = self.probe_overlay()
+        if "vxlan6" in self.features:
+            observed[flow_key("overlay-vxlan", "ipv6")] = self.probe_overlay(VXLAN6, POD_IP6)
         for kind in ("ipip", "wireguard"):
             if kind in self.features:
                 observed[f"overlay-{kind}"] = self.probe_tunnel(kind)

@@ -237,7 +237,8 @@ class Scenario:
     tools: tuple[str, ...] = ()
     """Programs the scenario needs beyond iproute2, iptables and nft."""
     features: frozenset[str] = frozenset()
-    """What the lab adds to its IPv4 flows (netlab.FEATURES): ipv6, nodelocal, ipip, wireguard."""
+    """What the lab adds to its IPv4 flows (netlab_topology.FEATURES): ipv6, vxlan6, nodelocal,
+    ipip, wireguard."""
 
 
 KP_IPT = restore("lab_kube_proxy.rules")
@@ -246,6 +247,7 @@ KP_IPT6 = restore("lab_kube_proxy6.rules", "ip6tables-restore")
 KP_NFT6 = nft_file("lab_kube_proxy6.nft")
 NODELOCAL = restore("lab_nodelocal.rules")
 IPV6 = frozenset({"ipv6"})
+VXLAN6 = frozenset({"ipv6", "vxlan6"})
 TUNNELS = frozenset({"ipip", "wireguard"})
 UFW_TOOLS = ("ufw", "unshare")
 FIREWALLD_TOOLS = ("firewalld", "firewall-cmd", "dbus-daemon", "unshare")
@@ -368,10 +370,14 @@ SCENARIOS["lab_fault_native"] = Scenario(
 
 
 def dual_stack(
-    name: str, description: str, steps: tuple[Step, ...], tools: tuple[str, ...] = ()
+    name: str,
+    description: str,
+    steps: tuple[Step, ...],
+    tools: tuple[str, ...] = (),
+    features: frozenset[str] = IPV6,
 ) -> Scenario:
     """A scenario with the lab's IPv6 flows too (kube-proxy's IPv6 rules among its steps)."""
-    return Scenario(name, description, steps, tools, features=IPV6)
+    return Scenario(name, description, steps, tools, features=features)
 
 
 SCENARIOS.update(
@@ -462,6 +468,26 @@ SCENARIOS.update(
                 (ufw(), KP_IPT),
                 UFW_TOOLS,
                 features=TUNNELS,
+            ),
+            dual_stack(
+                "lab_vxlan6_kube_proxy",
+                "the pods' IPv6 over vxlan-v6.calico (UDP 4789 in IPv6), kube-proxy iptables",
+                (KP_IPT, KP_IPT6),
+                features=VXLAN6,
+            ),
+            dual_stack(
+                "lab_vxlan6_ufw_default",
+                "the pods' IPv6 over vxlan-v6.calico, ufw enabled with its defaults",
+                (ufw(), KP_IPT, KP_IPT6),
+                UFW_TOOLS,
+                features=VXLAN6,
+            ),
+            dual_stack(
+                "lab_vxlan6_firewalld_nft",
+                "the pods' IPv6 over vxlan-v6.calico, firewalld's public zone (nftables)",
+                (firewalld("nftables"), KP_IPT, KP_IPT6),
+                FIREWALLD_TOOLS,
+                features=VXLAN6,
             ),
             # Kernel-checked twins of the clean_rke2 and clean_kubeadm vectors' rule sets.
             Scenario(

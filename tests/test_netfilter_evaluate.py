@@ -663,6 +663,21 @@ def test_overlay_packets_travel_in_their_underlay_family() -> None:
     assert (replies.stopped_by.family, replies.stopped_by.chain) == ("ipv4", "INPUT")
 
 
+def test_pods_of_a_family_ride_the_overlay_link_of_that_family() -> None:
+    """Calico dual stack: IPv4 pods over vxlan.calico, IPv6 pods over vxlan-v6.calico."""
+    links = (
+        OverlayLink("vxlan.calico", "vxlan", 4789, "ipv4"),
+        OverlayLink("vxlan-v6.calico", "vxlan", 4789, "ipv6"),
+    )
+    dual = facts(overlay=links, cluster_cidrs=("10.42.0.0/16", "fd42::/56"))
+    for family, network, dev in (
+        ("ipv4", "10.42.0.0/16", "vxlan.calico"),
+        ("ipv6", "fd42::/56", "vxlan-v6.calico"),
+    ):
+        routes = {(r.network, r.dev) for r in node_routes(dual, family)}  # type: ignore[arg-type]
+        assert (network, dev) in routes
+
+
 def test_ipv6_extension_header_matches_never_match_dns_packets() -> None:
     """ufw6 drops type 0 routing headers: a DNS packet has none."""
     dual = facts(cluster_dns=("fd43::a",), node_addresses=("fd99::1",))

@@ -117,6 +117,17 @@ KERNEL_DROPS: dict[str, tuple[str, ...]] = {
     ),
     "lab_ipv6_inet_dns": v6("pod-dns-udp", "dns-upstream-udp", "host-dns-tcp"),
     "lab_ipv6_firewalld_nft": (*UPSTREAM, *REPLIES, *OVERLAY, *v6(*UPSTREAM, *REPLIES)),
+    # The pods' IPv6 over vxlan-v6.calico: its packets are IPv6 UDP 4789, IPv6's INPUT judges
+    # them (and the IPv6 answers from the other node inside them).
+    "lab_vxlan6_kube_proxy": (),
+    "lab_vxlan6_ufw_default": (
+        *POD,
+        *UPSTREAM,
+        *REPLIES,
+        *OVERLAY,
+        *v6(*POD, *UPSTREAM, *REPLIES, *OVERLAY),
+    ),
+    "lab_vxlan6_firewalld_nft": (*UPSTREAM, *REPLIES, *OVERLAY, *v6(*UPSTREAM, *REPLIES, *OVERLAY)),
     # NodeLocal DNSCache: pods and host ask the node; the queries are untracked (NOTRACK).
     "lab_nodelocal": (),
     # Untracked is not ESTABLISHED: the pods' queries meet the input policy; the host's come
@@ -246,6 +257,8 @@ def lab_facts(features: frozenset[str] = frozenset()) -> Any:
     and received by sockets)."""
     link = _flows_module.OverlayLink
     overlay = [link("flannel.1", "vxlan", 8472, "ipv4")]
+    if "vxlan6" in features:
+        overlay.append(link("vxlan-v6.calico", "vxlan", 4789, "ipv6"))
     if "ipip" in features:
         overlay.append(link("tunl0", "ipip"))
     if "wireguard" in features:
@@ -452,7 +465,7 @@ class LiveLab:
 
         features = SCENARIOS[scenario].features
         facts = node_facts(self.made.node, self.workdir, features)
-        stand_ins = lab_facts(features).overlay[1:]
+        stand_ins = [o for o in lab_facts(features).overlay if o.kind != "vxlan"]
         facts = replace(facts, overlay=(*facts.overlay, *stand_ins))
         registry = CollectorRegistry()
         collector = FirewallCollector(
@@ -572,6 +585,8 @@ FIXABLE = (
     "lab_nodelocal_established_only",
     "lab_tunnels_firewalld",
     "lab_tunnels_ufw_default",
+    "lab_vxlan6_ufw_default",
+    "lab_vxlan6_firewalld_nft",
 )
 
 
@@ -619,6 +634,8 @@ def test_collector_in_the_node_agrees_with_the_kernel(live_lab: LiveLab, scenari
     features = SCENARIOS[scenario].features
     flannel = _flows_module.OverlayLink("flannel.1", "vxlan", 8472, "ipv4")
     assert collected.facts.overlay[0] == flannel
+    vxlan = [o for o in collected.facts.overlay if o.kind == "vxlan"]
+    assert vxlan == [o for o in lab_facts(features).overlay if o.kind == "vxlan"]
     cache = set(NODE_CACHE) if "nodelocal" in features else set()
     assert set(collected.facts.local_dns_cache) == cache
     assert set(collected.sources.values()) <= {"ok", "skipped"}, collected.sources

@@ -254,7 +254,10 @@ def node_routes(facts: NodeFacts, family: Family) -> tuple[Route, ...]:
     routes = [Route(f"{a}/{full}", "lo", local=True) for a in _of(local, family)]
     pod_dev = facts.pod_interfaces[0] if facts.pod_interfaces else None
     routes.extend(Route(c, pod_dev) for c in _of(facts.pod_cidrs, family))
-    overlay = next((o.name for o in facts.overlay), facts.uplink)
+    # The pods of a family ride the overlay link whose packets travel in that family (Calico's
+    # vxlan-v6.calico, flannel's flannel-v6.1), else the first one.
+    same = (o.name for o in facts.overlay if o.underlay == family)
+    overlay = next(same, None) or next((o.name for o in facts.overlay), facts.uplink)
     routes.extend(Route(c, overlay) for c in _of(facts.cluster_cidrs, family))
     routes.append(Route("0.0.0.0/0" if family == "ipv4" else "::/0", facts.uplink))
     return tuple(routes)
