@@ -107,19 +107,16 @@ def runnable_fix(owner: str | None, fix: str) -> str | None:
 def apply_fix(node: Netns, workdir: Path, command: str) -> None:
     """Runs a :func:`runnable_fix` command in the node's namespace, the way its tool runs
     there. firewalld, when it starts again, rebuilds the iptables tables it manages (with
-    the iptables backend: all of them; IPv6's nat table with either backend): kube-proxy's
-    rules are added again, as kube-proxy would on its next sync."""
+    the iptables backend: all of them; with either backend IPv6's nat table and the raw and
+    filter rules NodeLocal DNSCache added): kube-proxy's and node-cache's rules are added
+    again, as they would on their next sync (``RESYNC``)."""
     if command.startswith("ufw "):
         run_ufw(node, workdir, command)
     elif command.startswith("firewall-cmd "):
-        kube_proxy = [
-            (save, step)
-            for save, step in (("iptables-save", KP_IPT), ("ip6tables-save", KP_IPT6))
-            if "KUBE-SERVICES" in node.run([save])
-        ]
+        resyncing = [(save, mark, step) for save, mark, step in RESYNC if mark in node.run([save])]
         run_firewall_cmd(node, workdir, *command.split(" ; "))
-        for save, step in kube_proxy:
-            if "KUBE-SERVICES" not in node.run([save]):
+        for save, mark, step in resyncing:
+            if mark not in node.run([save]):
                 step(node, workdir)
     else:
         node.run(["sh", "-c", command])
@@ -247,6 +244,12 @@ KP_IPT6 = restore("lab_kube_proxy6.rules", "ip6tables-restore")
 KP_NFT6 = nft_file("lab_kube_proxy6.nft")
 NODELOCAL = restore("lab_nodelocal.rules")
 IPV6 = frozenset({"ipv6"})
+#: (dump, text it shows, step): rules their owner adds again when they are gone.
+RESYNC = (
+    ("iptables-save", "KUBE-SERVICES", KP_IPT),
+    ("ip6tables-save", "KUBE-SERVICES", KP_IPT6),
+    ("iptables-save", "NodeLocal DNS Cache", NODELOCAL),
+)
 VXLAN6 = frozenset({"ipv6", "vxlan6"})
 TUNNELS = frozenset({"ipip", "wireguard"})
 UFW_TOOLS = ("ufw", "unshare")
@@ -441,6 +444,20 @@ SCENARIOS.update(
                 "lab_nodelocal_established_only",
                 "NodeLocal DNSCache under an input policy drop that accepts only ESTABLISHED",
                 (KP_IPT, NODELOCAL, nft_file("lab_established_only.nft")),
+                features=frozenset({"nodelocal"}),
+            ),
+            Scenario(
+                "lab_nodelocal_ufw_default",
+                "NodeLocal DNSCache (its accepts before ufw's chains) and ufw's defaults",
+                (ufw(), KP_IPT, NODELOCAL),
+                UFW_TOOLS,
+                features=frozenset({"nodelocal"}),
+            ),
+            Scenario(
+                "lab_nodelocal_firewalld_nft",
+                "NodeLocal DNSCache and firewalld's public zone (nftables backend)",
+                (firewalld("nftables"), KP_IPT, NODELOCAL),
+                FIREWALLD_TOOLS,
                 features=frozenset({"nodelocal"}),
             ),
             Scenario(

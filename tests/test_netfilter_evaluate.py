@@ -212,6 +212,21 @@ def test_invalid_only_drop_never_drops_and_untracked_is_not_established() -> Non
     assert found["pod-dns-tcp"].verdict == "pass"
 
 
+def test_untracked_packets_have_no_ct_status() -> None:
+    """firewalld's `ct status dnat accept` never matches a NOTRACK'd packet (no connection:
+    the ct expression fails): NodeLocal DNSCache's queries meet the zone's reject for certain."""
+    raw = table("raw", ["PREROUTING", "OUTPUT"], "-A PREROUTING -p udp --dport 53 -j NOTRACK")
+    status = {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
+    nft = nft_doc(
+        chain("inet", "fw", "forward", "forward"),
+        rule("inet", "fw", "forward", [status, {"accept": None}], handle=3),
+        rule("inet", "fw", "forward", [{"reject": None}], handle=4),
+    )
+    found = verdicts([raw], nft=nft)
+    for flow in ("pod-dns-udp", "pod-dns-tcp"):  # untracked, and tracked but not DNATed
+        assert found[flow].verdict == "drop" and found[flow].undecided == (), flow
+
+
 def test_raw_table_sees_no_conntrack_state_yet() -> None:
     raw = table("raw", ["PREROUTING", "OUTPUT"], "-A PREROUTING -m state --state NEW -j DROP")
     assert verdicts([raw])["pod-dns-udp"].verdict == "pass"  # before conntrack: INVALID

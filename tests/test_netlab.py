@@ -133,6 +133,11 @@ KERNEL_DROPS: dict[str, tuple[str, ...]] = {
     # Untracked is not ESTABLISHED: the pods' queries meet the input policy; the host's come
     # in on lo, which the firewall accepts.
     "lab_nodelocal_established_only": (*POD, *OVERLAY),
+    # node-cache's INPUT accepts come before ufw's chains; the pods' upstream meets FORWARD's
+    # policy (the cache's own, from the host, passes).
+    "lab_nodelocal_ufw_default": (*UPSTREAM, *OVERLAY),
+    # firewalld's inet table is not iptables' INPUT: its public zone rejects the pods' queries.
+    "lab_nodelocal_firewalld_nft": (*POD, *UPSTREAM, *OVERLAY),
     # firewalld's public zone rejects protocol 4 and UDP 51820 as it does UDP 8472.
     "lab_tunnels_firewalld": (*UPSTREAM, *REPLIES, *OVERLAY, *TUNNELS),
     "lab_tunnels_firewalld_allowed": (),
@@ -583,6 +588,8 @@ FIXABLE = (
     "lab_ipv6_inet_dns",
     "lab_ipv6_firewalld_nft",
     "lab_nodelocal_established_only",
+    "lab_nodelocal_ufw_default",
+    "lab_nodelocal_firewalld_nft",
     "lab_tunnels_firewalld",
     "lab_tunnels_ufw_default",
     "lab_vxlan6_ufw_default",

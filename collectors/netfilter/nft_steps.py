@@ -111,10 +111,21 @@ def _oifname(state: State) -> Any:
 
 def _ct(body: Any, family: str) -> Getter | None:
     key = str(body.get("key", "")) if isinstance(body, dict) else ""
-    if body.get("dir") is not None:
-        return lambda _s: UNKNOWN
     if key == "state":
         return lambda s: s.ct_seen
+    found = _ct_key(key, body.get("dir") is not None)
+
+    def read(state: State) -> Any:
+        # An untracked packet has no connection: every ct key but the state fails to load,
+        # and the rule does not match (NodeLocal DNSCache's NOTRACK'd queries).
+        return ABSENT if state.ct == "untracked" else found(state)
+
+    return read
+
+
+def _ct_key(key: str, directed: bool) -> Getter:
+    if directed:
+        return lambda _s: UNKNOWN
     if key == "mark":
         return lambda s: s.ctmark
     if key == "direction":
