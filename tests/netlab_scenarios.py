@@ -434,6 +434,12 @@ SCENARIOS.update(
                 (firewalld("nftables"), KP_IPT, KP_IPT6),
                 FIREWALLD_TOOLS,
             ),
+            dual_stack(
+                "lab_ipv6_firewalld_iptables",
+                "firewalld, iptables backend (ip6tables too), public zone default, dual stack",
+                (firewalld("iptables"), KP_IPT, KP_IPT6),
+                FIREWALLD_TOOLS,
+            ),
             Scenario(
                 "lab_nodelocal",
                 "NodeLocal DNSCache on 169.254.20.10 and the kube-dns IP, kube-proxy iptables",

@@ -693,6 +693,17 @@ def test_pods_of_a_family_ride_the_overlay_link_of_that_family() -> None:
         assert (network, dev) in routes
 
 
+def test_rpfilter_lookup_options_do_not_make_it_undecided() -> None:
+    """firewalld's IPv6 reverse path filter (iptables backend) lets the flows through."""
+    dual = facts(cluster_dns=("fd43::a",), node_addresses=("fd99::1",), pod_cidrs=("fd42::/64",))
+    mangle = table(
+        "mangle", ["PREROUTING"], "-A PREROUTING -m rpfilter --validmark --invert -j DROP"
+    )
+    found = evaluate([parse_iptables_save(mangle, family="ipv6")], dns_flows(dual))
+    pod = {v.flow.name: v for v in found}["pod-dns-udp"]
+    assert pod.verdict == "pass" and pod.undecided == ()
+
+
 def test_ipv6_extension_header_matches_never_match_dns_packets() -> None:
     """ufw6 drops type 0 routing headers: a DNS packet has none."""
     dual = facts(cluster_dns=("fd43::a",), node_addresses=("fd99::1",))

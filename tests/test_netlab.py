@@ -117,6 +117,7 @@ KERNEL_DROPS: dict[str, tuple[str, ...]] = {
     ),
     "lab_ipv6_inet_dns": v6("pod-dns-udp", "dns-upstream-udp", "host-dns-tcp"),
     "lab_ipv6_firewalld_nft": (*UPSTREAM, *REPLIES, *OVERLAY, *v6(*UPSTREAM, *REPLIES)),
+    "lab_ipv6_firewalld_iptables": (*UPSTREAM, *REPLIES, *OVERLAY, *v6(*UPSTREAM, *REPLIES)),
     # The pods' IPv6 over vxlan-v6.calico: its packets are IPv6 UDP 4789, IPv6's INPUT judges
     # them (and the IPv6 answers from the other node inside them).
     "lab_vxlan6_kube_proxy": (),
@@ -587,6 +588,7 @@ FIXABLE = (
     "lab_ipv6_ufw_default",
     "lab_ipv6_inet_dns",
     "lab_ipv6_firewalld_nft",
+    "lab_ipv6_firewalld_iptables",
     "lab_nodelocal_established_only",
     "lab_nodelocal_ufw_default",
     "lab_nodelocal_firewalld_nft",

@@ -168,7 +168,7 @@ def _option(rule: _Rule, token: str, negate: bool) -> None:
         values = rule.rest_of_option()
         if rule.module in _MODULES and _MODULES[rule.module] is None:
             return  # an option of a module we decided as a whole
-        if token in _IGNORED:
+        if token in _IGNORED or (rule.module == "rpfilter" and token in _RPFILTER_OPTIONS):
             return
         rule.tests.append(undecided(f"{'! ' if negate else ''}-m {rule.module} {token} {values}"))
 
@@ -415,6 +415,9 @@ _FLAGS: dict[str, Callable[[str], Callable[[State], Tri]]] = {
 }
 # Options whose meaning is carried by another option of the same match.
 _IGNORED = frozenset({"--limit-iface-in", "--limit-iface-out", "--dir", "--strict", "-4", "-6"})
+#: rpfilter's lookup options: the flows' sources route back through their interface whatever
+#: the lookup (firewalld's IPv6 `-m rpfilter --validmark --invert -j DROP`).
+_RPFILTER_OPTIONS = frozenset({"--loose", "--validmark", "--accept-local"})
 #: Modules we understand (None: the whole module is decided by one test added here).
 _MODULES: dict[str, object] = {
     "conntrack": "",
