@@ -493,6 +493,22 @@ SCENARIOS.update(
                 features=TUNNELS,
             ),
             dual_stack(
+                "lab_ipv6_debian_workstation",
+                "Debian's nftables example workstation.nft (inet), dual stack",
+                (nft_file("lab_debian_workstation.nft"), KP_IPT, KP_IPT6),
+            ),
+            dual_stack(
+                "lab_ipv6_alpine",
+                "Alpine's /etc/nftables.nft (inet), dual stack",
+                (nft_file("lab_alpine.nft"), KP_IPT, KP_IPT6),
+            ),
+            dual_stack(
+                "lab_vxlan6_alpine",
+                "the pods' IPv6 over vxlan-v6.calico, Alpine's /etc/nftables.nft",
+                (nft_file("lab_alpine.nft"), KP_IPT, KP_IPT6),
+                features=VXLAN6,
+            ),
+            dual_stack(
                 "lab_vxlan6_kube_proxy",
                 "the pods' IPv6 over vxlan-v6.calico (UDP 4789 in IPv6), kube-proxy iptables",
                 (KP_IPT, KP_IPT6),

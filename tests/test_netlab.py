@@ -118,6 +118,16 @@ KERNEL_DROPS: dict[str, tuple[str, ...]] = {
     "lab_ipv6_inet_dns": v6("pod-dns-udp", "dns-upstream-udp", "host-dns-tcp"),
     "lab_ipv6_firewalld_nft": (*UPSTREAM, *REPLIES, *OVERLAY, *v6(*UPSTREAM, *REPLIES)),
     "lab_ipv6_firewalld_iptables": (*UPSTREAM, *REPLIES, *OVERLAY, *v6(*UPSTREAM, *REPLIES)),
+    # The nftables examples are inet tables: both families alike.
+    "lab_ipv6_debian_workstation": (*REPLIES, *OVERLAY, *v6(*REPLIES)),
+    "lab_ipv6_alpine": (*POD, *UPSTREAM, *REPLIES, *OVERLAY, *v6(*POD, *UPSTREAM, *REPLIES)),
+    "lab_vxlan6_alpine": (
+        *POD,
+        *UPSTREAM,
+        *REPLIES,
+        *OVERLAY,
+        *v6(*POD, *UPSTREAM, *REPLIES, *OVERLAY),
+    ),
     # The pods' IPv6 over vxlan-v6.calico: its packets are IPv6 UDP 4789, IPv6's INPUT judges
     # them (and the IPv6 answers from the other node inside them).
     "lab_vxlan6_kube_proxy": (),
@@ -596,6 +606,9 @@ FIXABLE = (
     "lab_tunnels_ufw_default",
     "lab_vxlan6_ufw_default",
     "lab_vxlan6_firewalld_nft",
+    "lab_ipv6_debian_workstation",
+    "lab_ipv6_alpine",
+    "lab_vxlan6_alpine",
 )
 
 
