@@ -1,7 +1,8 @@
 """Which native nft tables of a collector run are read over netlink, and their reading: the
-connection (opened when first needed: pyroute2 is loaded only then), the ruleset's
-generation the reads started at, the tables made (``nft_netlink_table``) and what they read.
-The collector decides what to do when this says no (nft reads the table)."""
+connection (opened when first needed: pyroute2 is loaded only then; one per run), the
+ruleset's generation the reads started at (iptables-nft's piecewise reads are checked
+against it too), the tables made (``nft_netlink_table``) and what they read. The collector
+decides what to do when this says no (nft reads the table)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class NetlinkTables:
         self.min_chains = min_chains
         self.dumps: NftDumps | None = None
         self.generation = 0
+        #: Why the generation could not be noted in this read (None: noted, or not yet).
+        self.error: OSError | None = None
+        self._noted = False
         self.enabled = True
         self.tables: dict[TableKey, Table] = {}
         #: What the run read ("ip kube-proxy chain services", "… set …").
@@ -35,6 +39,8 @@ class NetlinkTables:
         """A new read of the rules (``enabled``: big tables may go over netlink)."""
         self.enabled = enabled
         self.tables = {}
+        self.error = None
+        self._noted = False
 
     def choose(
         self, listed: Sequence[Any], covered: Collection[TableKey]
@@ -53,18 +59,27 @@ class NetlinkTables:
             if key not in covered and len(chains) >= self.min_chains
         }
 
-    def open(self) -> None:
-        """Connect (once per run) and note the ruleset's generation; OSError when nf_tables
-        cannot be asked (no CAP_NET_ADMIN…)."""
+    def note(self) -> None:
+        """Connect (once per run) and note the ruleset's generation, once per read; when
+        nf_tables cannot be asked (no CAP_NET_ADMIN…) the error is kept in ``error``."""
+        if self._noted:
+            return
+        self._noted = True
         try:
             if self.dumps is None and self.opener is not None:
                 self.dumps = self.opener()
             if self.dumps is None:
                 raise OSError("no nf_tables connection")
             self.generation = self.dumps.generation()
-        except OSError:
+        except OSError as error:
+            self.error = error
             self.close()
-            raise
+
+    def open(self) -> None:
+        """``note`` (when not yet done in this read); OSError when nf_tables cannot be asked."""
+        self.note()
+        if self.error is not None:
+            raise self.error
 
     def make(self, chosen: dict[TableKey, list[Any]]) -> list[Table]:
         """The chosen tables, read lazily (``open`` first)."""
