@@ -26,6 +26,7 @@ import realkernel
 from prometheus_client import CollectorRegistry
 
 from collectors.firewall_collector import FirewallCollector
+from collectors.netfilter.nft_socket import NftNetlink
 from collectors.registry import CollectorError, run_command
 
 SRC = Path(__file__).parent / "vectors" / "firewall" / "src"
@@ -328,7 +329,13 @@ def _collector(
     ns: Netns, cluster_dns: Sequence[str]
 ) -> tuple[FirewallCollector, CollectorRegistry]:
     registry = CollectorRegistry()
-    collector = FirewallCollector("node-1", lambda: cluster_dns, registry, runner=ns.runner)
+    collector = FirewallCollector(
+        "node-1",
+        lambda: cluster_dns,
+        registry,
+        runner=ns.runner,
+        nft_netlink=lambda: NftNetlink(ns.name),  # the ruleset's generation in ns
+    )
     return collector, registry
 
 

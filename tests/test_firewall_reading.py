@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from collectors.firewall_collector import FirewallCollector
 from collectors.netfilter.evaluate import FlowVerdict
 from collectors.netfilter.iptables import parse_iptables_save
 from collectors.netfilter.model import Chain, Table
+from collectors.netfilter.nft_socket import NftNetlink
 from collectors.netfilter.xtables_nft import spec_to_save, xtables_chains
 from collectors.registry import CollectorError, Runner, ToolNotFound
 
@@ -82,9 +84,15 @@ def xtables_nft_runner(save: str, unreadable: str | None = None) -> tuple[list[s
     return calls, runner
 
 
-def run(runner: Runner) -> tuple[FirewallCollector, list[Finding]]:
+def run(runner: Runner, **options: Any) -> tuple[FirewallCollector, list[Finding]]:
+    """The collector with the DNS flows on ``runner`` (``options``: more of its arguments)."""
     collector = FirewallCollector(
-        "node-1", lambda: FACTS.cluster_dns, CollectorRegistry(), runner=runner, facts=lambda: FACTS
+        "node-1",
+        lambda: FACTS.cluster_dns,
+        CollectorRegistry(),
+        runner=runner,
+        facts=lambda: FACTS,
+        **options,
     )
     return collector, collector.collect()
 
@@ -231,14 +239,15 @@ def both_reads(
             raise ToolNotFound(f"{argv[0]} not found")
         return ns.runner(argv)
 
-    whole, whole_findings = run(whole_runner)
+    netlink = partial(NftNetlink, ns.name)  # the ruleset's generation in ns
+    whole, whole_findings = run(whole_runner, nft_netlink=netlink)
     calls: list[str] = []
 
     def recorded(argv: Sequence[str]) -> str:
         calls.append(" ".join(argv))
         return ns.runner(argv)
 
-    piecewise, findings = run(recorded)
+    piecewise, findings = run(recorded, nft_netlink=netlink)
     return whole, whole_findings, piecewise, findings, calls
 
 
