@@ -109,11 +109,7 @@ def nft_mode_run(
     """One collector's rows (measure, value) and its verdicts."""
     calls: list[str] = []
     opened: list[NftNetlink] = []
-
-    def netlink() -> NftNetlink:
-        opened.append(NftNetlink(ns.name))
-        return opened[-1]
-
+    netlink = opening(ns, opened)
     collector = FirewallCollector(
         "bench",
         lambda: CLUSTER_DNS,
@@ -177,23 +173,37 @@ def collector_rows(
     verdicts: dict[str, list[tuple[str, str]]] = {}
     for when, runner in (("before", hidden), ("after", ns.runner)):
         calls: list[str] = []
+        opened: list[NftNetlink] = []
         collector = FirewallCollector(
             "bench",
             lambda: CLUSTER_DNS,
             CollectorRegistry(),
             runner=counting(runner, calls),
             facts=lambda: FACTS,
+            nft_netlink=opening(ns, opened),  # the ruleset's generation in ns
         )
         cpu, wall = cpu_and_wall(collector.collect, repeat)
         verdicts[when] = [(v.flow.name, v.verdict) for v in collector.last_verdicts]
         commands = len(calls) // repeat
+        requests = sum(d.requests for d in opened) // repeat
         rows.append((backend, f"collector full run {when}: CPU s (agent + children)", f"{cpu:.2f}"))
         rows.append((backend, f"collector full run {when}: wall s", f"{wall:.2f}"))
         rows.append((backend, f"collector {when}: % of one core per 60 s", f"{cpu / 60 * 100:.2f}"))
         rows.append((backend, f"collector {when}: commands run", str(commands)))
+        rows.append((backend, f"collector {when}: netlink requests", str(requests)))
     same = verdicts["before"] == verdicts["after"]
     rows.append((backend, "verdicts after == before", f"{same} ({len(verdicts['after'])} flows)"))
     return rows
+
+
+def opening(ns: Netns, opened: list[NftNetlink]) -> Callable[[], NftNetlink]:
+    """Opens nf_tables over netlink in ``ns``, each connection kept in ``opened``."""
+
+    def netlink() -> NftNetlink:
+        opened.append(NftNetlink(ns.name))
+        return opened[-1]
+
+    return netlink
 
 
 def counting(
