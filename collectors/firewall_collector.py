@@ -85,7 +85,8 @@ class FirewallCollector:
     ) -> None:
         """``proc``: where ``net/ip_tables_names`` tells whether legacy tables exist when
         ``iptables-legacy-save`` is not installed; ``nft_netlink`` opens nf_tables over
-        netlink for the big native nft tables (None: read every table with nft);
+        netlink, for the ruleset's generation and the big native nft tables (None: read
+        every native table with nft, iptables-nft unchecked);
         ``source_log``: shared with ``facts`` when they record sources of their own."""
         self.node = node
         self.facts = facts
