@@ -219,7 +219,7 @@ class RuleReader:
         iptables-nft is then read unchecked, as before)."""
         if not self.lazy_sources():
             return True
-        if self.netlink.error is not None and not self.netlink.tables:
+        if self.netlink.error is not None:  # then no table was read over netlink either
             self._say_unchecked(self.netlink.error)
             return True
         return self.netlink.unchanged()
