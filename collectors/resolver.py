@@ -15,6 +15,7 @@ Pure part: :func:`resolver_finding` (on ``cluster_dns.nameservers``). I/O:
 from __future__ import annotations
 
 import ipaddress
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,12 +24,27 @@ from prometheus_client import CollectorRegistry, Gauge
 from collectors.cluster_dns import ResolvConfSetting, discover_resolv_conf, in_root, nameservers
 from collectors.finding import Finding
 from collectors.node_checks import check_gauge, set_check
-from collectors.registry import SourceLog
+from collectors.registry import CollectorError, SourceLog
 
 RESOLVED_UPSTREAM = "/run/systemd/resolve/resolv.conf"
 """systemd-resolved's list of the real upstream servers (the stub file names 127.0.0.53)."""
 MAX_NAMESERVERS = 3
 """glibc (MAXNS) and kubelet use the first three."""
+
+
+def read_current(path: Path) -> str:
+    """The file's text; CollectorError when the file read is no longer the one at that path
+    on the host: a single-file hostPath mount keeps the file it was mounted with, and a host
+    that replaces ``/etc/resolv.conf`` by rename (NetworkManager, dhclient, resolvconf) leaves
+    the pod reading the old one, whose link count is then 0."""
+    with path.open("rb") as file:
+        if os.fstat(file.fileno()).st_nlink == 0:
+            raise CollectorError(
+                f"{path} was replaced on the host after it was mounted (the mounted file has"
+                " no links left: a file hostPath keeps the old file); restart the pod to read"
+                " the current one"
+            )
+        return file.read().decode(errors="replace")
 
 
 def loopback(servers: list[str]) -> list[str]:
@@ -104,7 +120,7 @@ class ResolverCollector:
         self.check_ok = check_ok if check_ok is not None else check_gauge(registry)
 
     def _read(self, path: str) -> list[str]:
-        return nameservers(in_root(self.host_root, path).read_text(errors="replace"))
+        return nameservers(read_current(in_root(self.host_root, path)))
 
     def collect(self) -> list[Finding]:
         setting = discover_resolv_conf(self.host_root)

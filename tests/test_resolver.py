@@ -3,9 +3,15 @@ nodes: which file kubelet gives pods with dnsPolicy Default, and what it names."
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import realkernel
 from prometheus_client import CollectorRegistry
 
 from collectors.cluster_dns import discover_resolv_conf, in_root, nameservers
@@ -215,3 +221,45 @@ def test_k3s_with_an_explicit_loopback_file_still_loops(tmp_path: Path) -> None:
     reasons, details, _ = collect(tmp_path)
     assert reasons == ["DNSResolverLoop"]
     assert details["resolv_conf_source"] == "resolv-conf in /etc/rancher/k3s/config.yaml"
+
+
+REPLACED_READ = """
+import json, sys
+from pathlib import Path
+from prometheus_client import CollectorRegistry
+from collectors.resolver import ResolverCollector
+collector = ResolverCollector("n", CollectorRegistry(), host_root=Path(sys.argv[1]))
+collector.collect()
+print(json.dumps({r.source: [r.status, r.detail] for r in collector.sources.results()}))
+"""
+
+
+@pytest.mark.root
+def test_a_resolver_file_replaced_on_the_host_is_said_not_read_stale(tmp_path: Path) -> None:
+    """The DaemonSet mounts /etc/resolv.conf as a file: a host that replaces it by rename
+    leaves the mount on the old file. A real bind mount in a private mount namespace."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        realkernel.skip_or_fail("needs root and unshare (util-linux)")
+    host_file = tmp_path / "host-resolv.conf"
+    host_file.write_text("nameserver 10.0.0.1\n")
+    root = tmp_path / "root"
+    write(root, "/etc/resolv.conf", "")
+    mounted = root / "etc" / "resolv.conf"
+    read = f"{sys.executable} -c '{REPLACED_READ}' {root}"
+    script = (
+        f"mount --bind {host_file} {mounted} && {read}"
+        f" && printf 'nameserver 10.0.0.2\\n' > {host_file}.new && mv {host_file}.new {host_file}"
+        f" && {read}"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    before, after = (json.loads(line) for line in done.stdout.splitlines())
+    assert before["resolv_conf"] == ["ok", None]
+    status, error = after["resolv_conf"]
+    assert status == "failed"
+    assert "replaced on the host" in error and "restart the pod" in error
