@@ -67,12 +67,14 @@ class ContainerLookup:
             task = None
         else:
             self._reachable()
-        if task is None:
-            with self._init_lock:
-                pid = self._init_pids.get(container_id)
-            if pid is not None:
-                return TaskInfo(pid, GONE, 0)
-        return task
+        return task if task is not None else self.started_task(container_id)
+
+    def started_task(self, container_id: str) -> TaskInfo | None:
+        """The task as its start event showed it (status ``DELETED``), without asking
+        containerd; ``None`` when no start of it was seen."""
+        with self._init_lock:
+            pid = self._init_pids.get(container_id)
+        return TaskInfo(pid, GONE, 0) if pid is not None else None
 
     @property
     def down_reason(self) -> str | None:

@@ -7,8 +7,10 @@ Classification is decided by facts, in this order, and ``details.basis`` says wh
    not its init, ``ContainerOOMKill`` when its init was killed, else ``OOMKill`` (unknown).
    Evidence, strongest first: containerd (the task's init pid is the victim, or the task
    runs on with another init), the node itself (the container's memory cgroup and its
-   processes, read right after the kill), a later OOM report of the same container (it was
-   still there), the report's task table (the victim was the container's only process).
+   processes, read right after the kill; a cgroup found gone decides nothing: the
+   container was deleted, by the kill or after it), a later OOM report of the same
+   container (it was still there), the report's task table (the victim was the
+   container's only process).
 """
 
 from __future__ import annotations
@@ -47,8 +49,27 @@ SANDBOX_PROCESSES = frozenset({"pause", "conmon"})
 OOM_SCORE_ADJ_MIN = -1000  # "never kill": memory.oom.group kills spare such tasks
 
 
+@dataclass(frozen=True, slots=True)
+class Undecided:
+    """What the node showed that decides nothing; said in the verdict's basis."""
+
+    seen: str
+
+
+CGROUP_GONE = (
+    "the container's memory cgroup was gone when read: deleted after the kill (the pod "
+    "removed, or the container's task ended, later or by this kill)"
+)
+
+
 class LiveEvidence:
-    """Reads the node right after a kill to tell whether the container survived it."""
+    """Reads the node right after a kill to tell whether the container survived it.
+
+    A container memory cgroup found empty right after the kill means the kill ended the
+    container. One found gone does not: the container was deleted, by the kill or by
+    anything after it (kubelet removes the containers of a deleted pod, containerd's shim
+    the cgroup of an ended task), so the log decides.
+    """
 
     def __init__(
         self,
@@ -62,12 +83,13 @@ class LiveEvidence:
         self._sleep = sleep
         self._now = now
 
-    def verdict(self, kill: OomKill, cgroup_path: str) -> Verdict | None:
-        """Decide from the cgroup now; ``None`` when the node cannot tell any more."""
+    def verdict(self, kill: OomKill, cgroup_path: str) -> Verdict | Undecided | None:
+        """Decide from the cgroup now; ``Undecided`` when the node cannot tell but showed
+        something worth saying, ``None`` when it cannot tell any more."""
         fresh = self._is_fresh(kill)
         victim = self.probe.process(kill.victim.pid) if fresh else None
         members = self._survivors(cgroup_path, kill.victim.pid)
-        init = _namespace_init(members)
+        init = _namespace_init(members or ())
         if init is not None:
             return Verdict(
                 *INVISIBLE,
@@ -79,7 +101,7 @@ class LiveEvidence:
             return Verdict(
                 *CONTAINER, "the victim was pid 1 of the container's pid namespace", victim.pid
             )
-        if fresh:
+        if fresh and members:
             members = self._settle(cgroup_path, kill.victim.pid, members)
         if members:
             return Verdict(
@@ -87,25 +109,29 @@ class LiveEvidence:
                 f"the container's memory cgroup still holds {len(members)} live process(es) "
                 "after the kill",
             )
-        if fresh:
-            return Verdict(
-                *CONTAINER, "the container's memory cgroup was empty right after the kill"
-            )
-        return None
+        if not fresh:
+            return None
+        if members is None:
+            return Undecided(CGROUP_GONE)
+        return Verdict(*CONTAINER, "the container's memory cgroup was empty right after the kill")
 
     def _is_fresh(self, kill: OomKill) -> bool:
         if kill.time is None:
             return False
         return (self._now() - kill.time).total_seconds() <= self.window
 
-    def _survivors(self, cgroup_path: str, victim_pid: int) -> list[ProcessInfo]:
-        members = self.probe.members(cgroup_path) or []
+    def _survivors(self, cgroup_path: str, victim_pid: int) -> list[ProcessInfo] | None:
+        """The cgroup's live processes but the victim; ``None`` when the cgroup is gone."""
+        members = self.probe.members(cgroup_path)
+        if members is None:
+            return None
         return [m for m in members if m.pid != victim_pid]
 
     def _settle(
-        self, cgroup_path: str, victim_pid: int, members: list[ProcessInfo]
-    ) -> list[ProcessInfo]:
-        """Processes of a dying container linger for a moment: look again until they are gone."""
+        self, cgroup_path: str, victim_pid: int, members: list[ProcessInfo] | None
+    ) -> list[ProcessInfo] | None:
+        """Processes of a dying container linger for a moment: look again until they are
+        gone (or the cgroup is)."""
         waited = 0.0
         while members and waited < SETTLE_SECONDS:
             self._sleep(SETTLE_STEP)
@@ -448,7 +474,12 @@ class OomFindings:
         container = task = None
         if pod.container_id is not None and self.containers is not None:
             container = self.containers.container(pod.container_id)
-            task = self.containers.task(pod.container_id) if container is not None else None
+            # A container containerd no longer has may still be known from its task's start.
+            task = (
+                self.containers.task(pod.container_id)
+                if container is not None
+                else self.containers.started_task(pod.container_id)
+            )
         if container is None and self.pods is not None:
             # containerd down or without this container: the API's pod watch may name it.
             container = self.pods.container_info(pod.pod_uid, pod.container_id)
@@ -484,11 +515,15 @@ class OomFindings:
         by_task = verdict_from_task(kill, who.task)
         if by_task is not None:
             return by_task
-        if self.live is not None:
-            live = self.live.verdict(kill, memcg)
-            if live is not None:
-                return live
-        return verdict_from_log(kill, later, earlier)
+        live = self.live.verdict(kill, memcg) if self.live is not None else None
+        if isinstance(live, Verdict):
+            return live
+        by_log = verdict_from_log(kill, later, earlier)
+        if isinstance(live, Undecided):
+            return Verdict(
+                by_log.reason, by_log.scope, f"{live.seen}; {by_log.basis}", by_log.init_pid
+            )
+        return by_log
 
 
 def _subject(who: Attribution) -> Subject:

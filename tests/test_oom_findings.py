@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 from test_oom import load, run
 
-from agent.oom_findings import LiveEvidence, OomFindings, verdict_from_log, verdict_from_task
-from collectors.containerd import TaskInfo
+from agent.containers import ContainerLookup
+from agent.oom_findings import (
+    LiveEvidence,
+    OomFindings,
+    Undecided,
+    Verdict,
+    verdict_from_log,
+    verdict_from_task,
+)
+from collectors.containerd import ContainerdClient, TaskInfo
 from collectors.finding import Finding
 from collectors.memcg import MemcgProbe, parse_status
 from collectors.oom import OomKill, OomVictim
@@ -110,7 +118,92 @@ def test_victim_that_was_namespace_init_means_container_kill(host: HostTree) -> 
 
 def test_empty_cgroup_right_after_the_kill_means_container_kill(host: HostTree) -> None:
     host.cgroup(MEMCG, [])
+    finding = OomFindings("n", live(host)).finding(kill())
+    assert finding.reason == "ContainerOOMKill"
+    assert (
+        finding.details["basis"] == "the container's memory cgroup was empty right after the kill"
+    )
+
+
+# --- a container cgroup gone when read: deleted, by the kill or after it --------------------
+
+INIT_THEN_VICTIM = (TaskRow(pid=4871, tgid=4871, name="sh"), TaskRow(pid=4885, tgid=4885, name="w"))
+
+
+def test_live_evidence_tells_a_gone_cgroup_from_an_empty_one(host: HostTree) -> None:
+    gone = live(host).verdict(kill(), MEMCG)
+    assert isinstance(gone, Undecided) and "gone when read" in gone.seen
+    host.cgroup(MEMCG, [])
+    empty = live(host).verdict(kill(), MEMCG)
+    assert isinstance(empty, Verdict) and empty.reason == "ContainerOOMKill"
+
+
+def test_gone_cgroup_after_a_child_kill_is_judged_by_the_task_table(host: HostTree) -> None:
+    """The pod was removed right after a child's kill: the CRI said the container ran on."""
+    finding = OomFindings("n", live(host)).finding(kill(tasks=INIT_THEN_VICTIM))
+    assert finding.reason == "InvisibleOOMKill"
+    basis = finding.details["basis"]
+    assert basis.startswith("the container's memory cgroup was gone when read")
+    assert "listed after sh (pid 4871)" in basis
+
+
+def test_gone_cgroup_after_a_child_kill_is_judged_by_a_later_kill(host: HostTree) -> None:
+    finding = OomFindings("n", live(host)).finding(kill(), later=[kill(pid=4886, age=0.05)])
+    assert finding.reason == "InvisibleOOMKill"
+    assert "a later OOM kill in the same container (pid 4886" in finding.details["basis"]
+
+
+def test_gone_cgroup_with_the_victim_alone_in_the_table_is_a_container_kill(
+    host: HostTree,
+) -> None:
+    alone = kill(tasks=(TaskRow(pid=4885, tgid=4885, name="w"),))
+    finding = OomFindings("n", live(host)).finding(alone)
+    assert finding.reason == "ContainerOOMKill"
+    assert "the victim was the only process" in finding.details["basis"]
+
+
+def test_gone_cgroup_without_other_evidence_is_unknown(host: HostTree) -> None:
+    finding = OomFindings("n", live(host)).finding(kill())
+    assert (finding.reason, finding.details["scope"]) == ("OOMKill", "unknown")
+    assert finding.details["basis"].startswith("the container's memory cgroup was gone")
+
+
+def test_gone_cgroup_with_the_victim_still_its_namespace_init_is_a_container_kill(
+    host: HostTree,
+) -> None:
+    host.process(4885, ns_pid=1, state="R (running)")  # still exiting
     assert OomFindings("n", live(host)).finding(kill()).reason == "ContainerOOMKill"
+
+
+def test_cgroup_removed_while_waiting_for_its_processes_decides_nothing(host: HostTree) -> None:
+    host.cgroup(MEMCG, [4890])
+    host.process(4890, ns_pid=4890)
+    directory = host.hierarchy / MEMCG.lstrip("/")
+
+    def remove_cgroup(_seconds: float) -> None:
+        (directory / "cgroup.procs").unlink(missing_ok=True)
+        if directory.exists():
+            directory.rmdir()
+
+    evidence = LiveEvidence(MemcgProbe(host.root), window=10, sleep=remove_cgroup, now=lambda: NOW)
+    finding = OomFindings("n", evidence).finding(kill())
+    assert finding.reason == "OOMKill"
+    assert "gone when read" in finding.details["basis"]
+
+
+def test_gone_container_is_judged_by_its_remembered_task_start(
+    host: HostTree, tmp_path: Path
+) -> None:
+    """containerd has deleted the container; its task's init pid, seen at its start, says
+    the victim was a child (no containerd answers here at all)."""
+    lookup = ContainerLookup(ContainerdClient([tmp_path / "no.sock"]))
+    lookup.remember_start(CID, 4871)
+    findings = OomFindings("n", live(host), containers=lookup)
+    child = findings.finding(kill())
+    assert child.reason == "InvisibleOOMKill"
+    assert child.details["init_pid"] == 4871
+    assert "deleted now" in child.details["basis"]
+    assert findings.finding(kill(pid=4871)).reason == "ContainerOOMKill"
 
 
 def test_old_kill_in_a_gone_cgroup_falls_back_to_the_log(host: HostTree) -> None:
