@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,12 @@ from cri_api import api_pb2 as cri
 from realcri import CriClient, CriContainer, CriContainerd, CriPod, child_hog_args
 from test_events import NODE
 
+from agent.settings import Settings
+
 pytestmark = pytest.mark.root
 
 LIMIT = 32 * realcontainerd.MiB
+LIVE_EVIDENCE_WINDOW = Settings.live_evidence_window
 
 
 def test_committed_cri_stubs_match_the_proto(tmp_path: Path) -> None:
@@ -232,3 +236,36 @@ def test_qos_classes(
     finding = assert_agrees(agent, api, app, kill_child(app))
     assert finding["details"]["memcg"] == app.cgroup_path
     assert ("/kubepods/pod" in app.cgroup_path) == (qos == "guaranteed")
+
+
+def test_agent_started_after_a_child_kill_whose_pod_is_gone(
+    node: tuple[CriContainerd, CriClient], tmp_path: Path
+) -> None:
+    """The agent (re)starts after a child's kill and its pod's removal: it saw no TaskStart
+    of the container, containerd has no task (nor container) any more and the container's
+    memory cgroup is gone when the agent reads the kill from the log's backlog, within its
+    live-evidence window. The CRI said running at the kill: a gone cgroup must not make it a
+    container kill; the log's task table (the init listed before the victim) decides."""
+    cd, client = node
+    pod = client.run_pod("late-0", "shop")
+    app = pod.create_container("app", child_hog_args(LIMIT), memory_limit=LIMIT)
+    status = kill_child(app)
+    assert cri_verdict(status) == "InvisibleOOMKill"
+    pod.remove()
+    assert not realcontainerd.memory_cgroup_dir(app.cgroup_path).exists()
+    late = RunningAgent([
+        "--no-kube", "--kernel-log", "kmsg", "--state-dir", str(tmp_path / "state"),
+        "--node-name", NODE, "--containerd-socket", str(cd.socket), "--cluster-dns", "127.0.0.1",
+    ])  # fmt: skip
+    try:
+        finding = late.wait_finding(app.id, timeout=60)
+        read_after = time.time() - datetime.fromisoformat(finding["time"]).timestamp()
+    finally:
+        assert late.stop() == 0, late.log()
+    basis = finding["details"]["basis"]
+    assert finding["reason"] == cri_verdict(status), basis
+    assert finding["subject"]["uid"] == pod.uid
+    if read_after <= LIVE_EVIDENCE_WINDOW:  # else the node was too slow to read it fresh
+        assert basis.startswith("the container's memory cgroup was gone when read"), basis
+    assert "the victim was listed after sh" in basis, basis
+    print(f"read {read_after:.1f}s after the kill: {basis}")
