@@ -238,19 +238,31 @@ def test_qos_classes(
     assert ("/kubepods/pod" in app.cgroup_path) == (qos == "guaranteed")
 
 
-def test_agent_started_after_a_child_kill_whose_pod_is_gone(
-    node: tuple[CriContainerd, CriClient], tmp_path: Path
+# The agent (re)started after the kill and the pod's removal: no TaskStart of the container
+# seen, no task (nor container) in containerd, the memory cgroup gone when the agent reads
+# the kill from the log's backlog, within its live-evidence window. The log decides; the
+# basis says the cgroup was gone. (case id: container args, the kill, the expected basis)
+LATE_CASES = {
+    "child-killed": (child_hog_args(LIMIT), kill_child, "the victim was listed after sh"),
+    "init-killed": (
+        realcontainerd.oom_init_args(LIMIT),
+        kill_init,
+        "the victim was the only process in the container's memory cgroup",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", LATE_CASES)
+def test_agent_started_after_the_kill_and_the_pods_removal(
+    node: tuple[CriContainerd, CriClient], tmp_path: Path, case: str
 ) -> None:
-    """The agent (re)starts after a child's kill and its pod's removal: it saw no TaskStart
-    of the container, containerd has no task (nor container) any more and the container's
-    memory cgroup is gone when the agent reads the kill from the log's backlog, within its
-    live-evidence window. The CRI said running at the kill: a gone cgroup must not make it a
-    container kill; the log's task table (the init listed before the victim) decides."""
+    """A gone cgroup must not make a child's kill a container kill (the CRI said running),
+    nor hide an init's (the CRI said OOMKilled): the report's task table tells them apart."""
+    args, kill, table_basis = LATE_CASES[case]
     cd, client = node
-    pod = client.run_pod("late-0", "shop")
-    app = pod.create_container("app", child_hog_args(LIMIT), memory_limit=LIMIT)
-    status = kill_child(app)
-    assert cri_verdict(status) == "InvisibleOOMKill"
+    pod = client.run_pod(f"late-{case}", "shop")
+    app = pod.create_container("app", args, memory_limit=LIMIT)
+    status = kill(app)
     pod.remove()
     assert not realcontainerd.memory_cgroup_dir(app.cgroup_path).exists()
     late = RunningAgent([
@@ -267,5 +279,5 @@ def test_agent_started_after_a_child_kill_whose_pod_is_gone(
     assert finding["subject"]["uid"] == pod.uid
     if read_after <= LIVE_EVIDENCE_WINDOW:  # else the node was too slow to read it fresh
         assert basis.startswith("the container's memory cgroup was gone when read"), basis
-    assert "the victim was listed after sh" in basis, basis
-    print(f"read {read_after:.1f}s after the kill: {basis}")
+    assert table_basis in basis, basis
+    print(f"{case}: read {read_after:.1f}s after the kill: {basis}")
