@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
 
 from collectors.netfilter.flows import Flow, Packet, Tunnel
 from collectors.netfilter.hooks import (
@@ -37,7 +36,7 @@ from collectors.netfilter.hooks import (
 from collectors.netfilter.iptables_steps import compile_iptables
 from collectors.netfilter.model import Chain, Rule, Ruleset, Table, distinct_tables
 from collectors.netfilter.nft_steps import NftCompiler
-from collectors.netfilter.owners import Hook, fix_for, owner_of, policy_owner
+from collectors.netfilter.owners import Hook, fix_accepts, fix_for, owner_of, policy_owner
 from collectors.netfilter.paths import (
     Routes,
     initial_state,
@@ -56,8 +55,18 @@ from collectors.netfilter.steps import (
     Test,
     Verdict,
 )
-
-Outcome = Literal["pass", "drop", "may-drop", "unknown"]
+from collectors.netfilter.verdicts import (
+    MAX_FURTHER_STOPS,
+    Branch,
+    End,
+    further_stops,
+    make_stop,
+    packet_verdict,
+    worst,
+)
+from collectors.netfilter.verdicts import FlowVerdict as FlowVerdict
+from collectors.netfilter.verdicts import Outcome as Outcome
+from collectors.netfilter.verdicts import Stop as Stop
 
 NO_ENDPOINTS_MAPS = frozenset({"no-endpoint-services", "no-endpoint-nodeports"})
 NO_ENDPOINTS_COMMENTS = ("has no endpoints", "has no local endpoints")
@@ -68,74 +77,14 @@ MAX_DEPTH = 64
 INDEX_MIN_RULES = 64
 
 
-@dataclass(frozen=True, slots=True)
-class Stop:
-    """The rule or chain policy that stops a packet. ``position`` is the rule's 1-based place in
-    its chain (``None`` for a policy), ``handle`` its nft handle; ``rule`` its text (``None`` for
-    a policy); ``target`` DROP/REJECT (nft drop/reject, or the policy); ``owner`` ufw,
-    firewalld, docker, kube-proxy, flannel, calico, cilium or None (hand-written); ``fix``
-    how to let the flow through in the owner's own terms; ``no_endpoints``: kube-proxy's
-    reject of a Service without endpoints (reported as ``DNSNoEndpointsReject``)."""
-
-    family: str
-    backend: str
-    table: str
-    chain: str
-    hook: str
-    position: int | None
-    handle: int | None
-    rule: str | None
-    target: str
-    packets: int
-    bytes: int
-    owner: str | None = None
-    fix: str = ""
-    comment: str | None = None
-    no_endpoints: bool = False
-    certain: bool = True
-
-    @property
-    def is_policy(self) -> bool:
-        return self.rule is None
-
-
-@dataclass(frozen=True, slots=True)
-class FlowVerdict:
-    """``verdict``: ``pass``; ``drop`` (every way the packets can take is stopped);
-    ``may-drop`` (some way is stopped, or could be: ``undecided`` names the matches that could
-    not be decided); ``unknown`` (the flow's inputs are unknown: ``reason``). ``stopped_by``
-    is the first stop found; ``path`` the chains walked to it."""
-
-    flow: Flow
-    verdict: Outcome
-    stopped_by: Stop | None = None
-    path: tuple[str, ...] = ()
-    undecided: tuple[str, ...] = ()
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Branch:
-    """One way a packet can go: its state, the chains walked, the undecided matches taken."""
-
-    state: State
-    path: tuple[str, ...] = ()
-    undecided: tuple[str, ...] = ()
-    via_map: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class End:
-    """How a branch left a base chain (or the whole path): ``stop`` None means it passed."""
-
-    branch: Branch
-    stop: Stop | None = None
-
-
 @dataclass(slots=True)
 class _Budget:
+    """The walk's limits; ``pass_stops``: how many stops a branch is let through (0 unless
+    the walk looks past stops)."""
+
     branches: int = 1
     steps: int = 0
+    pass_stops: int = 0
 
     def exhausted(self) -> bool:
         return self.branches > MAX_BRANCHES or self.steps > MAX_STEPS
@@ -174,44 +123,72 @@ class Evaluator:
         routes = parse_routes(flow.routes)
         tunnels = {t.dev: t for t in flow.tunnels}
         verdicts: list[FlowVerdict] = []
+        walked: list[tuple[Packet, list[End] | None]] = []
         for packet in flow.packets:
             ends = list(self.packet(packet, routes, tunnels))
+            queries = None
             if packet.replies:
-                ends = self._replies(ends, routes, tunnels)
+                queries, ends = ends, self._replies(ends, routes, tunnels)
                 if not ends:
                     continue  # the query is stopped: its own flow reports it
-            verdicts.append(_verdict(flow, ends))
+            verdicts.append(packet_verdict(flow, ends))
+            walked.append((packet, queries))
         if not verdicts:
             return FlowVerdict(flow, "unknown", reason="no query gets through to be answered")
-        return _worst(flow, verdicts)
+        i = worst(verdicts)
+        undecided = tuple(dict.fromkeys(n for v in verdicts for n in v.undecided))
+        found = replace(verdicts[i], undecided=undecided)
+        if found.stopped_by is None:
+            return found
+        packet, queries = walked[i]
+        if queries is None:
+            ends = list(self.packet(packet, routes, tunnels, past_stops=True))
+        else:
+            ends = self._replies(queries, routes, tunnels, past_stops=True)
+        return replace(found, also_stopped_by=further_stops(found.stopped_by, ends))
 
     def packet(
-        self, packet: Packet, routes: Routes, tunnels: Mapping[str, Tunnel] | None = None
+        self,
+        packet: Packet,
+        routes: Routes,
+        tunnels: Mapping[str, Tunnel] | None = None,
+        past_stops: bool = False,
     ) -> Iterator[End]:
         """Every way ``packet`` can go; through an overlay link, the encapsulated packet the
-        node receives (before) or sends (after) must pass too."""
+        node receives (before) or sends (after) must pass too. ``past_stops``: each way is let
+        through up to :data:`MAX_FURTHER_STOPS` stops (``Branch.past``) before one ends it."""
         tunnels = tunnels or {}
         arriving = tunnels.get(packet.iif or "") if packet.origin == "in" else None
+        pasts: list[tuple[Stop, ...]] = [()]
         if arriving is not None:
-            outer_ends = list(self._one(outer_packet(arriving, incoming=True), routes))
+            outer_ends = list(self._one(outer_packet(arriving, incoming=True), routes, past_stops))
             yield from (e for e in outer_ends if e.stop is not None)
-            if all(e.stop is not None for e in outer_ends):
+            pasts = list(dict.fromkeys(e.branch.past for e in outer_ends if e.stop is None))
+            if not pasts:
                 return
-        for end in self._one(packet, routes):
-            leaving = tunnels.get(end.branch.state.oif or "")
-            if end.stop is not None or leaving is None or end.branch.state.to_local:
-                yield end
-                continue
-            for outer in self._one(outer_packet(leaving, incoming=False), routes):
-                path = (*end.branch.path, f"encapsulated by {leaving.dev}", *outer.branch.path)
-                undecided = (*end.branch.undecided, *outer.branch.undecided)
-                # The inner packet's state stays the branch's (its answer comes back to it).
-                branch = replace(end.branch, path=path, undecided=undecided)
-                yield End(branch, outer.stop)
+        for inner in self._one(packet, routes, past_stops):
+            for before in pasts:
+                end = inner if not before else _after_stops(inner, before)
+                leaving = tunnels.get(end.branch.state.oif or "")
+                if end.stop is not None or leaving is None or end.branch.state.to_local:
+                    yield end
+                    continue
+                yield from self._encapsulated(end, leaving, routes, past_stops)
 
-    def _one(self, packet: Packet, routes: Routes) -> Iterator[End]:
+    def _encapsulated(
+        self, end: End, leaving: Tunnel, routes: Routes, past_stops: bool
+    ) -> Iterator[End]:
+        for outer in self._one(outer_packet(leaving, incoming=False), routes, past_stops):
+            path = (*end.branch.path, f"encapsulated by {leaving.dev}", *outer.branch.path)
+            undecided = (*end.branch.undecided, *outer.branch.undecided)
+            past = (*end.branch.past, *outer.branch.past)
+            # The inner packet's state stays the branch's (its answer comes back to it).
+            branch = replace(end.branch, path=path, undecided=undecided, past=past)
+            yield End(branch, outer.stop)
+
+    def _one(self, packet: Packet, routes: Routes, past_stops: bool = False) -> Iterator[End]:
         state = initial_state(packet, routes)
-        budget = _Budget()
+        budget = _Budget(pass_stops=MAX_FURTHER_STOPS if past_stops else 0)
         branch = Branch(state)
         if packet.origin == "local":
             hooks = ("route-out", "output", "reroute", "postrouting")
@@ -342,7 +319,20 @@ class Evaluator:
             yield End(branch)
         elif kind in ("drop", "maybe"):
             active = [base.chain.name, *(c.name for c, _ in stack), chain.name]
-            yield End(branch, self._rule_stop(base, chain, rule, result, branch, active))
+            stop = self._rule_stop(base, chain, rule, result, branch, active)
+            if len(branch.past) >= budget.pass_stops or stop.no_endpoints:
+                # Past kube-proxy's no-endpoints reject the Service's endpoints would change
+                # the packets' way: nothing to say beyond it.
+                yield End(branch, stop)
+            elif fix_accepts(stop.owner, chain.name) or (
+                result.verdict is not None and result.verdict.kind == "queue"
+            ):
+                # As its owner's fix (an allow) or the queue's program would: the base chain
+                # accepts.
+                yield End(replace(branch, past=(*branch.past, stop)))
+            else:  # as if the rule were gone: on with the next rule
+                branch = replace(branch, past=(*branch.past, stop))
+                yield from self._walk(base, chain, index + 1, stack, branch, budget, depth)
         elif kind == "return":
             yield from self._end_of_chain(base, chain, stack, branch, budget, depth, returned=True)
         else:  # jump or goto
@@ -375,10 +365,12 @@ class Evaluator:
             yield from self._walk(base, caller, resume, stack[:-1], branch, budget, depth - 1)
             return
         policy = (base.chain.policy or "ACCEPT").upper()
-        if policy in ("DROP", "REJECT"):
-            yield End(branch, self._policy_stop(base, branch))
-        else:
+        if policy not in ("DROP", "REJECT"):
             yield End(branch)
+        elif len(branch.past) >= budget.pass_stops:
+            yield End(branch, self._policy_stop(base, branch))
+        else:  # as if the policy accepted: on with the hook's next base chain
+            yield End(replace(branch, past=(*branch.past, self._policy_stop(base, branch))))
 
     # ------------------------------------------------------------------ rules
 
@@ -492,7 +484,7 @@ class Evaluator:
             owner = "kube-proxy"
         verdict = result.verdict
         target = verdict.text if verdict is not None and verdict.text else "DROP"
-        return _stop(
+        return make_stop(
             base,
             chain,
             rule,
@@ -508,7 +500,7 @@ class Evaluator:
     def _policy_stop(self, base: BaseChain, branch: Branch) -> Stop:
         table, chain = base.table, base.chain
         owner = policy_owner(table, chain)
-        return _stop(
+        return make_stop(
             base,
             chain,
             None,
@@ -520,14 +512,21 @@ class Evaluator:
 
     def _limit_stop(self, base: BaseChain, chain: Chain) -> Stop:
         target = "evaluation limit (too many undecided matches or jumps)"
-        return _stop(base, chain, None, target, (0, 0), certain=False)
+        return make_stop(base, chain, None, target, (0, 0), certain=False)
 
-    def _replies(self, ends: list[End], routes: Routes, tunnels: Mapping[str, Tunnel]) -> list[End]:
+    def _replies(
+        self,
+        ends: list[End],
+        routes: Routes,
+        tunnels: Mapping[str, Tunnel],
+        past_stops: bool = False,
+    ) -> list[End]:
         replies: list[End] = []
         for end in ends:
             if end.stop is not None:
                 continue  # the query itself is stopped: its own flow says so
-            for reply in self.packet(reply_packet(end.branch.state), routes, tunnels):
+            answer = reply_packet(end.branch.state)
+            for reply in self.packet(answer, routes, tunnels, past_stops):
                 undecided = (*end.branch.undecided, *reply.branch.undecided)
                 replies.append(replace(reply, branch=replace(reply.branch, undecided=undecided)))
         return replies
@@ -542,57 +541,12 @@ def evaluate(rulesets: Sequence[Ruleset], flows: Sequence[Flow]) -> list[FlowVer
 # --------------------------------------------------------------------------- helpers
 
 
-def _stop(
-    base: BaseChain,
-    chain: Chain,
-    rule: Rule | None,
-    target: str,
-    counters: tuple[int, int],
-    **more: Any,
-) -> Stop:
-    table = base.table
-    return Stop(
-        family=table.family,
-        backend=table.backend,
-        table=table.name,
-        chain=chain.name,
-        hook=base.hook,
-        position=rule.position if rule is not None else None,
-        handle=rule.handle if rule is not None else None,
-        rule=rule.describe() if rule is not None else None,
-        target=target,
-        packets=counters[0],
-        bytes=counters[1],
-        **more,
-    )
+def _after_stops(end: End, before: tuple[Stop, ...]) -> End:
+    """``end`` of an inner packet whose outer packet was let through the stops ``before``."""
+    return replace(end, branch=replace(end.branch, past=(*before, *end.branch.past)))
 
 
 def _hook_of(branch: Branch) -> Hook:
     state = branch.state
     visited = tuple(entry.rsplit(" ", 1)[-1] for entry in branch.path)
     return Hook(state.hook, state.iif, state.oif, str(proto_name(state.l4)), state.dport, visited)
-
-
-_RANK = {"drop": 0, "may-drop": 1, "unknown": 2, "pass": 3}
-
-
-def _worst(flow: Flow, verdicts: list[FlowVerdict]) -> FlowVerdict:
-    """A flow passes when each of its packets does; the worst packet's verdict is the flow's."""
-    worst = min(verdicts, key=lambda v: _RANK[v.verdict])
-    undecided = tuple(dict.fromkeys(n for v in verdicts for n in v.undecided))
-    return replace(worst, undecided=undecided)
-
-
-def _verdict(flow: Flow, ends: list[End]) -> FlowVerdict:
-    if not ends:
-        return FlowVerdict(flow, "unknown", reason="no packet of the flow could be walked")
-    stops = [e for e in ends if e.stop is not None]
-    undecided = tuple(dict.fromkeys(n for e in ends for n in e.branch.undecided))
-    if not stops:
-        return FlowVerdict(flow, "pass", undecided=undecided)
-    first = next((e for e in stops if e.stop is not None and e.stop.certain), stops[0])
-    assert first.stop is not None
-    every = len(stops) == len(ends) and all(e.stop is not None and e.stop.certain for e in stops)
-    verdict: Outcome = "drop" if every else "may-drop"
-    stop = first.stop if every else replace(first.stop, certain=False)
-    return FlowVerdict(flow, verdict, stop, first.branch.path, undecided)

@@ -108,6 +108,15 @@ def _chain_owner(name: str) -> str | None:
     return None
 
 
+def fix_accepts(owner: str | None, chain: str) -> bool:
+    """Whether the owner's fix for a rule's stop accepts the flow (ufw's, firewalld's and
+    Docker's: an allow, which ends the base chain) rather than removing the rule (the
+    packet then goes on with the next rule)."""
+    if owner == "ufw":
+        return not chain.startswith(("ufw-user-", "ufw6-user-"))
+    return owner in ("firewalld", "docker")
+
+
 def fix_for(
     owner: str | None,
     table: Table,
