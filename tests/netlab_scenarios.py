@@ -528,6 +528,24 @@ SCENARIOS.update(
                 FIREWALLD_TOOLS,
                 features=VXLAN6,
             ),
+            # Stops that stack up on a flow's way: fixing the first alone leaves the next.
+            Scenario(
+                "lab_stacked_ufw_overlay",
+                "ufw's defaults and a hand-written INPUT drop of the overlay's 8472/udp before them",
+                (ufw(), KP_IPT, restore("lab_stacked_overlay_drop.rules")),
+                UFW_TOOLS,
+            ),
+            Scenario(
+                "lab_stacked_forward_tables",
+                "a native inet table's forward drop of UDP 53 and iptables-legacy's FORWARD "
+                "policy DROP",
+                (
+                    nft_file("lab_stacked_forward.nft"),
+                    restore("lab_forward_drop.rules", "iptables-legacy-restore"),
+                    KP_IPT,
+                ),
+                ("iptables-legacy-restore",),
+            ),
             # Kernel-checked twins of the clean_rke2 and clean_kubeadm vectors' rule sets.
             Scenario(
                 "lab_clean_rke2",

@@ -153,6 +153,10 @@ KERNEL_DROPS: dict[str, tuple[str, ...]] = {
     "lab_tunnels_firewalld": (*UPSTREAM, *REPLIES, *OVERLAY, *TUNNELS),
     "lab_tunnels_firewalld_allowed": (),
     "lab_tunnels_ufw_default": (*POD, *UPSTREAM, *REPLIES, *OVERLAY, *TUNNELS),
+    # Stacked stops: a hand-written drop of 8472/udp before ufw's INPUT policy DROP.
+    "lab_stacked_ufw_overlay": (*POD, *UPSTREAM, *REPLIES, *OVERLAY),
+    # The inet table's drop of forwarded UDP 53, then iptables-legacy's FORWARD policy.
+    "lab_stacked_forward_tables": (*POD, *UPSTREAM),
     # The clean vectors' rule sets let every flow through, as their vectors say.
     "lab_clean_rke2": (),
     "lab_clean_kubeadm": (),
@@ -574,6 +578,9 @@ def test_evaluator_agrees_with_kernel_live(live_lab: LiveLab, scenario: str) -> 
     assert sorted(disagreements(scenario, live.dumps, live.observed)) == known_mismatches(scenario)
 
 
+#: Scenarios where a flow's first stop is not its only one (the fixes of all are needed).
+STACKED = ("lab_stacked_ufw_overlay", "lab_stacked_forward_tables", "lab_fault_negations")
+
 #: Scenarios whose stops come with a fix the lab can run (ufw and firewalld commands,
 #: iptables, nft; kube-proxy's are about the Service).
 FIXABLE = (
@@ -609,6 +616,7 @@ FIXABLE = (
     "lab_ipv6_debian_workstation",
     "lab_ipv6_alpine",
     "lab_vxlan6_alpine",
+    *STACKED,
 )
 
 
@@ -618,29 +626,62 @@ def _position_last(command: str) -> tuple[int, str]:
     return (-int(tail) if tail.isdigit() else 0, command)
 
 
+def proposed_fixes(found: dict[str, Any]) -> dict[str, list[tuple[str | None, Any]]]:
+    """flow -> (the command the lab can run, or None; the stop) for each stop of a stopped
+    flow: the first, then the further ones."""
+    fixes: dict[str, list[tuple[str | None, Any]]] = {}
+    for flow, verdict in found.items():
+        if verdict.verdict in ("drop", "may-drop") and verdict.stopped_by is not None:
+            stops = (verdict.stopped_by, *verdict.also_stopped_by)
+            fixes[flow] = [(runnable_fix(s.owner, s.fix), s) for s in stops]
+    return fixes
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("scenario", FIXABLE)
 def test_proposed_fixes_remove_the_stops(live_lab: LiveLab, scenario: str) -> None:
-    """The fix each finding proposes, run in the lab: the kernel no longer stops the flow
-    at that rule or policy, and the evaluator still agrees with the kernel."""
+    """Every fix the findings propose (each flow's first stop and the further ones), run in
+    the lab: the kernel no longer stops a flow at its first stop, lets it through when every
+    one of its stops had a fix the lab can run, and the evaluator still agrees with it."""
     found = evaluator_verdicts(live_lab.run(scenario).dumps, scenario)
-    removes: dict[str, set[tuple[str, str]]] = {}
-    for flow in lab_flows(SCENARIOS[scenario].features):
-        verdict = found.get(flow)
-        stopped = verdict and verdict.verdict in ("drop", "may-drop")
-        stop = verdict.stopped_by if verdict and stopped else None
-        command = runnable_fix(stop.owner, stop.fix) if stop else None
-        if stop and command:
-            removes.setdefault(command, set()).add((flow, stop_key(stop)))
-    assert removes, "no runnable fix proposed"
-    fixed = live_lab.run(scenario, sorted(removes, key=_position_last))
-    for command, stops in removes.items():
-        for flow, key in stops:
-            after = fixed.observed[flow]
-            assert key not in after["drops"], (command, flow)
-            # Passes, or meets the next stop (fault_negations stacks drops for UDP): then
-            # the kernel names it, and the evaluator must agree on it (below).
+    fixes = proposed_fixes(found)
+    commands = {command for stops in fixes.values() for command, _ in stops if command}
+    assert commands, "no runnable fix proposed"
+    fixed = live_lab.run(scenario, sorted(commands, key=_position_last))
+    for flow, stops in fixes.items():
+        command, first = stops[0]
+        if command is None or flow not in fixed.observed:
+            continue
+        after = fixed.observed[flow]
+        assert stop_key(first) not in after["drops"], (command, flow)
+        if all(c is not None for c, _ in stops):
+            assert after["verdict"] == "pass", (flow, [c for c, _ in stops], after)
+        else:  # a stop without a runnable fix may stop it: the kernel names it
             assert after["verdict"] == "pass" or after["drops"], (command, flow)
+    still = disagreements(scenario, fixed.dumps, fixed.observed)
+    assert sorted(still) == known_mismatches(scenario), still
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("scenario", STACKED)
+def test_first_fixes_alone_leave_the_further_stops(live_lab: LiveLab, scenario: str) -> None:
+    """Only the fixes of the first stops, run in the lab: a flow the evaluator says is also
+    stopped further on is still dropped, by the kernel at the further stop the evaluator
+    named (the first whose fix was not run)."""
+    found = evaluator_verdicts(live_lab.run(scenario).dumps, scenario)
+    fixes = proposed_fixes(found)
+    firsts = {stops[0][0] for stops in fixes.values()}
+    assert None not in firsts
+    stacked = {flow: stops[1:] for flow, stops in fixes.items() if len(stops) > 1}
+    assert stacked, "no flow with further stops"
+    fixed = live_lab.run(scenario, sorted((c for c in firsts if c), key=_position_last))
+    for flow, further in stacked.items():
+        left = [stop for command, stop in further if command not in firsts]
+        if not left:
+            continue
+        after = fixed.observed[flow]
+        assert after["verdict"] == "drop", (flow, after)
+        assert stop_key(left[0]) in after["drops"], (flow, after)
     still = disagreements(scenario, fixed.dumps, fixed.observed)
     assert sorted(still) == known_mismatches(scenario), still
 

@@ -12,7 +12,10 @@ How they relate to the port-53 rule findings (``collectors.netfilter.dns_rules``
   port-53 analysis does not read kube-proxy's table, the verdict makes that finding.
 - ``DNSFlowBlocked`` is everything else that stops, or may stop, a flow: chain policies,
   catch-alls, rules on other ports (the overlay), ``may-drop`` verdicts. One per flow and
-  family.
+  family. It names the first stop and, in ``details.also_stopped_by``, the stops that still
+  stop the flow once the first lets it through, with every fix needed. A flow whose first stop
+  is a ``DNSDropRule`` rule or kube-proxy's no-endpoints reject but which further stops also
+  stop gets one too: fixing that rule alone would not let it through.
 """
 
 from __future__ import annotations
@@ -61,15 +64,17 @@ def flow_findings(
         label = f"{verdict.flow.name}/{verdict.flow.family}"
         if stop.rule is not None and key in named:
             stopped_by_named.setdefault(key, []).append(label)
-            continue
-        if stop.no_endpoints:
+        elif stop.no_endpoints:
             if key in no_endpoints:  # one finding per rule, naming every flow it stops
                 no_endpoints[key].details["flows"].append(label)
             else:
                 no_endpoints[key] = _no_endpoints(stop, verdict, node)
                 findings.append(no_endpoints[key])
+        else:
+            findings.append(_blocked(verdict, stop, node))
             continue
-        findings.append(_blocked(verdict, stop, node))
+        if verdict.also_stopped_by:
+            findings.append(_blocked(verdict, stop, node))
     return findings, stopped_by_named
 
 
@@ -114,7 +119,8 @@ def _blocked(verdict: FlowVerdict, stop: Stop, node: str) -> Finding:
     )
     message = (
         f"{what} ({flow.family}) {how} by {_where(stop)} on {stop.hook}{owner}, "
-        f"{stop.packets} packets counted{why}; fix: {stop.fix}"
+        f"{stop.packets} packets counted{why}{_then_also(verdict.also_stopped_by)}; "
+        f"{_fixes(stop, verdict.also_stopped_by)}"
     )
     details: dict[str, Any] = {
         "flow": flow.name,
@@ -126,8 +132,42 @@ def _blocked(verdict: FlowVerdict, stop: Stop, node: str) -> Finding:
         "owner": stop.owner,
         "path": list(verdict.path),
         "undecided": list(verdict.undecided),
+        "also_stopped_by": [_stop_details(s) for s in verdict.also_stopped_by],
     }
     return Finding.on_node("DNSFlowBlocked", node, message, details)
+
+
+def _owner_text(stop: Stop) -> str:
+    return f"owner: {stop.owner}" if stop.owner else "hand-written or unknown owner"
+
+
+def _then_also(further: Sequence[Stop]) -> str:
+    """The stops met once the first one lets the packets through, in order."""
+    return "".join(
+        f"; then also {'' if s.certain else 'possibly '}by {_where(s)} on {s.hook} "
+        f"({_owner_text(s)}, {s.packets} packets counted)"
+        for s in further
+    )
+
+
+def _fixes(first: Stop, further: Sequence[Stop]) -> str:
+    fixes = list(dict.fromkeys(s.fix for s in (first, *further) if s.fix))
+    if len(fixes) <= 1:
+        return f"fix: {fixes[0] if fixes else first.fix}"
+    numbered = " ".join(f"({i}) {fix}" for i, fix in enumerate(fixes, 1))
+    return f"fixes, all {len(fixes)} needed: {numbered}"
+
+
+def _stop_details(stop: Stop) -> dict[str, Any]:
+    """A further stop, in the first stop's fields."""
+    return {
+        "family": stop.family,
+        "hook": stop.hook,
+        **_rule_details(stop),
+        "policy": stop.is_policy,
+        "owner": stop.owner,
+        "certain": stop.certain,
+    }
 
 
 def _rule_details(stop: Stop) -> dict[str, Any]:
