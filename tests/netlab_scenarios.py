@@ -531,7 +531,8 @@ SCENARIOS.update(
             # Stops that stack up on a flow's way: fixing the first alone leaves the next.
             Scenario(
                 "lab_stacked_ufw_overlay",
-                "ufw's defaults and a hand-written INPUT drop of the overlay's 8472/udp before them",
+                "ufw's defaults and, before them, a hand-written INPUT drop of the overlay's "
+                "8472/udp",
                 (ufw(), KP_IPT, restore("lab_stacked_overlay_drop.rules")),
                 UFW_TOOLS,
             ),
