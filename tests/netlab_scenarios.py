@@ -243,12 +243,15 @@ KP_NFT = nft_file("lab_kube_proxy.nft")
 KP_IPT6 = restore("lab_kube_proxy6.rules", "ip6tables-restore")
 KP_NFT6 = nft_file("lab_kube_proxy6.nft")
 NODELOCAL = restore("lab_nodelocal.rules")
+DOCKER_USER = restore("lab_stacked_docker_user.rules")
 IPV6 = frozenset({"ipv6"})
-#: (dump, text it shows, step): rules their owner adds again when they are gone.
+#: (dump, text it shows, step): rules their owner adds again when they are gone (Docker
+#: makes its chains again when firewalld reloads).
 RESYNC = (
     ("iptables-save", "KUBE-SERVICES", KP_IPT),
     ("ip6tables-save", "KUBE-SERVICES", KP_IPT6),
     ("iptables-save", "NodeLocal DNS Cache", NODELOCAL),
+    ("iptables-save", "DOCKER-USER", DOCKER_USER),
 )
 VXLAN6 = frozenset({"ipv6", "vxlan6"})
 TUNNELS = frozenset({"ipip", "wireguard"})
@@ -546,6 +549,12 @@ SCENARIOS.update(
                     KP_IPT,
                 ),
                 ("iptables-legacy-restore",),
+            ),
+            Scenario(
+                "lab_stacked_firewalld_docker_user",
+                "firewalld's public zone (nftables) and a UDP 53 drop in Docker's DOCKER-USER",
+                (firewalld("nftables"), KP_IPT, DOCKER_USER),
+                FIREWALLD_TOOLS,
             ),
             # Kernel-checked twins of the clean_rke2 and clean_kubeadm vectors' rule sets.
             Scenario(
