@@ -16,7 +16,15 @@ kube-proxy's included) on each hook of its path, in hook-priority order:
 A match the evaluator cannot decide (an ipset, ``-m recent``, a random endpoint choice…) is
 followed both ways; the packet's verdict is ``drop`` when every way is stopped, ``pass`` when
 none is, ``may-drop`` otherwise. Rules after an unconditional verdict are never reached, so
-never reported. Pure.
+never reported.
+
+A stopped flow's packet is walked a second time past its stops (``past_stops``), to name
+what still stops it once the first stop is fixed (``FlowVerdict.also_stopped_by``): past a
+rule, on with the next rule of its chain (the rule deleted), or, when its owner's fix is an
+allow (ufw, firewalld, Docker), with the hook's next base chain; past a policy, with the
+hook's next base chain; past a possible stop, on as its other way goes. Nothing is said past
+kube-proxy's no-endpoints reject (endpoints would change the packets' way). The verdict is the
+first walk's. Pure.
 """
 
 from __future__ import annotations
