@@ -47,6 +47,7 @@ from typing import Literal, TypeVar
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from collectors.finding import Finding
+from collectors.pyroute2_import import pyroute2_imports
 from collectors.registry import CollectorError, SourceLog
 
 log = logging.getLogger(__name__)
@@ -410,7 +411,8 @@ class DnsProbe:
         state = UDP_UNCONNECTED if protocol == "udp" else TCP_LISTEN
 
         def bound() -> set[str]:
-            from pyroute2 import DiagSocket  # type: ignore[import-untyped]
+            with pyroute2_imports():
+                from pyroute2 import DiagSocket  # type: ignore[import-untyped]
 
             with DiagSocket() as diag:
                 diag.bind()

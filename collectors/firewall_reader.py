@@ -46,6 +46,7 @@ from collectors.netfilter.xtables_nft import (
     spec_to_save,
     xtables_chains,
 )
+from collectors.pyroute2_import import pyroute2_imports
 from collectors.registry import CollectorError, Runner, SourceLog, ToolNotFound
 
 if TYPE_CHECKING:
@@ -65,7 +66,8 @@ XTABLES_NFT_TOOLS = {"ipv4": "iptables-nft", "ipv6": "ip6tables-nft"}
 
 def host_netlink() -> NftDumps:
     """nf_tables over netlink in this network namespace (pyroute2 is loaded only now)."""
-    from collectors.netfilter.nft_socket import NftNetlink
+    with pyroute2_imports():
+        from collectors.netfilter.nft_socket import NftNetlink
 
     return NftNetlink()
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from collectors.pyroute2_import import pyroute2_imports
+
 OVERLAY_KINDS = frozenset({"vxlan", "ipip", "wireguard", "ip6tnl", "geneve"})
 
 
@@ -113,7 +115,8 @@ class LinkView:
 
 def read_links() -> LinkView:
     """Links and global IPv6 addresses of the calling thread's network namespace."""
-    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    with pyroute2_imports():
+        from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
     with IPRoute() as ipr:
         links = [net_link(message) for message in ipr.get_links()]
@@ -129,8 +132,9 @@ def read_links() -> LinkView:
 def route_device(destination: str | None) -> int | None:
     """The output link index of the route to ``destination`` (``None``: the default route),
     in the calling thread's namespace; ``None`` when there is no route."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+    with pyroute2_imports():
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
     with IPRoute() as ipr:
         try:
@@ -151,7 +155,8 @@ def route_device(destination: str | None) -> int | None:
 
 def address_device(address: str) -> int | None:
     """The link index holding ``address`` in the calling thread's namespace."""
-    from pyroute2 import IPRoute
+    with pyroute2_imports():
+        from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         for entry in ipr.get_addr(address=address):

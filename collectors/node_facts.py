@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from collectors.cluster_dns import discover_resolv_conf, in_root, nameservers
 from collectors.netfilter.flows import NodeFacts, OverlayLink
+from collectors.pyroute2_import import pyroute2_imports
 from collectors.registry import SourceLog
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,8 @@ def read_node_facts(
 def read_netlink() -> Netlink:
     """Links, addresses, main-table routes and bridge forwarding entries of this network
     namespace (pyroute2)."""
-    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    with pyroute2_imports():
+        from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
     with IPRoute() as ipr:
         links = [_link(m) for m in ipr.get_links()]

@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from collectors.dns_probe import run_in_netns
 from collectors.finding import Finding
 from collectors.kernel_counter import KernelCounter
+from collectors.pyroute2_import import pyroute2_imports
 from collectors.registry import CollectorError, SourceLog
 
 log = logging.getLogger(__name__)
@@ -260,8 +261,9 @@ class VxlanCollector:
         """Overlay links and their feature, read in the current thread's namespace."""
         if not any(kind == "vxlan" or name == IPIP_LINK for name, kind in link_kinds()):
             return []  # pyroute2 stays unloaded
-        from pyroute2 import IPRoute  # type: ignore[import-untyped]
-        from pyroute2.ethtool import Ethtool  # type: ignore[import-untyped]
+        with pyroute2_imports():
+            from pyroute2 import IPRoute  # type: ignore[import-untyped]
+            from pyroute2.ethtool import Ethtool  # type: ignore[import-untyped]
 
         with IPRoute() as ipr:
             links = [link for m in ipr.get_links() if (link := overlay_link(m)) is not None]
@@ -286,7 +288,8 @@ class VxlanCollector:
 
     def _disable_here(self, ifname: str) -> bool:
         """Turn the feature off in the current thread's namespace; True if it was on."""
-        from pyroute2.ethtool import Ethtool
+        with pyroute2_imports():
+            from pyroute2.ethtool import Ethtool
 
         with Ethtool() as ethtool:
             features = ethtool.get_features(ifname)
@@ -436,7 +439,8 @@ class VxlanCollector:
         ``fix=True``. Meant for its own thread; checks ``stop`` every ``poll`` seconds."""
         if not self.fix:
             return
-        from pyroute2.netlink.rtnl.marshal import MarshalRtnl  # type: ignore[import-untyped]
+        with pyroute2_imports():
+            from pyroute2.netlink.rtnl.marshal import MarshalRtnl  # type: ignore[import-untyped]
 
         with self._link_socket() as sock:
             sock.settimeout(poll)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from collectors.netfilter.model import Table
+from collectors.pyroute2_import import pyroute2_imports
 
 if TYPE_CHECKING:
     from collectors.netfilter.nft_socket import NftDumps
@@ -83,7 +84,8 @@ class NetlinkTables:
 
     def make(self, chosen: dict[TableKey, list[Any]]) -> list[Table]:
         """The chosen tables, read lazily (``open`` first)."""
-        from collectors.netfilter.nft_netlink_table import netlink_table
+        with pyroute2_imports():
+            from collectors.netfilter.nft_netlink_table import netlink_table
 
         assert self.dumps is not None
         self.reads = []
