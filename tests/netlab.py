@@ -197,6 +197,7 @@ class Lab:
             self._start_server(role, address)
             self._start_server(role, address6)
         self._warm_up()
+        self._settle()
 
     def _warm_up(self) -> None:
         """One query to each server from each side before any rule is loaded: the neighbours
@@ -206,6 +207,24 @@ class Lab:
             for address in (DNS_POD_IP, DNS_POD_IP6, UPSTREAM_DNS, UPSTREAM_DNS6):
                 if not probe.probe(address, "udp").ok:
                     raise RuntimeError(f"the lab does not work: {source} -> {address}")
+
+    def _settle(self, window: float = 0.5, limit: float = 5.0) -> None:
+        """Wait until the node sends nothing of its own: links just brought up send their
+        IGMP and MLD reports for a second or two, and one of them, counted by a blanket
+        drop rule (``! -p udp``) while a scenario's first flow is observed, would be read as
+        that flow's drop."""
+        deadline = time.monotonic() + limit
+        sent = self._node_tx_packets()
+        while time.monotonic() < deadline:
+            time.sleep(window)
+            now = self._node_tx_packets()
+            if now == sent:
+                return
+            sent = now
+
+    def _node_tx_packets(self) -> int:
+        links = json.loads(self.node.run(["ip", "-s", "-j", "link", "show"]))
+        return sum(int(link["stats64"]["tx"]["packets"]) for link in links)
 
     def close(self) -> None:
         for process in self.servers.values():
