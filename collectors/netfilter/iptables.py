@@ -12,6 +12,7 @@ from collectors.netfilter.model import (
     BASE_CHAINS,
     Chain,
     Match,
+    OnDemand,
     Rule,
     Ruleset,
     Table,
@@ -50,7 +51,7 @@ def _backend_from_header(line: str) -> str:
     return "iptables"
 
 
-class LazyChains(dict[str, Chain]):
+class LazyChains(OnDemand[Chain]):
     """A table's chains, each parsed from its lines when first asked for: the evaluator needs
     few of a kube-proxy nat table's tens of thousands of chains. Iterating parses them all."""
 
@@ -70,12 +71,6 @@ class LazyChains(dict[str, Chain]):
         self[name] = chain
         return chain
 
-    def get(self, name: str, default: Chain | None = None) -> Chain | None:  # type: ignore[override]
-        try:
-            return self[name]
-        except KeyError:
-            return default
-
     def __contains__(self, name: object) -> bool:
         return name in self._heads or name in self._lines or dict.__contains__(self, name)
 
@@ -89,14 +84,6 @@ class LazyChains(dict[str, Chain]):
 
     def __len__(self) -> int:
         return len(set(self._heads) | set(self._lines))
-
-    def values(self) -> Any:
-        self._all()
-        return dict.values(self)
-
-    def items(self) -> Any:
-        self._all()
-        return dict.items(self)
 
 
 def _counters(line: str) -> tuple[str, int, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 PortRanges = tuple[tuple[int, int], ...]
@@ -24,6 +24,27 @@ _PROTO_NAMES = {"udp": "udp", "17": "udp", "tcp": "tcp", "6": "tcp", "all": "all
 _PORT_NAMES = {"domain": 53, "dns": 53, "domain-s": 853, "mdns": 5353}
 
 # --------------------------------------------------------------------------- rule model
+
+
+_V = TypeVar("_V")
+
+
+class OnDemand(dict[str, _V]):
+    """A dict whose entries ``__missing__`` makes when first asked for (the lazily read
+    chains and sets). ``get``, ``values`` and ``items`` go through it: dict's own do not
+    call ``__missing__``."""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def values(self) -> Any:
+        return [self[name] for name in self]
+
+    def items(self) -> Any:
+        return [(name, self[name]) for name in self]
 
 
 @dataclass(frozen=True, slots=True)

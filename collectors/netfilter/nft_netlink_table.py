@@ -21,7 +21,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkDecodeError  # type: ignore[import-untyped]
 
-from collectors.netfilter.model import Chain, Table
+from collectors.netfilter.model import Chain, OnDemand, Table
 from collectors.netfilter.nft import NFT_FAMILY_LABEL, chain_from_json, rule_from_json
 from collectors.netfilter.nft_netlink_rules import decode_chain, decode_rule
 from collectors.netfilter.nft_netlink_sets import SetHead, decode_elements, decode_set_head
@@ -111,7 +111,7 @@ class _Reader:
             raise self.fail(f"chain {name}: {error}") from error
 
 
-class NetlinkSets(dict[str, list[Any]]):
+class NetlinkSets(OnDemand[list[Any]]):
     """A table's named sets and maps, each read when first asked for (KeyError: none such)."""
 
     def __init__(self, reader: _Reader) -> None:
@@ -123,17 +123,11 @@ class NetlinkSets(dict[str, list[Any]]):
         self[name] = elements
         return elements
 
-    def get(self, name: str, default: Any = None) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            return default
-
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
 
 
-class NetlinkChains(dict[str, Chain]):
+class NetlinkChains(OnDemand[Chain]):
     """A table's chains, each read when first asked for: its head (hook, priority, policy)
     and its rules, at that moment (a chain created after ``nft -j list chains`` is found
     too; one listed but deleted since makes the table read with nft). Iterating reads them
@@ -159,12 +153,6 @@ class NetlinkChains(dict[str, Chain]):
         self[name] = chain
         return chain
 
-    def get(self, name: str, default: Chain | None = None) -> Chain | None:  # type: ignore[override]
-        try:
-            return self[name]
-        except KeyError:
-            return default
-
     def __contains__(self, name: object) -> bool:
         # A listed chain is not read to answer this: a verdict map of 10,000 Services names
         # 10,000 chains, and the evaluator asks about each before it follows a few.
@@ -180,12 +168,6 @@ class NetlinkChains(dict[str, Chain]):
 
     def __len__(self) -> int:
         return len(list(iter(self)))
-
-    def values(self) -> Any:
-        return [self[name] for name in self]
-
-    def items(self) -> Any:
-        return [(name, self[name]) for name in self]
 
 
 def netlink_table(
