@@ -29,7 +29,7 @@ from collectors.firewall_reader import (
 from collectors.netfilter.dns_rules import DnsRuleHit, dns_rule_hits
 from collectors.netfilter.evaluate import FlowVerdict, evaluate
 from collectors.netfilter.flow_findings import flow_findings, with_flows
-from collectors.netfilter.flows import NodeFacts, dns_flows
+from collectors.netfilter.flows import Flow, NodeFacts, dns_flows
 from collectors.netfilter.iptables import nat_marks, parse_iptables_save
 from collectors.netfilter.model import DROP_TABLES, Ruleset
 from collectors.netfilter.nft import parse_nft_json
@@ -133,6 +133,7 @@ class FirewallCollector:
         return self.netlink.reads if self.netlink.tables else []
 
     def collect(self) -> list[Finding]:
+        self.sources.start()  # once a run: ``facts`` records sources into it too
         try:
             hits, verdicts = self._read_and_analyse()
         finally:
@@ -149,15 +150,17 @@ class FirewallCollector:
         """The rules read and analysed. The lazy reads are checked against the ruleset's
         generation after the analyses (which make the lazy reads): when it moved (kube-proxy
         wrote), the rules are read again; when it moved again, every table is read whole."""
+        cluster_dns = self.cluster_dns()
+        flows = dns_flows(self.facts()) if self.facts is not None else None
         lazy: list[str] = []
         for attempt in range(READ_ATTEMPTS):
-            found = self._analyse(self.reader.read())
+            found = self._analyse(self.reader.read(), cluster_dns, flows)
             if self.reader.unchanged():
                 return found
             lazy = self.reader.lazy_sources()
             if attempt + 1 < READ_ATTEMPTS:
                 log.info("the rules changed while read by %s: read again", ", ".join(lazy))
-        found = self._analyse(self.reader.read(snapshot=True))
+        found = self._analyse(self.reader.read(snapshot=True), cluster_dns, flows)
         for source in lazy:
             whole = WHOLE_READS.get(source, "iptables-save -c")
             why = f"the rules changed while being read ({READ_ATTEMPTS} times); read with {whole}"
@@ -165,16 +168,16 @@ class FirewallCollector:
         return found
 
     def _analyse(
-        self, rulesets: list[Ruleset]
+        self, rulesets: list[Ruleset], cluster_dns: Sequence[str], flows: list[Flow] | None
     ) -> tuple[list[DnsRuleHit], list[FlowVerdict] | None]:
         """The port-53 rules and (with ``facts``) the flows' verdicts; a table the netlink
         reader gives up on is read with nft and the analyses start again."""
         while True:
             try:
-                hits = dns_rule_hits(rulesets, self.cluster_dns())
-                if self.facts is None:
+                hits = dns_rule_hits(rulesets, cluster_dns)
+                if flows is None:
                     return hits, None
-                return hits, evaluate(rulesets, dns_flows(self.facts()))
+                return hits, evaluate(rulesets, flows)
             except NetlinkFallback as fallback:
                 self.reader.fall_back(rulesets, fallback)
 

@@ -171,7 +171,6 @@ class RuleReader:
         read: list[tuple[Source, Ruleset]] = []
         errors: list[str] = []
         self.last_nat_marks = {}
-        self.sources.start()
         self._snapshot = snapshot
         self._listing = None
         self._listing_items = None
@@ -221,10 +220,14 @@ class RuleReader:
         iptables-nft is then read unchecked, as before)."""
         if not self.lazy_sources():
             return True
-        if self.netlink.error is not None:  # then no table was read over netlink either
-            self._say_unchecked(self.netlink.error)
-            return True
-        return self.netlink.unchanged()
+        error = self.netlink.error  # then no table was read over netlink either
+        if error is None:
+            try:
+                return self.netlink.unchanged()
+            except OSError as asking:
+                error = asking
+        self._say_unchecked(error)
+        return True
 
     def _say_unchecked(self, error: OSError) -> None:
         if not self._unchecked_said:
@@ -232,7 +235,7 @@ class RuleReader:
                 "%s read piece by piece without a consistency check (the ruleset's generation"
                 " over netlink: %s): rules changed during a read (kube-proxy syncing) may give"
                 " one interval's wrong verdict",
-                " and ".join(self.piecewise),
+                " and ".join(self.lazy_sources()),
                 error,
             )
         self._unchecked_said = True

@@ -89,14 +89,17 @@ class Generation:
     """An ``NftDumps`` that only tells the ruleset's generation (``value``, moved by the
     test), counting the times it is asked, or refusing as without CAP_NET_ADMIN."""
 
-    def __init__(self, refuse: bool = False) -> None:
+    def __init__(self, refuse: bool = False, answers: int | None = None) -> None:
         self.value = 1
         self.asked = 0
         self.refuse = refuse
+        self.answers = answers  # then a broken socket
 
     def generation(self) -> int:
         if self.refuse:
             raise PermissionError(1, "Operation not permitted")
+        if self.answers is not None and self.asked >= self.answers:
+            raise ConnectionResetError(104, "Connection reset by peer")
         self.asked += 1
         return self.value
 
@@ -168,6 +171,22 @@ def test_without_the_check_the_resync_gives_a_wrong_may_drop(
     assert verdicts(collector)["pod-dns-udp"] == "may-drop"
     assert kube_proxy.calls.count("nft -j list chains") == 1
     assert [m for m in caplog.messages if "without a consistency check" in m]
+
+
+def test_a_generation_that_cannot_be_asked_after_the_read_is_no_change_of_the_rules(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The socket broke between the two generation reads: the read stands, unchecked and
+    said so, not re-read and not reported as rules that changed."""
+    generation = Generation(answers=1)
+    calls, runner = xtables_nft_runner(NFT_HEADER + dns_path_rules())
+    with caplog.at_level(logging.INFO):
+        collector = checked_run(runner, lambda: generation)
+    assert set(verdicts(collector).values()) == {"pass"}
+    assert calls.count("nft -j list chains") == 1
+    assert CHANGED not in caplog.messages
+    assert [m for m in caplog.messages if "Connection reset by peer" in m]
+    assert statuses(collector)["iptables-nft"] == ("ok", None)
 
 
 def test_rules_changing_under_every_read_are_read_whole() -> None:

@@ -95,11 +95,11 @@ class NetlinkTables:
         return list(self.tables.values())
 
     def unchanged(self) -> bool:
-        """Whether the ruleset's generation is still the one the reads started at."""
-        try:
-            return self.dumps is not None and self.dumps.generation() == self.generation
-        except OSError:
-            return False
+        """Whether the ruleset's generation is still the one the reads started at; OSError
+        when it cannot be asked now (that is no change of the rules)."""
+        if self.dumps is None:
+            raise OSError("no nf_tables connection")
+        return bool(self.dumps.generation() == self.generation)
 
     def close(self) -> None:
         if self.dumps is not None:
