@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 REQUEST_TIMEOUT = 10.0
 TOKEN_REFRESH_SECONDS = 60.0
-STOP_POLL_SECONDS = 0.5  # how soon a stop cuts an open watch short
 
 
 class KubeError(Exception):
@@ -190,6 +189,7 @@ class KubeClient:
         self._client = api_client
         self.source = source
         self._token = token
+        self._watches = _OpenWatches()
 
     @property
     def host(self) -> str:
@@ -290,10 +290,8 @@ class KubeClient:
 
         response = self._send("GET", path, {**query, "watch": "1"}, None, "application/json",
                               (5.0, timeout))  # fmt: skip
-        ended = threading.Event()
         if stop is not None:
-            threading.Thread(target=_interrupt_on, args=(stop, ended, response),
-                             name="watch-stop", daemon=True).start()  # fmt: skip
+            self._watches.add(response, stop)
         try:
             if not 200 <= response.status < 300:
                 if response.status == 401:
@@ -309,18 +307,44 @@ class KubeClient:
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise KubeUnreachable(f"watch {path}: {error}") from error
         finally:
-            ended.set()
+            self._watches.discard(response)
             response.release_conn()
             response.close()
 
 
-def _interrupt_on(stop: threading.Event, ended: threading.Event, response: Any) -> None:
-    """Shut the watch's socket for reading once ``stop`` is set: the blocked read returns."""
-    while not ended.wait(STOP_POLL_SECONDS):
-        if stop.is_set():
+class _OpenWatches:
+    """The client's open watch responses, each shut for reading when its ``stop`` is set (a
+    blocked read then returns at once): one thread per ``stop`` event, asleep until then."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[Any, threading.Event] = {}
+        self._waiting: set[threading.Event] = set()
+
+    def add(self, response: Any, stop: threading.Event) -> None:
+        with self._lock:
+            self._open[response] = stop
+            if stop not in self._waiting:
+                self._waiting.add(stop)
+                threading.Thread(target=self._cut_on, args=(stop,), name="watch-stop",
+                                 daemon=True).start()  # fmt: skip
+        if stop.is_set():  # set before this watch was listed
+            self._cut(stop)
+
+    def discard(self, response: Any) -> None:
+        with self._lock:
+            self._open.pop(response, None)
+
+    def _cut_on(self, stop: threading.Event) -> None:
+        stop.wait()
+        self._cut(stop)
+
+    def _cut(self, stop: threading.Event) -> None:
+        with self._lock:
+            stopped = [response for response, event in self._open.items() if event is stop]
+        for response in stopped:
             with contextlib.suppress(OSError, ValueError, RuntimeError):  # already closed
                 response.shutdown()
-            return
 
 
 def _discard(response: Any) -> None:
