@@ -29,6 +29,8 @@ INIT_PIDS_KEPT = 8192
 """Init pids remembered (the most recent task starts)."""
 GONE = "DELETED"
 """The status of a task known only from its start event: containerd has deleted it."""
+UNASKED = "UNKNOWN"
+"""The status of a task known only from its start event while containerd does not answer."""
 
 
 def containerd_client(settings: Settings) -> ContainerdClient:
@@ -45,6 +47,8 @@ class ContainerLookup:
         self._init_pids: OrderedDict[str, int] = OrderedDict()
         self._init_lock = threading.Lock()
         self._subscription: TaskStarts | None = None
+        self._cancel_started = False
+        self._task_events_error: str | None = None
 
     def container(self, container_id: str) -> ContainerInfo | None:
         try:
@@ -64,17 +68,17 @@ class ContainerLookup:
             task = self.client.task(container_id)
         except ContainerdUnavailable as error:
             self._unreachable(str(error))
-            task = None
-        else:
-            self._reachable()
+            return self.started_task(container_id, UNASKED)
+        self._reachable()
         return task if task is not None else self.started_task(container_id)
 
-    def started_task(self, container_id: str) -> TaskInfo | None:
-        """The task as its start event showed it (status ``DELETED``), without asking
-        containerd; ``None`` when no start of it was seen."""
+    def started_task(self, container_id: str, status: str = GONE) -> TaskInfo | None:
+        """The task as its start event showed it, without asking containerd (``status``:
+        deleted, or unknown while containerd does not answer); ``None`` when no start of it
+        was seen."""
         with self._init_lock:
             pid = self._init_pids.get(container_id)
-        return TaskInfo(pid, GONE, 0) if pid is not None else None
+        return TaskInfo(pid, status, 0) if pid is not None else None
 
     @property
     def down_reason(self) -> str | None:
@@ -92,17 +96,33 @@ class ContainerLookup:
         """Remember each task's init pid as it starts, until ``stop`` (for a worker thread):
         resubscribes with backoff when containerd restarts or is not there yet."""
         backoff = ReconnectBackoff()
-        threading.Thread(target=self._cancel_on, args=(stop,), daemon=True).start()
+        if not self._cancel_started:  # once: a restarted worker re-enters here
+            self._cancel_started = True
+            threading.Thread(target=self._cancel_on, args=(stop,), daemon=True).start()
         while not stop.is_set():
             try:
                 self._subscription = self.client.task_starts()
                 if stop.is_set():
                     break
+                self._task_events_failed(None)
                 for container_id, pid in self._subscription:
                     self.remember_start(container_id, pid)
             except ContainerdUnavailable as error:
-                log.debug("containerd task events: %s", error)
+                self._task_events_failed(str(error))
             stop.wait(backoff.next())
+
+    def _task_events_failed(self, error: str | None) -> None:
+        """Said once per change: without task events an init pid is not known once
+        containerd has deleted its container (verdicts then rest on other evidence)."""
+        if error is not None and self._task_events_error is None:
+            log.warning(
+                "containerd task events not followed (%s): init pids of containers deleted"
+                " before a kill is judged are not known; retrying",
+                error,
+            )
+        elif error is None and self._task_events_error is not None:
+            log.info("containerd task events followed again")
+        self._task_events_error = error
 
     def _cancel_on(self, stop: threading.Event) -> None:
         stop.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -80,17 +81,21 @@ def test_task_verdicts() -> None:
     assert verdict_from_task(_kill(41), None) is None
 
 
-def test_a_deleted_task_is_judged_by_the_init_pid_seen_at_its_start(tmp_path: Path) -> None:
-    """containerd has deleted the task (its pod was removed right after the kill): the init
-    pid remembered from the TaskStart event still tells init kill from child kill."""
+def test_a_task_containerd_cannot_tell_is_judged_by_the_init_pid_seen_at_its_start(
+    tmp_path: Path,
+) -> None:
+    """containerd does not answer (or has deleted the task: tests/test_kubelet_node.py): the
+    init pid remembered from the TaskStart event still tells init kill from child kill, and
+    the basis does not claim the task was deleted."""
     lookup = ContainerLookup(ContainerdClient([tmp_path / "no.sock"]), Metrics())
     assert lookup.task(CID) is None
     lookup.remember_start(CID, 40)
     task = lookup.task(CID)
-    assert task == TaskInfo(pid=40, status="DELETED", exit_status=0)
+    assert task == TaskInfo(pid=40, status="UNKNOWN", exit_status=0)
+    assert lookup.started_task(CID) == TaskInfo(pid=40, status="DELETED", exit_status=0)
     child = verdict_from_task(_kill(41), task)
     assert child is not None and child.reason == "InvisibleOOMKill"
-    assert "deleted now" in child.basis
+    assert "unknown now" in child.basis and "deleted" not in child.basis
     init = verdict_from_task(_kill(40), task)
     assert init is not None and init.reason == "ContainerOOMKill"
 
@@ -116,6 +121,23 @@ def test_unreachable_containerd_is_counted_and_logged_once(
         )
         == 3
     )
+
+
+def test_task_events_that_cannot_be_followed_are_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lookup = ContainerLookup(ContainerdClient([tmp_path / "no.sock"], timeout=0.5), Metrics())
+    stop = threading.Event()
+    worker = threading.Thread(target=lookup.follow_task_starts, args=(stop,))
+    with caplog.at_level(logging.WARNING):
+        worker.start()
+        stop.wait(2.5)  # two or three subscription attempts
+        stop.set()
+        worker.join(5)
+    assert not worker.is_alive()
+    said = [r for r in caplog.records if "task events not followed" in r.getMessage()]
+    assert len(said) == 1
+    assert "no containerd socket" in said[0].getMessage()
 
 
 def test_missing_sockets_say_where_they_were_looked_for(tmp_path: Path) -> None:
