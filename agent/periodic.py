@@ -94,7 +94,7 @@ def build_collectors(
 
     registry = metrics.registry
     sources = SourceLog()
-    facts = NodeFactsReader(settings.host_root, dns.servers)
+    facts = NodeFactsReader(settings.host_root, dns.servers, sources)
     # iptables-save of a kube-proxy-sized nft-backend rule set can take tens of seconds.
     firewall = FirewallCollector(
         settings.node_name,

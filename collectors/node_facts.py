@@ -288,10 +288,15 @@ def read_node_facts(
             text = _read(path, problems)
             if text is not None:
                 cni.append(text)
-    resolv_path = resolv_conf_path(host_root, problems)
-    resolv = _read(resolv_path, problems)
-    if resolv is None:
-        problems.append(f"{resolv_path}: missing (upstream nameservers unknown)")
+    try:
+        resolv_path = resolv_conf_path(host_root, problems)
+    except OSError as error:  # a symlink loop under the host root
+        problems.append(f"kubelet's resolver file: {error} (upstream nameservers unknown)")
+        resolv = None
+    else:
+        resolv = _read(resolv_path, problems)
+        if resolv is None:
+            problems.append(f"{resolv_path}: missing (upstream nameservers unknown)")
     facts = facts_from(
         shown.links,
         shown.addresses,
@@ -398,13 +403,24 @@ def dump_facts(
     )
 
 
+NODE_FACTS_SOURCE = "node-facts"
+"""The firewall collector's source for the node's own network facts."""
+
+
 class NodeFactsReader:
     """The node's facts, re-read on each call (links and configs change); logs what could
-    not be read once per change."""
+    not be read once per change, and records it in ``sources`` as ``node-facts`` (the flows
+    that needed it are then unknown)."""
 
-    def __init__(self, host_root: Path, cluster_dns: Callable[[], Sequence[str]]) -> None:
+    def __init__(
+        self,
+        host_root: Path,
+        cluster_dns: Callable[[], Sequence[str]],
+        sources: SourceLog | None = None,
+    ) -> None:
         self.host_root = host_root
         self.cluster_dns = cluster_dns
+        self.sources = sources
         self._problems: list[str] = []
 
     def __call__(self) -> NodeFacts:
@@ -413,6 +429,10 @@ class NodeFactsReader:
             for problem in problems:
                 log.warning("node network facts: %s", problem)
             self._problems = problems
+        if self.sources is not None and problems:
+            self.sources.failed(NODE_FACTS_SOURCE, "; ".join(problems))
+        elif self.sources is not None:
+            self.sources.ok(NODE_FACTS_SOURCE)
         return facts
 
 

@@ -368,3 +368,25 @@ def test_list_flags_from_the_environment_are_checked(
     monkeypatch.setenv(variable, bad)
     with pytest.raises(InputError, match=re.escape(error)):
         settings()
+
+
+def test_node_facts_that_cannot_be_read_are_a_failed_source(tmp_path: Path) -> None:
+    """What the DNS flows needed and could not be read is a source of the firewall
+    collector, not only a log line: a resolver file that loops is said, not a crash."""
+    from collectors.node_facts import NODE_FACTS_SOURCE, NodeFactsReader
+    from collectors.registry import SourceLog
+
+    log = SourceLog()
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "resolv.conf").write_text("nameserver 10.0.0.2\n")
+    reader = NodeFactsReader(tmp_path, lambda: ["10.43.0.10"], log)
+    reader()
+    assert {r.source: r.status for r in log.results()}[NODE_FACTS_SOURCE] == "ok"
+    (tmp_path / "etc" / "resolv.conf").unlink()
+    (tmp_path / "etc" / "resolv.conf").symlink_to("resolv.conf")  # a loop
+    log.start()
+    facts = reader()
+    (result,) = [r for r in log.results() if r.source == NODE_FACTS_SOURCE]
+    assert result.status == "failed"
+    assert result.detail is not None and "upstream nameservers unknown" in result.detail
+    assert facts.upstream_dns == ()
