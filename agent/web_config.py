@@ -281,8 +281,10 @@ class WebConfig:
         return self._parsed.tls is not None
 
     def _make_auth(self, parsed: Parsed) -> BasicAuth | None:
-        if not parsed.users or self._crypt is None:
+        if not parsed.users:
             return None
+        if self._crypt is None:  # load() refuses users without crypt(3): never serve open
+            raise WebConfigError(f"--web-config-file {self.path}: basic_auth_users need crypt(3)")
         return BasicAuth(parsed.users, self._crypt)
 
     def tls_context(self) -> ssl.SSLContext | None:
